@@ -1,0 +1,24 @@
+# attriflow: the two commands of the README live here.
+#   make run    creates .venv when missing, then runs the default pipeline end to end
+#   make test   creates .venv when missing, then runs the test suite
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+RUN_DIR ?= runs/default
+CONFIG ?=
+
+.PHONY: run test env
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/attriflow run $(CONFIG) --run-dir $(RUN_DIR)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""Pure numerics and plotting on stored results: no Prefect, no file writes."""

@@ -1,0 +1,29 @@
+"""Attribution methods behind one batched interface (pure torch: no Prefect, no I/O)."""
+
+from explainers import methods  # noqa: F401  (registers every method)
+from explainers._hooks import LayerNotFoundError, default_cam_layer, get_layer
+from explainers.base import (
+    TAXONOMY,
+    Explainer,
+    ExplainerParamError,
+    ExplainerSpec,
+    Family,
+    validate_params,
+)
+from explainers.registry import REGISTRY, get_explainer, list_explainers, register
+
+__all__ = [
+    "REGISTRY",
+    "TAXONOMY",
+    "Explainer",
+    "ExplainerParamError",
+    "ExplainerSpec",
+    "Family",
+    "LayerNotFoundError",
+    "default_cam_layer",
+    "get_explainer",
+    "get_layer",
+    "list_explainers",
+    "register",
+    "validate_params",
+]

@@ -1,0 +1,143 @@
+"""Layer lookup and reversible forward hooks.
+
+Every hook registered here is removed when the ``with`` block ends, also after an
+exception, so a worker that runs many methods in turn always gets a clean model back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerNotFoundError(KeyError):
+    """A layer name that is not a module of the model; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """Module called ``name`` in ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    name : str
+        Dotted module name as in ``model.named_modules()``.
+
+    Returns
+    -------
+    nn.Module
+        The module.
+
+    Raises
+    ------
+    LayerNotFoundError
+        If there is no such module; the message lists the valid names.
+    """
+    modules = dict(model.named_modules())
+    if name and name in modules:
+        return modules[name]
+    valid = [n for n in modules if n]
+    raise LayerNotFoundError(f"unknown layer {name!r}; valid layers: {', '.join(valid)}")
+
+
+@contextmanager
+def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Tensor]]:
+    """Record the output of each named module during forward passes inside the block.
+
+    A module called several times in one forward (a reused ReLU) keeps its last output.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    names : list of str
+        Module names to record.
+
+    Yields
+    ------
+    dict of str to Tensor
+        Filled during each forward pass.
+    """
+    store: dict[str, Tensor] = {}
+    handles = []
+    try:
+        for name in names:
+            module = get_layer(model, name)
+
+            def hook(_m: nn.Module, _i: object, out: Tensor, key: str = name) -> None:
+                store[key] = out
+
+            handles.append(module.register_forward_hook(hook))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def spatial_layers(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """Modules with a 4-D spatial output, in the order their forward calls finish.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    example : Tensor, shape (N, C, H, W)
+        An input used for one traced forward pass.
+
+    Returns
+    -------
+    list of (str, tuple of int)
+        Module name and output shape, excluding outputs with a 1x1 spatial size.
+    """
+    order: list[tuple[str, tuple[int, ...]]] = []
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if not name:
+                continue
+
+            def hook(_m: nn.Module, _i: object, out: object, key: str = name) -> None:
+                if isinstance(out, Tensor) and out.ndim == 4 and out.shape[-1] * out.shape[-2] > 1:
+                    order.append((key, tuple(out.shape)))
+
+            handles.append(module.register_forward_hook(hook))
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def default_cam_layer(model: nn.Module, example: Tensor) -> str:
+    """Name of the last convolutional block: the last module with a spatial output.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    example : Tensor, shape (N, C, H, W)
+        An input used for one traced forward pass.
+
+    Returns
+    -------
+    str
+        The module name (``layer4`` for ResNets, ``features`` for VGG, ``block4`` for the
+        reference CNN).
+
+    Raises
+    ------
+    ValueError
+        If the model has no module with a spatial output.
+    """
+    order = spatial_layers(model, example[:1])
+    if not order:
+        raise ValueError("model has no module with a spatial (N, C, h, w) output")
+    return order[-1][0]

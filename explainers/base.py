@@ -1,0 +1,229 @@
+"""The explainer interface: one batched ``attribute`` for every method.
+
+A method module writes only its own maths in ``_attribute``; everything else
+(eval mode, chunking by ``batch_size``, seeding, dtype and shape checks, hook
+cleanup and the guarantee that the model is left as it was) lives here, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Literal, final
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from explainers._typing import JSONValue
+
+
+class Family(str, Enum):
+    """Taxonomy group of an explainer (working taxonomy of seed-taxonomy.md, section 4).
+
+    The value is what the run store's ``family(explainer)`` coordinate and the report use.
+    """
+
+    GRADIENT = "gradient"
+    RELEVANCE = "relevance"
+    CAM = "cam"
+    PERTURBATION = "perturbation"
+    OPTIMISATION = "optimisation"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Taxonomy path of each family: ``access / implementation``.
+TAXONOMY: dict[Family, str] = {
+    Family.GRADIENT: "white-box / gradient back-propagation",
+    Family.RELEVANCE: "white-box / relevance decomposition",
+    Family.CAM: "white-box / activation-cam",
+    Family.PERTURBATION: "black-box / perturbation",
+    Family.OPTIMISATION: "black-box / mask optimisation",
+}
+
+Access = Literal["gradients", "activations", "forward"]
+
+
+@dataclass(frozen=True)
+class ExplainerSpec:
+    """Static description of an explainer, the single source of its taxonomy placement.
+
+    Parameters
+    ----------
+    name : str
+        Registry key, module name and default ``explainer`` coordinate in the store.
+    family : Family
+        Taxonomy group.
+    access : tuple of str
+        What the method needs from the model: ``"gradients"``, ``"activations"``, ``"forward"``.
+    stochastic : bool
+        True when the method draws random numbers (it then receives per-sample generators).
+    version : int
+        Bump when the numerics change; part of every provenance digest.
+    """
+
+    name: str
+    family: Family
+    access: tuple[Access, ...] = ("gradients",)
+    stochastic: bool = False
+    version: int = 1
+    summary: str = ""
+    references: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def taxonomy(self) -> str:
+        """Full taxonomy path, for example ``white-box / activation-cam / grad_cam``."""
+        return f"{TAXONOMY[self.family]} / {self.name}"
+
+
+class NoParams(BaseModel):
+    """Parameter model of an explainer that takes none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExplainerParamError(ValueError):
+    """Raised when an explainer receives an unknown or invalid parameter."""
+
+
+def validate_params(cls: type[Explainer], params: dict[str, Any]) -> BaseModel:
+    """Validate ``params`` against ``cls.Params``; the error names the explainer and field.
+
+    Parameters
+    ----------
+    cls : type of Explainer
+        The explainer class.
+    params : dict
+        Raw parameter values (from a config file).
+
+    Returns
+    -------
+    BaseModel
+        The validated parameters.
+
+    Raises
+    ------
+    ExplainerParamError
+        If a parameter is unknown or out of range.
+    """
+    try:
+        return cls.Params(**params)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(params)'}: {e['msg']}" for e in err.errors()
+        )
+        raise ExplainerParamError(f"explainer {cls.spec.name!r}: {problems}") from None
+
+
+class Explainer(ABC):
+    """Base class of every attribution method.
+
+    Subclasses set ``spec`` and, when they take parameters, a pydantic ``Params`` model
+    (``extra="forbid"``), and implement ``_attribute`` for one chunk of inputs.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier mapping (N, C, H, W) model inputs to (N, K) logits.
+    **params : Any
+        Method parameters, validated by ``Params``.
+    """
+
+    spec: ClassVar[ExplainerSpec]
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, model: nn.Module, **params: Any) -> None:
+        self.model = model
+        self.p: Any = validate_params(type(self), params)
+
+    # ------------------------------------------------------------------ public API
+    @final
+    def attribute(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        batch_size: int | None = None,
+        seeds: Tensor | None = None,
+    ) -> Tensor:
+        """Explain ``targets`` for ``inputs``.
+
+        Parameters
+        ----------
+        inputs : Tensor, shape (N, C, H, W)
+            Model inputs (already normalised the way the model expects).
+        targets : Tensor, shape (N,)
+            int64 class indices to explain.
+        batch_size : int or None
+            Number of images per chunk handed to the method (its own evaluations are
+            batched per image chunk); None = all at once. Results do not depend on it.
+        seeds : Tensor or None, shape (N,)
+            Per-sample seeds for stochastic methods (derived from run seed, sample id and
+            method by the caller), so a sample's map does not depend on its batch.
+
+        Returns
+        -------
+        Tensor, shape (N, H, W)
+            Raw float32 attributions at input resolution (no display normalisation).
+        """
+        if inputs.ndim != 4:
+            raise ValueError(f"inputs must be (N, C, H, W), got shape {tuple(inputs.shape)}")
+        if targets.shape != (inputs.shape[0],) or targets.dtype != torch.int64:
+            raise ValueError("targets must be an int64 tensor of shape (N,)")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = inputs.shape[0]
+        if seeds is None:
+            seeds = torch.zeros(n, dtype=torch.int64)
+        was_training = self.model.training
+        flags = [p.requires_grad for p in self.model.parameters()]
+        self.model.eval()
+        outputs: list[Tensor] = []
+        try:
+            step = n if batch_size is None else batch_size
+            for start in range(0, n, max(step, 1)):
+                sl = slice(start, start + step)
+                gens = None
+                if self.spec.stochastic:
+                    gens = [torch.Generator().manual_seed(int(s)) for s in seeds[sl]]
+                out = self._attribute(inputs[sl].detach(), targets[sl].to(inputs.device), gens)
+                outputs.append(out.detach().to(torch.float32))
+        finally:
+            self.model.train(was_training)
+            for p, flag in zip(self.model.parameters(), flags):
+                p.requires_grad_(flag)
+        result = torch.cat(outputs) if outputs else inputs.new_zeros((0, *inputs.shape[2:]))
+        if result.shape != (n, *inputs.shape[2:]):
+            raise RuntimeError(
+                f"{self.spec.name} returned shape {tuple(result.shape)}, "
+                f"expected {(n, *inputs.shape[2:])}"
+            )
+        return result
+
+    def params(self) -> dict[str, JSONValue]:
+        """Resolved parameters as JSON (stored next to the attributions, part of provenance)."""
+        return json.loads(self.p.model_dump_json())
+
+    def cost(self) -> dict[str, int]:
+        """Forward and backward passes this explainer makes per image."""
+        return {"forward": 1, "backward": 1 if "gradients" in self.spec.access else 0}
+
+    def digest(self) -> str:
+        """Digest of name, version and parameters (the explainer's part of provenance)."""
+        blob = json.dumps(
+            {"name": self.spec.name, "version": self.spec.version, "params": self.params()},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    # ------------------------------------------------------------------ for subclasses
+    @abstractmethod
+    def _attribute(
+        self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
+    ) -> Tensor:
+        """Attributions (N, H, W) for one chunk; the method's own maths only."""

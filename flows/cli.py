@@ -1,0 +1,183 @@
+"""The ``attriflow`` command line: run, status, methods, report, train-reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"attriflow: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        return _fail(str(err))
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
+    from tasks.storage import RunLockedError, run_lock
+
+    try:
+        with run_lock(run_dir):  # fail at once, before Prefect starts
+            # the flow takes the same lock again in this process (re-entrant)
+            return _run_flow(cfg, run_dir)
+    except RunLockedError as err:
+        return _fail(str(err))
+
+
+def _run_flow(cfg: Any, run_dir: Path) -> int:
+    from explainers import ExplainerParamError, LayerNotFoundError
+    from flows.run import RunFailedError, run_experiment
+    from tasks.datasets import DatasetError
+    from tasks.models import ModelLoadError
+    from tasks.storage import StoreLayoutError
+
+    try:
+        result = run_experiment(cfg, str(run_dir))
+    except (RunFailedError, StoreLayoutError, ModelLoadError, DatasetError, LayerNotFoundError,
+            ExplainerParamError) as err:
+        return _fail(str(err), 1)
+    print(Path(result["report"]).read_text())
+    print(f"store:  {result['store']}")
+    print(f"report: {result['report']}")
+    for stage, c in result["counts"].items():
+        print(f"{stage:>9}: {c['computed']} computed, {c['reused']} reused")
+    return 0
+
+
+def status_of(run_dir: Path) -> dict[str, Any]:
+    """Done and total shards per stage and explainer, read from the store's records."""
+    from tasks.stages import store_path
+    from tasks.storage import open_dataset, read_records
+
+    path = store_path(run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"no store at {str(path)!r}")
+    ds = open_dataset(path)
+    records = read_records(path)
+    n_shards = int(records["load"].shape[0])
+    out: dict[str, Any] = {"run_dir": str(run_dir), "n_samples": int(ds.sizes["sample"]),
+                           "n_shards": n_shards, "stages": {}}
+    out["stages"]["load"] = {"done": int((records["load"] != 0).sum()), "total": n_shards}
+    for stage in ("explain", "evaluate"):
+        out["stages"][stage] = {
+            str(name): {"done": int((records[stage][i] != 0).sum()), "total": n_shards}
+            for i, name in enumerate(ds["explainer"].values)
+        }
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        st = status_of(Path(args.run_dir))
+    except FileNotFoundError as err:
+        return _fail(str(err))
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"{st['run_dir']}: {st['n_samples']} samples in {st['n_shards']} shards")
+    load = st["stages"]["load"]
+    print(f"  load      {load['done']}/{load['total']}")
+    for stage in ("explain", "evaluate"):
+        for name, c in st["stages"][stage].items():
+            print(f"  {stage:<9} {name:<24} {c['done']}/{c['total']}")
+    return 0
+
+
+def methods_table() -> list[dict[str, Any]]:
+    """Every registered explainer with its family, taxonomy path, access and costs."""
+    from explainers import list_explainers
+
+    rows = []
+    for cls in list_explainers():
+        spec = cls.spec
+        params = {k: (f.default if not callable(f.default) else None)
+                  for k, f in cls.Params.model_fields.items()}
+        rows.append({
+            "name": spec.name, "family": str(spec.family), "taxonomy": spec.taxonomy,
+            "access": list(spec.access), "stochastic": spec.stochastic, "version": spec.version,
+            "summary": spec.summary, "default_params": params,
+        })
+    return rows
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    rows = methods_table()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    from explainers import TAXONOMY, Family
+
+    for family in Family:
+        members = [r for r in rows if r["family"] == family.value]
+        if not members:
+            continue
+        print(f"{TAXONOMY[family]}  [{family.value}]")
+        for i, r in enumerate(members):
+            branch = "└──" if i == len(members) - 1 else "├──"
+            print(f"  {branch} {r['name']:<20} {r['summary']}  (needs {', '.join(r['access'])})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.stages import render_report, store_path
+
+    if not store_path(args.run_dir).exists():
+        return _fail(f"no store at {str(store_path(args.run_dir))!r}")
+    path = render_report(args.run_dir)
+    print(path.read_text())
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_train_reference(args: argparse.Namespace) -> int:
+    from data import REFERENCE_RECORD, REFERENCE_WEIGHTS
+    from tasks.models import train_reference
+
+    out = Path(args.out) if args.out else REFERENCE_WEIGHTS
+    record = Path(args.out).with_suffix(".json") if args.out else REFERENCE_RECORD
+    train_reference(out, record)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attriflow", description="Explain image-classification CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run or resume the pipeline")
+    p.add_argument("config", nargs="?", help="YAML config (default: the embedded default run)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", help="done/total shards per stage and explainer")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("methods", help="the registered explainers by taxonomy")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("report", help="regenerate the report of a run from its store")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("train-reference", help="train the shipped reference CNN")
+    p.add_argument("--out", help="weights path (default: data/reference_cnn.pt)")
+    p.set_defaults(func=cmd_train_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``attriflow`` console script."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

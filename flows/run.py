@@ -1,0 +1,90 @@
+"""The ``run_experiment`` flow: prepare -> load -> explain -> evaluate -> report."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm import tqdm
+
+from tasks.config import RunConfig
+from tasks.stages import evaluate_shard, explain_shard, load_shard, prepare_run, write_report
+from tasks.storage import Shard, run_lock
+
+
+class RunFailedError(RuntimeError):
+    """Some shards failed; finished shards are kept and a rerun does only the rest."""
+
+
+def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]]) -> list[str]:
+    """Wait for futures with a progress bar; names of the ones that failed."""
+    items = list(futures)
+    failed = []
+    with tqdm(total=len(items), desc=stage, unit="shard", file=sys.stderr, disable=None) as bar:
+        for label, fut in items:
+            fut.wait()
+            state = fut.state
+            if not state.is_completed():
+                failed.append(f"{label} ({state.name}: {state.message or ''})".strip())
+            bar.update(1)
+    return failed
+
+
+@flow(name="attriflow-run", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
+def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline into ``run_dir``.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The validated configuration.
+    run_dir : str
+        Where the store, the manifest and the report go.
+
+    Returns
+    -------
+    dict
+        Store path, report path and per-stage counts of computed and reused shards.
+
+    Raises
+    ------
+    RunFailedError
+        Naming the shards that failed (all others are complete and kept).
+    """
+    config_json = config.model_dump_json()
+    with run_lock(Path(run_dir)):
+        plan = prepare_run(config_json, run_dir)
+        shards = [Shard(*s) for s in plan["shards"]]
+        loads = {s.index: load_shard.submit(config_json, run_dir, s) for s in shards}
+        explains = {
+            (e, s.index): explain_shard.submit(config_json, run_dir, e, s, wait_for=[loads[s.index]])
+            for e in plan["explainers"] for s in shards
+        }
+        evals = {
+            key: evaluate_shard.submit(config_json, run_dir, key[0], s, wait_for=[explains[key]])
+            for key in explains for s in shards if s.index == key[1]
+        }
+        failed = _collect("load", ((f"load shard {i}", f) for i, f in loads.items()))
+        failed += _collect("explain", ((f"explain {e} shard {i}", f) for (e, i), f in explains.items()))
+        failed += _collect("evaluate", ((f"evaluate {e} shard {i}", f) for (e, i), f in evals.items()))
+        wait(list(evals.values()))
+        report = write_report(run_dir)
+        counts: dict[str, dict[str, int]] = {}
+        for stage, futs in (("load", loads), ("explain", explains), ("evaluate", evals)):
+            done = [f.result() for f in futs.values() if f.state.is_completed()]
+            counts[stage] = {
+                "computed": sum(not r["skipped"] for r in done),
+                "reused": sum(r["skipped"] for r in done),
+                "failed": len(futs) - len(done),
+            }
+        if failed:
+            raise RunFailedError(
+                f"{len(failed)} shard task(s) failed; finished shards are kept, rerun to finish: "
+                + "; ".join(failed)
+            )
+        return {"store": plan["store"], "report": report, "counts": counts}

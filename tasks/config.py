@@ -1,0 +1,207 @@
+"""Run configuration, validated with pydantic before any work starts.
+
+Every model forbids unknown keys, so a typo fails with the field's dotted path
+(``explain.shard_size``) instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names each bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Which images to explain."""
+
+    kind: Literal["embedded", "imagefolder", "voc"] = "embedded"
+    split: Literal["train", "test"] = "test"
+    n_samples: int | None = Field(256, ge=1)
+    image_size: int = Field(64, ge=16, le=2048)
+    seed: int = Field(0, ge=0)
+    root: str | None = None
+    annotations: str | None = None
+    classes: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataConfig:
+        if self.kind != "embedded" and not self.root:
+            raise ValueError(f"data.root is required for data.kind={self.kind!r}")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which classifier to explain."""
+
+    arch: str = "reference"
+    weights: str | None = None
+    num_classes: int | None = Field(None, ge=1)
+    init_seed: int = Field(0, ge=0)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class ExplainerEntry(_Strict):
+    """One explainer of the run: a registered method, its parameters and a store label."""
+
+    method: str
+    label: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from explainers import REGISTRY
+
+        if value not in REGISTRY:
+            raise ValueError(f"unknown explainer {value!r}; registered: {', '.join(sorted(REGISTRY))}")
+        return value
+
+    @model_validator(mode="after")
+    def _params_valid(self) -> ExplainerEntry:
+        from explainers import get_explainer, validate_params
+
+        validate_params(get_explainer(self.method), self.params)
+        return self
+
+    @property
+    def name(self) -> str:
+        """The ``explainer`` coordinate in the store."""
+        return self.label or self.method
+
+
+def _default_explainers() -> list[ExplainerEntry]:
+    return [ExplainerEntry(method="saliency"), ExplainerEntry(method="grad_cam")]
+
+
+class ExplainConfig(_Strict):
+    """The explain stage."""
+
+    explainers: list[ExplainerEntry] = Field(default_factory=_default_explainers, min_length=1)
+    target: Literal["prediction", "label"] = "prediction"
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("explainers")
+    @classmethod
+    def _unique(cls, value: list[ExplainerEntry]) -> list[ExplainerEntry]:
+        names = [e.name for e in value]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"explainer labels must be unique; repeated: {', '.join(dup)} (set 'label')")
+        return value
+
+
+class EvaluateConfig(_Strict):
+    """The evaluate stage (deletion and insertion, RISE protocol)."""
+
+    steps: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(256, ge=1)
+    blur_sigma: float = Field(5.0, gt=0)
+    blur_kernel: int = Field(11, ge=1)
+
+
+class RunConfig(_Strict):
+    """A whole run: ``attriflow run CONFIG.yaml``."""
+
+    name: str = "default"
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    shard_size: int = Field(64, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the resolved config."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def canonical_json(self) -> str:
+        """Resolved config as sorted, compact JSON."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per bad field, each naming its dotted path."""
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "<config>") -> RunConfig:
+    """Validate a mapping (from YAML) into a :class:`RunConfig`.
+
+    Parameters
+    ----------
+    raw : Any
+        The parsed document (None means all defaults).
+    source : str
+        Name used in error messages.
+
+    Returns
+    -------
+    RunConfig
+        The validated config.
+
+    Raises
+    ------
+    ConfigError
+        Naming every bad field.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    except ValueError as err:  # raised outside pydantic's wrapping
+        raise ConfigError(f"invalid config {source}: {err}") from None
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Read and validate a YAML config file (safe loader); None gives the embedded default.
+
+    Parameters
+    ----------
+    path : str, Path or None
+        The YAML file.
+
+    Returns
+    -------
+    RunConfig
+        The validated config.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not YAML, or a field is invalid.
+    """
+    if path is None:
+        return RunConfig()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {str(p)!r}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {str(p)!r} is not valid YAML: {err}") from None
+    return parse_config(raw, repr(str(p)))

@@ -1,0 +1,127 @@
+"""Per-process state shared by the tasks of one run: dataset, model, explainers, device.
+
+Tasks receive only the config JSON and the run directory; this module rebuilds the heavy
+objects once per worker process (``functools.lru_cache``) instead of pickling them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from explainers import Explainer, get_explainer
+from tasks.config import RunConfig
+from tasks.datasets import DatasetSource, open_source
+from tasks.models import LoadedModel, cached_model
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' requested but torch.cuda.is_available() is False")
+    return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Heavy objects of a run, built once per process."""
+
+    config: RunConfig
+    source: DatasetSource
+    model: LoadedModel
+    device: torch.device
+    explainers: dict[str, Explainer]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model on the run's device."""
+        return self.model.module
+
+
+@functools.lru_cache(maxsize=2)
+def get_runtime(config_json: str) -> Runtime:
+    """Build (or reuse) the runtime of a config; raises the loaders' clear errors."""
+    cfg = RunConfig.model_validate_json(config_json)
+    source = open_source(cfg.data)
+    loaded = cached_model(cfg.model.model_dump_json())
+    device = pick_device(cfg.device)
+    loaded.module.to(device)
+    explainers = {}
+    for entry in cfg.explain.explainers:
+        explainers[entry.name] = get_explainer(entry.method)(loaded.module, **entry.params)
+    return Runtime(cfg, source, loaded, device, explainers)
+
+
+def derive_seed(run_seed: int, sample_id: int, method: str) -> int:
+    """Seed of one random draw, from (run seed, sample id, method) only."""
+    blob = f"{run_seed}:{sample_id}:{method}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & (2**63 - 1)
+
+
+def array_digest(*arrays: np.ndarray | None) -> str:
+    """sha256 over arrays' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+PACKAGES = ("attriflow", "torch", "torchvision", "numpy", "xarray", "zarr", "prefect", "pydantic")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape results."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@functools.cache
+def git_commit() -> str:
+    """Commit of the attriflow checkout, or ``unknown`` outside a git work tree."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for crash tests: ``ATTRIFLOW_FAULT=<name>:<n>`` SIGKILLs this
+    process the n-th time it reaches point ``name`` (for example ``explain.after_write:2``).
+    """
+    spec = os.environ.get("ATTRIFLOW_FAULT")
+    if not spec:
+        return
+    point, _, count = spec.rpartition(":")
+    if point != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] >= int(count):
+        os.kill(os.getpid(), signal.SIGKILL)

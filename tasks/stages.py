@@ -1,0 +1,270 @@
+"""The Prefect tasks of a run: prepare, then load / explain / evaluate one shard each, then report.
+
+Tasks exchange references only (the config JSON, the run directory, a shard range) and
+return small JSON receipts. The run store is the source of truth: a task first compares
+the stored completion record of its (stage, explainer, shard) with the provenance digest
+it would write, and returns at once when they are equal. Prefect's result cache is not
+used (``NO_CACHE``): it cannot see library code and would only duplicate the records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from analysis.metrics.faithfulness import auc, deletion_insertion_curves, pixels_per_step
+from analysis.report import render_markdown
+from tasks import storage
+from tasks.runtime import (
+    array_digest,
+    derive_seed,
+    fault_point,
+    get_runtime,
+    git_commit,
+    package_versions,
+)
+from tasks.storage import Shard, StoreLayout
+
+
+def store_path(run_dir: str | Path) -> Path:
+    """``RUN_DIR/store.zarr``."""
+    return Path(run_dir) / storage.STORE_NAME
+
+
+def _layout(config_json: str) -> StoreLayout:
+    rt = get_runtime(config_json)
+    cfg = rt.config
+    s = rt.source.image_size
+    entries = cfg.explain.explainers
+    n_points = -(-(s * s) // pixels_per_step(s * s, cfg.evaluate.steps)) + 1
+    return StoreLayout(
+        sample_ids=rt.source.sample_ids,
+        sample_names=rt.source.sample_names,
+        height=s,
+        width=s,
+        shard_size=cfg.shard_size,
+        explainers=tuple(e.name for e in entries),
+        families=tuple(str(rt.explainers[e.name].spec.family) for e in entries),
+        methods=tuple(e.method for e in entries),
+        has_mask=rt.source.has_mask,
+        has_box=rt.source.has_box,
+        n_points=n_points,
+    )
+
+
+def _manifest(config_json: str, layout: StoreLayout) -> dict[str, Any]:
+    rt = get_runtime(config_json)
+    cfg = rt.config
+    return {
+        "name": cfg.name,
+        "config": json.loads(cfg.canonical_json()),
+        "config_hash": cfg.digest(),
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "model": rt.model.description,
+        "model_digest": rt.model.digest,
+        "data": rt.source.description,
+        "classes": list(rt.source.classes),
+        "device": rt.device.type,
+        "explainers": {
+            name: {"method": e.spec.name, "family": str(e.spec.family), "taxonomy": e.spec.taxonomy,
+                   "params": e.params(), "version": e.spec.version, "cost": e.cost()}
+            for name, e in rt.explainers.items()
+        },
+        "skipped": rt.source.skipped,
+        "layout": layout.key(),
+    }
+
+
+@task(name="prepare-run", cache_policy=NO_CACHE)
+def prepare_run(config_json: str, run_dir: str) -> dict[str, Any]:
+    """Create (or check and reuse) the store and write the manifest.
+
+    Parameters
+    ----------
+    config_json : str
+        The validated run config as JSON.
+    run_dir : str
+        The run directory.
+
+    Returns
+    -------
+    dict
+        ``store`` path, ``shards`` as (index, start, stop) and ``explainers`` names.
+
+    Raises
+    ------
+    storage.StoreLayoutError
+        When the run directory holds a store of another layout.
+    """
+    rt = get_runtime(config_json)
+    layout = _layout(config_json)
+    path = store_path(run_dir)
+    manifest = _manifest(config_json, layout)
+    attrs = {"manifest": json.dumps(manifest, sort_keys=True), "layout": json.dumps(layout.key(), sort_keys=True)}
+    params = [json.dumps(rt.explainers[n].params(), sort_keys=True) for n in layout.explainers]
+    if path.exists():
+        old = storage.read_layout_key(path)
+        if old != layout.key():
+            diff = sorted(k for k in set(old) | set(layout.key()) if old.get(k) != layout.key().get(k))
+            raise storage.StoreLayoutError(
+                f"{str(path)!r} was created with a different layout ({', '.join(diff)} differ); "
+                "finished shards cannot be reused: choose another --run-dir"
+            )
+        storage.set_params(path, params)
+        storage.set_attrs(path, attrs)
+    else:
+        storage.init_store(path, layout, params, attrs)
+    (Path(run_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    shards = storage.plan_shards(layout.n_samples, layout.shard_size)
+    return {
+        "store": str(path),
+        "shards": [(s.index, s.start, s.stop) for s in shards],
+        "explainers": list(layout.explainers),
+    }
+
+
+def _receipt(stage: str, shard: Shard, skipped: bool, t0: float, **extra: Any) -> dict[str, Any]:
+    return {"stage": stage, "shard": shard.index, "skipped": skipped,
+            "seconds": round(time.perf_counter() - t0, 3), **extra}
+
+
+@task(name="load-shard", cache_policy=NO_CACHE, task_run_name="load-{shard.index}")
+def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
+    """Write labels, predictions, probabilities and ground truth of one shard."""
+    t0 = time.perf_counter()
+    rt = get_runtime(config_json)
+    path = store_path(run_dir)
+    batch = rt.source.load(shard.start, shard.stop)
+    expected = storage.digest64(
+        "load", array_digest(batch.images, batch.labels, batch.masks, batch.boxes),
+        rt.model.digest, rt.device.type,
+    )
+    if storage.get_record(path, "load", shard.index) == expected:
+        return _receipt("load", shard, True, t0)
+    preds, probs = [], []
+    with torch.inference_mode():
+        for s in range(0, len(batch.images), rt.config.explain.batch_size):
+            x = rt.model.normalize(torch.from_numpy(batch.images[s : s + rt.config.explain.batch_size]).to(rt.device))
+            p = torch.softmax(rt.module(x).float(), dim=1)
+            conf, cls = p.max(dim=1)
+            preds.append(cls.cpu().numpy())
+            probs.append(conf.cpu().numpy())
+    region = {"sample": slice(shard.start, shard.stop)}
+    variables: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        "label": (("sample",), batch.labels.astype(np.int64)),
+        "prediction": (("sample",), np.concatenate(preds).astype(np.int64)),
+        "probability": (("sample",), np.concatenate(probs).astype(np.float32)),
+    }
+    if batch.masks is not None:
+        variables["gt_mask"] = (("sample", "y", "x"), batch.masks.astype(bool))
+    if batch.boxes is not None:
+        variables["gt_box"] = (("sample", "corner"), batch.boxes.astype(np.int64))
+    storage.write_region(path, variables, region)
+    fault_point("load.after_write")
+    storage.set_record(path, "load", shard.index, expected)
+    return _receipt("load", shard, False, t0)
+
+
+def _targets(path: Path, rt: Any, shard: Shard) -> torch.Tensor:
+    group = zarr.open_group(str(path), mode="r")
+    name = "prediction" if rt.config.explain.target == "prediction" else "label"
+    return torch.from_numpy(np.asarray(group[name][shard.start : shard.stop], dtype=np.int64))
+
+
+@task(name="explain-shard", cache_policy=NO_CACHE, task_run_name="explain-{explainer}-{shard.index}")
+def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
+    """Compute and store one explainer's attributions for one shard."""
+    t0 = time.perf_counter()
+    rt = get_runtime(config_json)
+    path = store_path(run_dir)
+    names = [e.name for e in rt.config.explain.explainers]
+    k = names.index(explainer)
+    exp = rt.explainers[explainer]
+    load_record = storage.get_record(path, "load", shard.index)
+    if load_record == 0:
+        raise RuntimeError(f"explain {explainer} shard {shard.index}: its load shard is not done")
+    expected = storage.digest64(
+        "explain", load_record, exp.digest(), rt.config.seed, rt.config.explain.target
+    )
+    if storage.get_record(path, "explain", shard.index, k) == expected:
+        return _receipt("explain", shard, True, t0, explainer=explainer)
+    batch = rt.source.load(shard.start, shard.stop)
+    inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
+    targets = _targets(path, rt, shard).to(rt.device)
+    ids = rt.source.sample_ids[shard.start : shard.stop]
+    seeds = torch.tensor([derive_seed(rt.config.seed, i, explainer) for i in ids], dtype=torch.int64)
+    maps = exp.attribute(inputs, targets, batch_size=rt.config.explain.batch_size, seeds=seeds)
+    storage.write_region(
+        path,
+        {"attribution": (("explainer", "sample", "y", "x"), maps.cpu().numpy()[None])},
+        {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)},
+    )
+    fault_point("explain.after_write")
+    storage.set_record(path, "explain", shard.index, expected, k)
+    fault_point("explain.after_record")
+    return _receipt("explain", shard, False, t0, explainer=explainer)
+
+
+@task(name="evaluate-shard", cache_policy=NO_CACHE, task_run_name="evaluate-{explainer}-{shard.index}")
+def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
+    """Deletion and insertion curves and AUCs of one explainer's maps for one shard."""
+    t0 = time.perf_counter()
+    rt = get_runtime(config_json)
+    path = store_path(run_dir)
+    names = [e.name for e in rt.config.explain.explainers]
+    k = names.index(explainer)
+    explain_record = storage.get_record(path, "explain", shard.index, k)
+    if explain_record == 0:
+        raise RuntimeError(f"evaluate {explainer} shard {shard.index}: its explain shard is not done")
+    ev = rt.config.evaluate
+    expected = storage.digest64("evaluate", explain_record, ev.model_dump(mode="json"))
+    if storage.get_record(path, "evaluate", shard.index, k) == expected:
+        return _receipt("evaluate", shard, True, t0, explainer=explainer)
+    batch = rt.source.load(shard.start, shard.stop)
+    inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
+    group = zarr.open_group(str(path), mode="r")
+    maps = torch.from_numpy(np.asarray(group["attribution"][k, shard.start : shard.stop])).to(rt.device)
+    targets = _targets(path, rt, shard).to(rt.device)
+    curves = deletion_insertion_curves(
+        rt.module, inputs, maps, targets, steps=ev.steps, batch_size=ev.batch_size,
+        blur_size=ev.blur_kernel, blur_sigma=ev.blur_sigma,
+    )
+    scores = auc(curves)
+    region = {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)}
+    storage.write_region(
+        path,
+        {
+            "score": (("explainer", "sample", "metric"), scores.numpy()[None].astype(np.float32)),
+            "curve": (("explainer", "sample", "metric", "point"), curves.numpy()[None].astype(np.float32)),
+        },
+        region,
+    )
+    fault_point("evaluate.after_write")
+    storage.set_record(path, "evaluate", shard.index, expected, k)
+    return _receipt("evaluate", shard, False, t0, explainer=explainer)
+
+
+@task(name="write-report", cache_policy=NO_CACHE)
+def write_report(run_dir: str) -> str:
+    """Regenerate ``RUN_DIR/report/summary.md`` from the store alone."""
+    return str(render_report(run_dir))
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Write the report files of a run directory from its store; returns the summary path."""
+    ds = storage.open_dataset(store_path(run_dir))
+    out = Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = out / "summary.md"
+    summary.write_text(render_markdown(ds))
+    return summary
