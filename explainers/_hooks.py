@@ -81,6 +81,10 @@ def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Te
             h.remove()
 
 
+#: Adaptive pools belong to the classifier head (VGG's 7x7 avgpool resamples, it does not see).
+_HEAD_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
 def spatial_layers(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...]]]:
     """Modules with a 4-D spatial output, in the order their forward calls finish.
 
@@ -94,13 +98,14 @@ def spatial_layers(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[i
     Returns
     -------
     list of (str, tuple of int)
-        Module name and output shape, excluding outputs with a 1x1 spatial size.
+        Module name and output shape, excluding outputs with a 1x1 spatial size and
+        adaptive pooling layers (the head).
     """
     order: list[tuple[str, tuple[int, ...]]] = []
     handles = []
     try:
         for name, module in model.named_modules():
-            if not name:
+            if not name or isinstance(module, _HEAD_POOLS):
                 continue
 
             def hook(_m: nn.Module, _i: object, out: object, key: str = name) -> None:

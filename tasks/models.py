@@ -70,9 +70,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle needing arbitrary code, or a corrupt file
+        text = str(err)
+        why = next((ln.split("error:", 1)[1].strip() for ln in text.splitlines() if "Unpickler error:" in ln),
+                   text.splitlines()[0] if text else type(err).__name__)
+        why = why.split(" Please use")[0]
         raise ModelLoadError(
-            f"cannot load {str(path)!r} safely with torch.load(weights_only=True): {err}. "
-            "Convert it to a plain state dict: torch.save(model.state_dict(), 'weights.pth')"
+            f"cannot load {str(path)!r} safely with torch.load(weights_only=True) ({why}). "
+            "If you trust the file, convert it once to a plain state dict: "
+            "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth')"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -82,21 +87,24 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    result = module.load_state_dict(state, strict=False)
-    mismatched = []
     own = module.state_dict()
-    for key, value in state.items():
-        if key in own and tuple(own[key].shape) != tuple(value.shape):
-            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
-    if result.missing_keys or result.unexpected_keys or mismatched:
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and tuple(own[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
         parts = []
-        if result.missing_keys:
-            parts.append(f"missing keys: {', '.join(result.missing_keys[:10])}")
-        if result.unexpected_keys:
-            parts.append(f"unexpected keys: {', '.join(result.unexpected_keys[:10])}")
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:10])}")
         if mismatched:
-            parts.append(f"shape mismatches: {', '.join(mismatched[:10])}")
+            parts.append(f"shape mismatches (file vs model): {', '.join(mismatched[:10])}")
         raise ModelLoadError(f"weights {str(path)!r} do not match the architecture; " + "; ".join(parts))
+    module.load_state_dict(state)
 
 
 def build_model(cfg: ModelConfig) -> LoadedModel:
@@ -234,7 +242,7 @@ def train_reference(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         log(f"epoch {epoch + 1}/{cfg['epochs']}: loss {total / len(perm):.4f}")
     model.eval()
     loaded = LoadedModel(model, MEAN, STD, state_dict_digest(model), "reference")

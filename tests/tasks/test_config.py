@@ -1,0 +1,67 @@
+"""A bad config fails before any work, naming the bad field."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import ConfigError, RunConfig, load_config, parse_config
+
+
+def test_defaults_are_the_embedded_run() -> None:
+    cfg = load_config(None)
+    assert cfg.data.kind == "embedded" and cfg.data.n_samples >= 256
+    assert cfg.model.arch == "reference"
+    assert [e.method for e in cfg.explain.explainers] == ["saliency", "grad_cam"]
+    assert cfg.digest() == RunConfig().digest()
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "why"),
+    [
+        ({"shard_sise": 8}, "shard_sise", "Extra inputs"),
+        ({"shard_size": 0}, "shard_size", "greater than or equal to 1"),
+        ({"data": {"n_samples": -3}}, "data.n_samples", "greater than or equal to 1"),
+        ({"data": {"kind": "imagenet"}}, "data.kind", "embedded"),
+        ({"data": {"kind": "imagefolder"}}, "data", "data.root is required"),
+        ({"explain": {"batch_size": "many"}}, "explain.batch_size", "integer"),
+        ({"explain": {"explainers": [{"method": "gradcam"}]}}, "explain.explainers.0.method", "registered: grad_cam"),
+        ({"explain": {"explainers": [{"method": "grad_cam", "params": {"layr": "x"}}]}},
+         "explain.explainers.0", "'grad_cam': layr"),
+        ({"explain": {"explainers": [{"method": "saliency", "params": {"reduce": "mean"}}]}},
+         "explain.explainers.0", "reduce"),
+        ({"explain": {"explainers": [{"method": "saliency"}, {"method": "saliency"}]}},
+         "explain.explainers", "repeated: saliency"),
+        ({"evaluate": {"steps": 0}}, "evaluate.steps", "greater than or equal to 1"),
+    ],
+)
+def test_bad_field_is_named(raw, field, why) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "test.yaml")
+    msg = str(err.value)
+    assert f"  {field}" in msg or f"  {field}:" in msg, msg
+    assert why in msg, msg
+
+
+def test_yaml_file_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("explain: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listed)
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(unsafe)
+
+
+def test_labels_allow_one_method_twice() -> None:
+    cfg = parse_config({"explain": {"explainers": [
+        {"method": "grad_cam", "label": "cam3", "params": {"layer": "block3"}},
+        {"method": "grad_cam", "label": "cam4"},
+    ]}})
+    assert [e.name for e in cfg.explain.explainers] == ["cam3", "cam4"]
