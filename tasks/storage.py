@@ -221,8 +221,10 @@ def set_params(path: Path, params: Sequence[str]) -> bool:
 
 
 def open_dataset(path: Path) -> xr.Dataset:
-    """Open the store lazily with xarray."""
-    return xr.open_zarr(str(path), consolidated=True)
+    """Open the store with xarray: data variables lazy, coordinates loaded (so that
+    ``ds.groupby("family")`` works; a bare ``xr.open_zarr`` leaves them as dask arrays)."""
+    ds = xr.open_zarr(str(path), consolidated=True)
+    return ds.assign_coords({name: ds[name].load() for name in ds.coords})
 
 
 def write_region(path: Path, variables: dict[str, tuple[tuple[str, ...], np.ndarray]],

@@ -1,0 +1,178 @@
+"""End to end: the flow's store, resume after SIGKILL, rerun idempotence, provenance, locks.
+
+These start Prefect (one test server for the session) and, for the crash test, a real
+``attriflow run`` subprocess that kills itself with SIGKILL at an injected point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from tasks.config import parse_config
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "name": "small",
+    "shard_size": 8,
+    "data": {"n_samples": 24},
+    "explain": {"batch_size": 8, "explainers": [{"method": "saliency"}, {"method": "grad_cam"}]},
+    "evaluate": {"steps": 8, "batch_size": 64},
+}
+
+
+def _files(store: Path) -> dict[str, tuple[bytes, int]]:
+    """Relative path -> (content, mtime_ns) of every file in a store."""
+    return {
+        str(p.relative_to(store)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(store.rglob("*")) if p.is_file()
+    }
+
+
+def _run(cfg: dict, run_dir: Path) -> dict:
+    from flows.run import run_experiment
+
+    return run_experiment(parse_config(cfg), str(run_dir))
+
+
+def _cli(args: list[str], env_extra: dict[str, str], server: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": server, **env_extra}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture(scope="module")
+def reference_run(prefect_server, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    result = _run(SMALL, run_dir)
+    assert result["counts"]["explain"] == {"computed": 6, "reused": 0, "failed": 0}
+    return run_dir
+
+
+def test_store_schema_manifest_and_report(reference_run) -> None:
+    ds = xr.open_zarr(reference_run / "store.zarr")
+    for name in ("attribution", "label", "prediction", "probability", "gt_mask", "score"):
+        assert name in ds
+    assert ds["attribution"].dims == ("explainer", "sample", "y", "x")
+    assert ds["attribution"].dtype == np.float32
+    assert ds["attribution"].encoding["chunks"] == (1, 8, 64, 64)
+    assert list(ds["explainer"].values) == ["saliency", "grad_cam"]
+    assert list(ds["family"].values) == ["gradient", "cam"]
+    assert ds.sizes["sample"] == 24
+    assert np.isfinite(ds["attribution"].values).all()
+    assert np.isfinite(ds["score"].values).all()
+    assert (ds["prediction"].values == ds["label"].values).mean() > 0.8
+    from tasks.storage import open_dataset
+
+    assert set(open_dataset(reference_run / "store.zarr").groupby("family").groups) == {"gradient", "cam"}
+    manifest = json.loads(ds.attrs["manifest"])
+    on_disk = json.loads((reference_run / "manifest.json").read_text())
+    assert manifest == on_disk
+    assert manifest["config_hash"] == parse_config(SMALL).digest()
+    assert manifest["seed"] == 0 and "torch" in manifest["versions"] and manifest["git_commit"]
+    summary = (reference_run / "report" / "summary.md").read_text()
+    assert "| **gradient** | `saliency` |" in summary and "| **cam** | `grad_cam` |" in summary
+    json.loads(ds["params"].values[1])  # parameters recorded next to the attributions
+
+
+def test_rerun_rewrites_nothing(reference_run) -> None:
+    before = _files(reference_run / "store.zarr")
+    result = _run(SMALL, reference_run)
+    assert _files(reference_run / "store.zarr") == before
+    for stage in ("load", "explain", "evaluate"):
+        assert result["counts"][stage]["computed"] == 0
+
+
+def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    store = run_dir / "store.zarr"
+    before = _files(store)
+    changed = json.loads(json.dumps(SMALL))
+    changed["explain"]["explainers"][1]["params"] = {"layer": "block3"}
+    result = _run(changed, run_dir)
+    assert result["counts"]["load"]["computed"] == 0
+    assert result["counts"]["explain"] == {"computed": 3, "reused": 3, "failed": 0}
+    assert result["counts"]["evaluate"] == {"computed": 3, "reused": 3, "failed": 0}
+    after = _files(store)
+    rewritten = {k for k in after if after[k] != before.get(k)}
+    assert any(k.startswith("attribution/c/1/") for k in rewritten)
+    assert not any(k.startswith(("attribution/c/0/", "score/c/0/", "label", "prediction")) for k in rewritten)
+    ds = xr.open_zarr(store)
+    assert json.loads(ds["params"].values[1])["layer"] == "block3"
+
+
+def test_sigkill_then_resume_equals_uninterrupted(reference_run, prefect_server, tmp_path) -> None:
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(yaml.safe_dump(SMALL))
+    run_dir = tmp_path / "crashed"
+    killed = _cli(["run", str(cfg_path), "--run-dir", str(run_dir)],
+                  {"ATTRIFLOW_FAULT": "explain.after_write:4"}, prefect_server)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    records = json.loads(_cli(["status", str(run_dir), "--json"], {}, prefect_server).stdout)
+    assert records["stages"]["load"]["done"] == 3
+    done = sum(v["done"] for v in records["stages"]["explain"].values())
+    assert done == 3, "killed after the 4th explain write, before its record"
+    resumed = _cli(["run", str(cfg_path), "--run-dir", str(run_dir)], {}, prefect_server)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "explain: 3 computed, 3 reused" in resumed.stdout
+    ours = {k: v[0] for k, v in _files(run_dir / "store.zarr").items()}
+    ref = {k: v[0] for k, v in _files(reference_run / "store.zarr").items()}
+    assert ours.keys() == ref.keys()
+    assert [k for k in ours if ours[k] != ref[k]] == []
+    xr.testing.assert_identical(xr.open_zarr(run_dir / "store.zarr").load(),
+                                xr.open_zarr(reference_run / "store.zarr").load())
+
+
+def test_locked_run_dir_is_refused_at_once(reference_run, prefect_server) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from tasks.storage import run_lock\n"
+         "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
+         str(reference_run)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = _cli(["run", "--run-dir", str(reference_run)], {}, prefect_server)
+        assert out.returncode == 2
+        assert "in use by another attriflow process" in out.stderr and str(holder.pid) in out.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_bad_config_fails_before_any_work(tmp_path, prefect_server) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("shard_size: 8\nexplain:\n  batch_size: 0\n")
+    out = _cli(["run", str(cfg), "--run-dir", str(tmp_path / "never")], {}, prefect_server)
+    assert out.returncode == 2
+    assert "explain.batch_size" in out.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_unknown_layer_fails_before_any_work_listing_valid_ones(tmp_path, prefect_server) -> None:
+    cfg = tmp_path / "layer.yaml"
+    cfg.write_text(yaml.safe_dump({**SMALL, "explain": {"explainers": [
+        {"method": "grad_cam", "params": {"layer": "block9"}}]}}))
+    out = _cli(["run", str(cfg), "--run-dir", str(tmp_path / "run")], {}, prefect_server)
+    assert out.returncode == 1
+    assert "unknown layer 'block9'" in out.stderr and "block4" in out.stderr
+    assert not (tmp_path / "run" / "store.zarr").exists()
+
+
+def test_layout_change_is_refused(reference_run) -> None:
+    from tasks.storage import StoreLayoutError
+
+    with pytest.raises(StoreLayoutError, match="n_samples"):
+        _run({**SMALL, "data": {"n_samples": 16}}, reference_run)
