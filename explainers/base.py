@@ -211,7 +211,23 @@ class Explainer(ABC):
 
     def cost(self) -> dict[str, int]:
         """Forward and backward passes this explainer makes per image."""
-        return {"forward": 1, "backward": 1 if "gradients" in self.spec.access else 0}
+        return type(self).estimate_cost(self.p)
+
+    @classmethod
+    def estimate_cost(cls, params: BaseModel) -> dict[str, int]:
+        """Forward and backward passes per image for ``params`` (one of each by default).
+
+        Parameters
+        ----------
+        params : BaseModel
+            Validated parameters.
+
+        Returns
+        -------
+        dict of str to int
+            ``{"forward": ..., "backward": ...}``.
+        """
+        return {"forward": 1, "backward": 1 if "gradients" in cls.spec.access else 0}
 
     def digest(self) -> str:
         """Digest of name, version and parameters (the explainer's part of provenance)."""

@@ -105,6 +105,7 @@ def methods_table() -> list[dict[str, Any]]:
             "name": spec.name, "family": str(spec.family), "taxonomy": spec.taxonomy,
             "access": list(spec.access), "stochastic": spec.stochastic, "version": spec.version,
             "summary": spec.summary, "default_params": params,
+            "cost_per_image": cls.estimate_cost(cls.Params()),
         })
     return rows
 

@@ -47,10 +47,22 @@ class ModelConfig(_Strict):
 
     arch: str = "reference"
     weights: str | None = None
+    random_init: bool = False
     num_classes: int | None = Field(None, ge=1)
     init_seed: int = Field(0, ge=0)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_or_random(self) -> ModelConfig:
+        if self.weights and self.random_init:
+            raise ValueError("model: give either weights or random_init: true, not both")
+        if self.arch != "reference" and not self.weights and not self.random_init:
+            raise ValueError(
+                "model.weights: a torchvision architecture needs a local weights file "
+                "(attriflow never downloads); set model.random_init: true for random weights"
+            )
+        return self
 
 
 class ExplainerEntry(_Strict):

@@ -126,8 +126,9 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
         If the architecture is unknown or the weights are missing or do not match.
     """
     if cfg.arch == "reference":
+        torch.manual_seed(cfg.init_seed)
         module: nn.Module = ReferenceCNN(num_classes=cfg.num_classes or 10)
-        path = Path(cfg.weights) if cfg.weights else REFERENCE_WEIGHTS
+        path = None if cfg.random_init else Path(cfg.weights) if cfg.weights else REFERENCE_WEIGHTS
         mean, std = MEAN, STD
     else:
         import torchvision

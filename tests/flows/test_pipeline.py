@@ -176,3 +176,16 @@ def test_layout_change_is_refused(reference_run) -> None:
 
     with pytest.raises(StoreLayoutError, match="n_samples"):
         _run({**SMALL, "data": {"n_samples": 16}}, reference_run)
+
+
+def test_methods_json_lists_taxonomy_and_costs(prefect_server) -> None:
+    out = _cli(["methods", "--json"], {}, prefect_server)
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    from explainers import REGISTRY
+
+    assert rows.keys() == REGISTRY.keys()
+    assert rows["grad_cam"]["family"] == "cam"
+    assert rows["grad_cam"]["taxonomy"] == "white-box / activation-cam / grad_cam"
+    assert rows["saliency"]["cost_per_image"] == {"forward": 1, "backward": 1}
+    tree = _cli(["methods"], {}, prefect_server).stdout
+    assert "white-box / gradient back-propagation" in tree and "└── grad_cam" in tree

@@ -65,3 +65,12 @@ def test_labels_allow_one_method_twice() -> None:
         {"method": "grad_cam", "label": "cam4"},
     ]}})
     assert [e.name for e in cfg.explain.explainers] == ["cam3", "cam4"]
+
+
+def test_shipped_example_configs_parse() -> None:
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert load_config(configs / "default.yaml") == RunConfig()
+    example = load_config(configs / "imagefolder-resnet50.yaml")
+    assert example.model.arch == "resnet50" and example.data.kind == "imagefolder"

@@ -48,7 +48,17 @@ def test_pickled_checkpoint_is_refused(tmp_path) -> None:
 
 def test_unknown_arch_lists_choices() -> None:
     with pytest.raises(ModelLoadError, match="resnet50"):
-        build_model(ModelConfig(arch="resnet51"))
+        build_model(ModelConfig(arch="resnet51", random_init=True))
+
+
+def test_torchvision_without_weights_must_opt_in_to_random() -> None:
+    from tasks.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="model.weights: a torchvision architecture needs a local weights"):
+        parse_config({"model": {"arch": "resnet18"}})
+    a = build_model(ModelConfig(arch="resnet18", random_init=True, init_seed=4))
+    b = build_model(ModelConfig(arch="resnet18", random_init=True, init_seed=4))
+    assert a.digest == b.digest and "randomly initialised" in a.description
 
 
 def _save(path, arr, mode=None):
