@@ -216,8 +216,16 @@ def train_reference(
         The training record (config, seed, accuracy, digest, time).
     """
     cfg = {**TRAIN_CONFIG, **(overrides or {})}
-    torch.manual_seed(cfg["seed"])
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, out_weights, out_record, log)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(cfg: dict[str, Any], out_weights: Path, out_record: Path, log: Any) -> dict[str, Any]:
+    torch.manual_seed(cfg["seed"])
     t0 = time.perf_counter()
     train = make_split("train", 0, cfg["n_train"], seed=cfg["dataset_seed"], image_size=cfg["image_size"])
     test = make_split("test", seed=cfg["dataset_seed"], image_size=cfg["image_size"])
@@ -248,7 +256,6 @@ def train_reference(
     model.eval()
     loaded = LoadedModel(model, MEAN, STD, state_dict_digest(model), "reference")
     acc = evaluate_accuracy(loaded, test.images, test.labels)
-    torch.use_deterministic_algorithms(False)
     record = {
         "architecture": "ReferenceCNN",
         "classes": 10,
