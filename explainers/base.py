@@ -21,6 +21,10 @@ from torch import Tensor, nn
 from explainers._typing import JSONValue
 
 
+#: Evaluations per pass of multi-evaluation methods when no ``batch_size`` is given.
+DEFAULT_EVAL_BATCH = 64
+
+
 class Family(str, Enum):
     """Taxonomy group of an explainer (working taxonomy of seed-taxonomy.md, section 4).
 
@@ -63,6 +67,10 @@ class ExplainerSpec:
         What the method needs from the model: ``"gradients"``, ``"activations"``, ``"forward"``.
     stochastic : bool
         True when the method draws random numbers (it then receives per-sample generators).
+    batches_evaluations : bool
+        True for methods that make many model evaluations per image (sampling, paths,
+        perturbations): they receive all images of the call and pack their evaluations of
+        several images into forward passes of ``batch_size`` themselves.
     version : int
         Bump when the numerics change; part of every provenance digest.
     """
@@ -71,6 +79,7 @@ class ExplainerSpec:
     family: Family
     access: tuple[Access, ...] = ("gradients",)
     stochastic: bool = False
+    batches_evaluations: bool = False
     version: int = 1
     summary: str = ""
     references: tuple[str, ...] = field(default_factory=tuple)
@@ -140,6 +149,7 @@ class Explainer(ABC):
     def __init__(self, model: nn.Module, **params: Any) -> None:
         self.model = model
         self.p: Any = validate_params(type(self), params)
+        self.batch_size = DEFAULT_EVAL_BATCH
 
     # ------------------------------------------------------------------ public API
     @final
@@ -160,8 +170,10 @@ class Explainer(ABC):
         targets : Tensor, shape (N,)
             int64 class indices to explain.
         batch_size : int or None
-            Number of images per chunk handed to the method (its own evaluations are
-            batched per image chunk); None = all at once. Results do not depend on it.
+            Model evaluations per forward (and backward) pass. Single-pass methods see
+            chunks of ``batch_size`` images; multi-evaluation methods pack their
+            evaluations of all images into passes of this size (None: 64). None means all
+            images at once for single-pass methods. Results do not depend on it.
         seeds : Tensor or None, shape (N,)
             Per-sample seeds for stochastic methods (derived from run seed, sample id and
             method by the caller), so a sample's map does not depend on its batch.
@@ -185,7 +197,8 @@ class Explainer(ABC):
         self.model.eval()
         outputs: list[Tensor] = []
         try:
-            step = n if batch_size is None else batch_size
+            self.batch_size = batch_size or DEFAULT_EVAL_BATCH
+            step = n if batch_size is None or self.spec.batches_evaluations else batch_size
             for start in range(0, n, max(step, 1)):
                 sl = slice(start, start + step)
                 gens = None

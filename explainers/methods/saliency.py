@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from explainers._scores import ScoreKind, target_scores
+from explainers._gradients import Reduce, input_gradient, reduce_channels
+from explainers._scores import ScoreKind
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
 
@@ -18,7 +17,7 @@ class SaliencyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     score: ScoreKind = "logit"
-    reduce: Literal["max_abs", "sum_abs", "sum"] = "max_abs"
+    reduce: Reduce = "max_abs"
 
 
 @register
@@ -26,7 +25,7 @@ class Saliency(Explainer):
     """Gradient of the target score with respect to the input.
 
     The channel reduction defaults to Simonyan et al.'s maximum of the absolute gradient
-    over colour channels (``max_abs``); ``sum_abs`` and the signed ``sum`` are options.
+    over colour channels (``max_abs``); ``sum_abs``, ``l2`` and the signed ``sum`` are options.
 
     References
     ----------
@@ -54,12 +53,4 @@ class Saliency(Explainer):
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
-        x = inputs.clone().requires_grad_(True)
-        with torch.enable_grad():
-            scores = target_scores(self.model(x), targets, self.p.score)
-            (grad,) = torch.autograd.grad(scores.sum(), x)
-        if self.p.reduce == "max_abs":
-            return grad.abs().amax(dim=1)
-        if self.p.reduce == "sum_abs":
-            return grad.abs().sum(dim=1)
-        return grad.sum(dim=1)
+        return reduce_channels(input_gradient(self.model, inputs, targets, self.p.score), self.p.reduce)

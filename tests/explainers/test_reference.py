@@ -34,6 +34,54 @@ def reference_inputs():
     return x, torch.from_numpy(s.labels)
 
 
+MODELS = ["reference", "resnet18", "vgg11"]
+
+
+@pytest.fixture(scope="module")
+def models64():
+    """The reference CNN and randomly initialised torchvision nets, float64, with inputs."""
+    import torchvision
+
+    from data.embedded import MEAN, STD, make_split
+    from tasks.config import ModelConfig
+    from tasks.models import build_model
+
+    s = make_split("test", 0, 3)
+    x = torch.from_numpy(s.images).double()
+    ref_x = (x - torch.tensor(MEAN).double()[:, None, None]) / torch.tensor(STD).double()[:, None, None]
+    out = {"reference": (build_model(ModelConfig()).module.double(), ref_x, torch.from_numpy(s.labels))}
+    for i, arch in enumerate(("resnet18", "vgg11")):
+        torch.manual_seed(i)
+        net = torchvision.models.get_model(arch, weights=None, num_classes=10).double().eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        out[arch] = (net, (x - 0.45) / 0.225, torch.tensor([1, 4, 7]))
+    return out
+
+
+@pytest.mark.parametrize("which", MODELS)
+@pytest.mark.parametrize(
+    ("ours", "params", "captum_cls", "kwargs", "reduce"),
+    [
+        ("gradient_x_input", {}, "InputXGradient", {}, "sum"),
+        ("integrated_gradients", {"steps": 20}, "IntegratedGradients", {"n_steps": 20}, "sum"),
+        ("integrated_gradients", {"steps": 16, "rule": "riemann_right", "baseline": 0.3},
+         "IntegratedGradients", {"n_steps": 16, "method": "riemann_right", "baselines": 0.3}, "sum"),
+        ("guided_backprop", {"reduce": "sum"}, "GuidedBackprop", {}, "sum"),
+        ("deconvnet", {"reduce": "sum"}, "Deconvolution", {}, "sum"),
+        ("guided_backprop", {}, "GuidedBackprop", {}, "max_abs"),
+    ],
+)
+def test_gradient_family_equals_captum(which, ours, params, captum_cls, kwargs, reduce, models64) -> None:
+    import captum.attr
+
+    model, x, t = models64[which]
+    mine = get_explainer(ours)(model, **params).attribute(x, t, batch_size=7)
+    ref = getattr(captum.attr, captum_cls)(model).attribute(x.clone().requires_grad_(), target=t, **kwargs)
+    ref = ref.sum(1) if reduce == "sum" else ref.abs().amax(1)
+    _close(mine, ref)
+
+
 @pytest.mark.parametrize("which", ["tiny", "reference"])
 def test_saliency_equals_captum(which, tiny_cnn, tiny_inputs, reference_model, reference_inputs) -> None:
     from captum.attr import Saliency as CaptumSaliency
