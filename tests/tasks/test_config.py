@@ -24,7 +24,7 @@ def test_defaults_are_the_embedded_run() -> None:
         ({"data": {"kind": "imagenet"}}, "data.kind", "embedded"),
         ({"data": {"kind": "imagefolder"}}, "data", "data.root is required"),
         ({"explain": {"batch_size": "many"}}, "explain.batch_size", "integer"),
-        ({"explain": {"explainers": [{"method": "gradcam"}]}}, "explain.explainers.0.method", "registered: grad_cam"),
+        ({"explain": {"explainers": [{"method": "gradcam"}]}}, "explain.explainers.0.method", "unknown explainer 'gradcam'; registered: "),
         ({"explain": {"explainers": [{"method": "grad_cam", "params": {"layr": "x"}}]}},
          "explain.explainers.0", "'grad_cam': layr"),
         ({"explain": {"explainers": [{"method": "saliency", "params": {"reduce": "mean"}}]}},
