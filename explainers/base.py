@@ -222,13 +222,14 @@ class Explainer(ABC):
         """Resolved parameters as JSON (stored next to the attributions, part of provenance)."""
         return json.loads(self.p.model_dump_json())
 
-    def cost(self) -> dict[str, int]:
+    def cost(self) -> dict[str, int | str]:
         """Forward and backward passes this explainer makes per image."""
         return type(self).estimate_cost(self.p)
 
     @classmethod
-    def estimate_cost(cls, params: BaseModel) -> dict[str, int]:
-        """Forward and backward passes per image for ``params`` (one of each by default).
+    def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:
+        """Forward and backward passes per image for ``params`` (one of each by default);
+        a string gives the formula where the count depends on the model or image size.
 
         Parameters
         ----------
@@ -237,7 +238,7 @@ class Explainer(ABC):
 
         Returns
         -------
-        dict of str to int
+        dict of str to int or str
             ``{"forward": ..., "backward": ...}``.
         """
         return {"forward": 1, "backward": 1 if "gradients" in cls.spec.access else 0}

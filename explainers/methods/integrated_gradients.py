@@ -77,7 +77,7 @@ class IntegratedGradients(Explainer):
     Params = IntegratedGradientsParams
 
     @classmethod
-    def estimate_cost(cls, params: BaseModel) -> dict[str, int]:  # noqa: D102
+    def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
         return {"forward": params.steps, "backward": params.steps}  # type: ignore[attr-defined]
 
     def _attribute(

@@ -66,10 +66,11 @@ class SmoothGrad(Explainer):
         self.inner = cls(model, **self.p.base_params)
 
     @classmethod
-    def estimate_cost(cls, params: BaseModel) -> dict[str, int]:  # noqa: D102
+    def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
         inner = get_explainer(params.base)  # type: ignore[attr-defined]
         per = inner.estimate_cost(validate_params(inner, params.base_params))  # type: ignore[attr-defined]
-        return {k: v * params.samples for k, v in per.items()}  # type: ignore[attr-defined]
+        n = params.samples  # type: ignore[attr-defined]
+        return {k: v * n if isinstance(v, int) else f"{n} x ({v})" for k, v in per.items()}
 
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
@@ -83,7 +84,7 @@ class SmoothGrad(Explainer):
             for g in generators
         ])  # (N, k, C, H, W)
         inner_evals = self.inner.cost()["forward"]
-        per_pass = max(1, self.batch_size // max(inner_evals, 1))
+        per_pass = max(1, self.batch_size // inner_evals) if isinstance(inner_evals, int) else 1
         self.inner.batch_size = self.batch_size
         first = torch.zeros((n, *inputs.shape[2:]), dtype=torch.float64, device=inputs.device)
         second = torch.zeros_like(first)

@@ -142,3 +142,106 @@ def test_unknown_layer_lists_valid_ones(tiny_cnn) -> None:
         get_explainer("grad_cam")(tiny_cnn, layer="conv9")
     msg = str(err.value)
     assert "conv9" in msg and "relu2" in msg and "conv1" in msg
+
+
+CAM_LAYERS = {"reference": "block3", "resnet18": "layer3", "vgg11": "features.15"}
+
+
+def _gradcam_postprocess(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """pytorch-grad-cam's pipeline on a layer map: ReLU, min-max, resize, ReLU, min-max."""
+
+    def minmax(m: torch.Tensor) -> torch.Tensor:
+        flat = m.flatten(1)
+        lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+        return (m - lo) / (1e-7 + hi - lo)
+
+    up = F.interpolate(minmax(low.clamp_min(0))[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return minmax(up.clamp_min(0))
+
+
+@pytest.mark.parametrize("which", MODELS)
+@pytest.mark.parametrize(
+    ("ours", "params", "ref_name"),
+    [
+        ("grad_cam", {}, "GradCAM"),
+        ("grad_cam_plus_plus", {}, "GradCAMPlusPlus"),
+        ("xgrad_cam", {}, "XGradCAM"),
+        ("layer_cam", {}, "LayerCAM"),
+        ("score_cam", {"score": "logit", "channel_softmax": True, "align_corners": True}, "ScoreCAM"),
+    ],
+)
+def test_cam_family_equals_pytorch_grad_cam(which, ours, params, ref_name, models64) -> None:
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model, x, t = models64[which]
+    layer = CAM_LAYERS[which]
+    exp = get_explainer(ours)(model, layer=layer, **params)
+    low = exp.layer_map(x, t)
+    module = dict(model.named_modules())[layer]
+    with getattr(pytorch_grad_cam, ref_name)(model=model, target_layers=[module]) as cam:
+        if ref_name == "ScoreCAM":
+            cam.batch_size = 64
+        ref = cam(input_tensor=x.clone().requires_grad_(), targets=[ClassifierOutputTarget(int(c)) for c in t])
+    expected = _gradcam_postprocess(low, tuple(x.shape[-2:])).numpy()
+    np.testing.assert_allclose(expected, ref, atol=2e-5)
+    # and the upsampled map we return is exactly the bilinear upsampling of the layer map
+    full = exp.attribute(x, t)
+    torch.testing.assert_close(full, F.interpolate(low[:, None], size=x.shape[-2:], mode="bilinear",
+                                                   align_corners=False)[:, 0].float())
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_eigen_cam_equals_pytorch_grad_cam_projection(which, models64) -> None:
+    """grad-cam's SVD sign is LAPACK's; ours is fixed by correlation, so compare up to sign."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from explainers._hooks import capture_outputs
+
+    model, x, t = models64[which]
+    layer = CAM_LAYERS[which]
+    ours = get_explainer("eigen_cam")(model, layer=layer, relu=False).layer_map(x, t)
+    with capture_outputs(model, [layer]) as acts, torch.no_grad():
+        model(x)
+    ref = torch.from_numpy(get_2d_projection(acts[layer].numpy())).double()
+    for i in range(len(x)):
+        sign = 1.0 if (ours[i] * ref[i]).sum() >= 0 else -1.0
+        _close(ours[i : i + 1], sign * ref[i : i + 1], rel=1e-4)
+        total = acts[layer][i].sum(0)
+        assert ((ours[i] - ours[i].mean()) * (total - total.mean())).sum() >= 0
+
+
+def test_cam_equals_grad_cam_without_relu_on_a_gap_head(models64) -> None:
+    model, x, t = models64["reference"]
+    cam = get_explainer("cam")(model, layer="block4").attribute(x, t)
+    grad = get_explainer("grad_cam")(model, layer="block4", relu=False).attribute(x, t)
+    _close(cam, grad * 8 * 8)
+
+
+@pytest.mark.parametrize("which", MODELS)
+@pytest.mark.parametrize(("upsample", "reduce"), [("nearest", "sum"), ("nearest", "max_abs")])
+def test_guided_grad_cam_equals_captum(which, upsample, reduce, models64) -> None:
+    from captum.attr import GuidedGradCam
+
+    model, x, t = models64[which]
+    layer = CAM_LAYERS[which]
+    ours = get_explainer("guided_grad_cam")(model, layer=layer, upsample=upsample, reduce=reduce).attribute(x, t)
+    module = dict(model.named_modules())[layer]
+    ref = GuidedGradCam(model, module).attribute(x.clone().requires_grad_(), target=t, interpolate_mode=upsample)
+    _close(ours, ref.sum(1) if reduce == "sum" else ref.abs().amax(1))
+
+
+def test_fem_by_hand(tiny_cnn, tiny_inputs) -> None:
+    from explainers._hooks import capture_outputs
+
+    x, t = tiny_inputs
+    ours = get_explainer("fem")(tiny_cnn, layer="relu2").layer_map(x, t)
+    with capture_outputs(tiny_cnn, ["relu2"]) as acts, torch.no_grad():
+        tiny_cnn(x)
+    a = acts["relu2"].numpy()
+    expected = np.zeros(a.shape[0:1] + a.shape[2:])
+    for n in range(a.shape[0]):
+        for k in range(a.shape[1]):
+            mu, sd = a[n, k].mean(), a[n, k].std()
+            expected[n] += mu * (a[n, k] >= mu + 2 * sd)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-12)

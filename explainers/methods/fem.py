@@ -1,0 +1,47 @@
+"""FEM, the Feature Explanation Method (Fuad et al. 2020)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from explainers._cam import CAMExplainer, CAMParams
+from explainers.base import ExplainerSpec, Family
+from explainers.registry import register
+
+
+class FEMParams(CAMParams):
+    """Parameters of :class:`FEM`."""
+
+    k: float = Field(2.0, ge=0.0)
+
+
+@register
+class FEM(CAMExplainer):
+    """Gradient-free map of strongly activated regions.
+
+    Per channel, the positions whose activation reaches ``mu_k + K sigma_k`` (spatial mean
+    and population standard deviation) form a binary mask weighted by ``mu_k``; the map is
+    the weighted sum of the masks (seed-taxonomy.md, section 2; K = 2). Class-agnostic.
+
+    References
+    ----------
+    K. A. A. Fuad et al., "Features Understanding in 3D CNNs for Actions Recognition in
+    Video", IPTA 2020.
+    """
+
+    spec = ExplainerSpec(
+        name="fem",
+        family=Family.CAM,
+        access=("activations",),
+        summary="channel-mean weighted masks of high activations (gradient-free)",
+        references=("fuad2020",),
+    )
+    Params = FEMParams
+    uses_gradients = False
+
+    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        mean = acts.mean(dim=(2, 3), keepdim=True)
+        std = acts.std(dim=(2, 3), keepdim=True, unbiased=False)
+        masks = (acts >= mean + self.p.k * std).to(acts.dtype)
+        return (mean * masks).sum(dim=1)

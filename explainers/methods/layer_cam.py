@@ -1,0 +1,32 @@
+"""Layer-CAM (Jiang et al. 2021)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from explainers._cam import CAMExplainer
+from explainers.base import ExplainerSpec, Family
+from explainers.registry import register
+
+
+@register
+class LayerCAM(CAMExplainer):
+    """Element-wise weighting: ``ReLU(sum_k relu(g_k) * A_k)``; suited to shallow layers too.
+
+    References
+    ----------
+    P.-T. Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for
+    Localization", IEEE TIP 2021.
+    """
+
+    spec = ExplainerSpec(
+        name="layer_cam",
+        family=Family.CAM,
+        access=("gradients", "activations"),
+        summary="activations weighted element-wise by positive gradients",
+        references=("jiang2021",),
+    )
+
+    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        assert grads is not None
+        return (grads.clamp_min(0) * acts).sum(dim=1)

@@ -1,0 +1,69 @@
+"""Score-CAM (Wang et al. 2020)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from torch import Tensor
+
+from explainers._batching import iter_jobs
+from explainers._cam import CAMExplainer, CAMParams
+from explainers._scores import ScoreKind, target_scores
+from explainers.base import ExplainerSpec, Family
+from explainers.registry import register
+
+
+class ScoreCAMParams(CAMParams):
+    """Parameters of :class:`ScoreCAM`."""
+
+    score: ScoreKind = "prob"
+    channel_softmax: bool = False
+    align_corners: bool = False
+
+
+@register
+class ScoreCAM(CAMExplainer):
+    """Activation maps weighted by the target score of the input masked by each map.
+
+    Each channel's activation is upsampled to the input size (bilinear), min-max scaled to
+    [0, 1] (``+1e-8``) and multiplied into the input; the target's softmax probability on
+    that masked input is the channel's weight (the authors' code). pytorch-grad-cam's
+    variant is ``score="logit", channel_softmax=True, align_corners=True``. Masked inputs
+    are built ``batch_size`` at a time, across images, never all at once.
+
+    References
+    ----------
+    H. Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
+    Networks", CVPR-W 2020.
+    """
+
+    spec = ExplainerSpec(
+        name="score_cam",
+        family=Family.CAM,
+        access=("activations", "forward"),
+        batches_evaluations=True,
+        summary="activations weighted by the score of the input masked by each map",
+        references=("wang2020",),
+    )
+    Params = ScoreCAMParams
+    uses_gradients = False
+
+    @classmethod
+    def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
+        return {"forward": "1 + channels(layer)", "backward": 0}
+
+    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        n, c = acts.shape[:2]
+        scores = torch.empty((n, c), dtype=acts.dtype, device=acts.device)
+        with torch.no_grad():
+            for img, ch in iter_jobs(n, c, self.batch_size, acts.device):
+                up = F.interpolate(acts[img, ch][:, None], size=inputs.shape[-2:], mode="bilinear",
+                                   align_corners=self.p.align_corners)
+                flat = up.flatten(1)
+                lo, hi = flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
+                masks = (up - lo) / (hi - lo + 1e-8)
+                scores[img, ch] = target_scores(self.model(inputs[img] * masks), targets[img],
+                                                self.p.score).to(acts.dtype)
+        weights = torch.softmax(scores, dim=1) if self.p.channel_softmax else scores
+        return (weights[:, :, None, None] * acts).sum(dim=1)

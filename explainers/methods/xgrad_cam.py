@@ -1,0 +1,33 @@
+"""XGrad-CAM (Fu et al. 2020)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from explainers._cam import CAMExplainer
+from explainers.base import ExplainerSpec, Family
+from explainers.registry import register
+
+
+@register
+class XGradCAM(CAMExplainer):
+    """Axiom-based Grad-CAM: ``w_k = sum_ij g_ij A_ij / (sum_ij A_ij + 1e-7)``.
+
+    References
+    ----------
+    R. Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of
+    CNNs", BMVC 2020.
+    """
+
+    spec = ExplainerSpec(
+        name="xgrad_cam",
+        family=Family.CAM,
+        access=("gradients", "activations"),
+        summary="activations weighted by activation-normalised gradients",
+        references=("fu2020",),
+    )
+
+    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        assert grads is not None
+        weights = (grads * acts).sum(dim=(2, 3), keepdim=True) / (acts.sum(dim=(2, 3), keepdim=True) + 1e-7)
+        return (weights * acts).sum(dim=1)
