@@ -12,6 +12,8 @@ from explainers.methods import (  # noqa: F401
     guided_grad_cam,
     integrated_gradients,
     layer_cam,
+    occlusion,
+    rise,
     saliency,
     score_cam,
     smooth_grad,

@@ -59,3 +59,47 @@ def test_smooth_grad_rejects_non_gradient_bases(tiny_cnn) -> None:
         get_explainer("smooth_grad")(tiny_cnn, base="nope")
     with pytest.raises(ExplainerParamError, match="steps"):
         get_explainer("smooth_grad")(tiny_cnn, base="integrated_gradients", base_params={"steps": 0})
+
+
+class QuadrantModel(torch.nn.Module):
+    """Planted signal: the class-0 logit reads only the top-left quadrant of the image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = 0.05 * x[:, :, :6, :6].sum(dim=(1, 2, 3)) - 2.0
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+def test_rise_converges_as_masks_grow_and_finds_the_planted_region() -> None:
+    """Two independent mask sets agree better with more masks; the planted region wins."""
+    x = torch.ones(2, 3, 12, 12, dtype=torch.float64)
+    t = torch.tensor([0, 0])
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return float((a @ b) / (a.norm() * b.norm()))
+
+    agreement = []
+    for masks in (100, 800, 6400):
+        rise = get_explainer("rise")(QuadrantModel(), masks=masks, grid=4)
+        a = rise.attribute(x, t, seeds=torch.tensor([1, 2]), batch_size=4096)
+        b = rise.attribute(x, t, seeds=torch.tensor([101, 102]), batch_size=4096)
+        agreement.append(min(corr(a[i], b[i]) for i in range(2)))
+    assert agreement[0] < agreement[1] < agreement[2]
+    assert agreement[2] > 0.95
+    inside = a[:, :6, :6].mean()
+    outside = (a.sum(dim=(1, 2)) - a[:, :6, :6].sum(dim=(1, 2))).mean() / (144 - 36)
+    assert inside > outside * 1.05
+
+
+def test_rise_mask_mean_is_keep_probability(tiny_cnn, tiny_inputs) -> None:
+    """With a constant score the map is the mean mask / keep, which tends to 1."""
+
+    class Constant(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(x), 2, dtype=x.dtype) + x.sum() * 0
+
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    out = get_explainer("rise")(Constant(), masks=4000, grid=4, keep=0.3, score="prob").attribute(
+        x, torch.tensor([0]), seeds=torch.tensor([5]))
+    # softmax of two equal logits is 0.5 everywhere
+    assert abs(out.mean().item() - 0.5) < 0.02

@@ -248,3 +248,18 @@ def test_fem_by_hand(tiny_cnn, tiny_inputs) -> None:
             mu, sd = a[n, k].mean(), a[n, k].std()
             expected[n] += mu * (a[n, k] >= mu + 2 * sd)
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("which", MODELS)
+@pytest.mark.parametrize(("window", "stride"), [(16, 8), (12, 10)])
+def test_occlusion_equals_captum(which, window, stride, models64) -> None:
+    from captum.attr import Occlusion as CaptumOcclusion
+
+    model, x, t = models64[which]
+    x, t = x[:2], t[:2]
+    ours = get_explainer("occlusion")(model, window=window, stride=stride).attribute(x, t, batch_size=23)
+    ref = CaptumOcclusion(model).attribute(x, target=t, sliding_window_shapes=(3, window, window),
+                                           strides=(3, stride, stride), baselines=0.0,
+                                           perturbations_per_eval=16)
+    assert torch.allclose(ref[:, 0], ref[:, 2])
+    _close(ours, ref[:, 0])
