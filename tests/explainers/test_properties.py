@@ -103,3 +103,35 @@ def test_rise_mask_mean_is_keep_probability(tiny_cnn, tiny_inputs) -> None:
         x, torch.tensor([0]), seeds=torch.tensor([5]))
     # softmax of two equal logits is 0.5 everywhere
     assert abs(out.mean().item() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("lrp_epsilon", {"epsilon": 0.0}), ("lrp_zplus", {}), ("lrp_alpha_beta", {"alpha": 1.0, "beta": 0.0}),
+    ("lrp_composite", {}),
+])
+def test_lrp_conserves_relevance_without_biases(method, params) -> None:
+    """On a bias-free ReLU network the input relevance sums to the explained logit.
+
+    (alpha2-beta1 is not conservative where a unit has no negative contribution: there the
+    positive share is counted alpha times, in zennit too; alpha1-beta0 is.)"""
+    from tests.conftest import TinyCNN
+
+    torch.manual_seed(3)
+    net = TinyCNN(bias=False).double().eval()
+    x = torch.rand(4, 3, 12, 12, dtype=torch.float64) + 0.1  # positive inputs: z+ sees them all
+    with torch.no_grad():
+        logits = net(x)
+    t = logits.argmax(1)  # positive logits: the decomposition is well defined
+    relevance = get_explainer(method)(net, **params).attribute(x, t).double().sum(dim=(1, 2))
+    target = logits.gather(1, t[:, None])[:, 0]
+    assert (target > 0).all()
+    torch.testing.assert_close(relevance, target, rtol=1e-4, atol=1e-9)
+
+
+def test_lrp_leaves_batchnorm_models_untouched(reference64) -> None:
+    model, x, t = reference64
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out_before = model(x)
+    get_explainer("lrp_composite")(model).attribute(x, t)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), out_before)

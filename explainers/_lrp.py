@@ -1,0 +1,261 @@
+"""Layer-wise relevance propagation as a modified gradient, with BatchNorm folded on the fly.
+
+Every Conv/Linear layer's forward hook replaces its output ``z`` by
+
+    carrier = sum_i  c_i * z_i * (z / stab(z_i)).detach()
+    out = carrier + (z - carrier).detach()          (value z, gradient of the carrier)
+
+where ``z_i`` are the rule's modified pre-activations (modified weights applied to modified
+inputs) and ``c_i`` its coefficients. Back-propagating the target logit then carries
+``g = R / a`` for every activation ``a``, and ``x * grad`` at the input is the LRP relevance:
+for the layer, ``x_j dz_i/dx_j`` is exactly the rule's contribution of input ``j`` to output
+``k``, divided by the stabilised denominator. Element-wise ReLUs (zennit's Pass) and
+max-pools (winner takes all) need no hook: they are positively homogeneous, so their
+gradient times their input distributes relevance exactly that way. Average pools and the
+skip additions of torchvision's ResNet blocks get zennit's Norm rule (a proportional split
+with a 1e-6 stabiliser); other functional additions split proportionally without the
+stabiliser. Unlike zennit, no layer's forward is run again inside the backward pass: one
+forward, one backward.
+
+BatchNorm is folded into the preceding Conv/Linear (found by tracing which module's output
+each BatchNorm reads): that layer computes with the folded weights and the BatchNorm's hook
+passes its input through, so the model is never modified. The first layer can take the
+flat or the z-box rule, which are computed explicitly from the relevance at its output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+RuleName = Literal["epsilon", "zplus", "alpha_beta", "flat", "box"]
+LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An LRP rule and its constants."""
+
+    name: RuleName
+    epsilon: float = 1e-6  # epsilon rule's epsilon; stabiliser of the others
+    alpha: float = 2.0
+    beta: float = 1.0
+    low: float | None = None  # z-box bounds in model-input space; None: per-image min / max
+    high: float | None = None
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    """zennit's stabiliser: add ``eps`` with the sign of each entry (+ for zeros)."""
+    return z + ((z == 0).to(z) + z.sign()) * eps
+
+
+def _apply(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)  # type: ignore[operator]
+
+
+def _zeros_like(bias: Tensor | None) -> Tensor | None:
+    return None if bias is None else torch.zeros_like(bias)
+
+
+def _pos(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def rule_output(rule: Rule, module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None, z: Tensor) -> Tensor:
+    """Output of a hooked layer: value ``z``, gradient carrying ``rule``."""
+    if rule.name == "epsilon":
+        carrier = z * (z / stabilize(z, rule.epsilon)).detach()
+    else:
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        zpos = _apply(module, xp, wp, _pos(b)) + _apply(module, xn, wn, _zeros_like(b))
+        if rule.name == "zplus":
+            carrier = zpos * (z / stabilize(zpos, rule.epsilon)).detach()
+        elif rule.name == "alpha_beta":
+            zneg = _apply(module, xp, wn, _neg(b)) + _apply(module, xn, wp, _zeros_like(b))
+            carrier = (rule.alpha * zpos * (z / stabilize(zpos, rule.epsilon)).detach()
+                       - rule.beta * zneg * (z / stabilize(zneg, rule.epsilon)).detach())
+        else:
+            raise ValueError(f"rule {rule.name!r} applies to the first layer only")
+    # the carrier's value is only close to z (stabilisers); keep the forward pass exact
+    return carrier + (z - carrier).detach()
+
+
+def first_layer_relevance(rule: Rule, module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None,
+                          relevance: Tensor) -> Tensor:
+    """Relevance at the input of the first layer for the flat or z-box rule (zennit's form)."""
+    with torch.enable_grad():
+        if rule.name == "flat":
+            ones = torch.ones_like(x).requires_grad_(True)
+            zf = _apply(module, ones, torch.ones_like(w), _zeros_like(b))
+            (g,) = torch.autograd.grad(zf, ones, relevance / stabilize(zf, rule.epsilon))
+            return g
+        dims = tuple(range(1, x.ndim))
+        low = x.amin(dim=dims, keepdim=True) if rule.low is None else torch.full_like(x[:1], rule.low)
+        high = x.amax(dim=dims, keepdim=True) if rule.high is None else torch.full_like(x[:1], rule.high)
+        xi = x.detach().clone().requires_grad_(True)
+        li = low.expand_as(x).clone().requires_grad_(True)
+        hi = high.expand_as(x).clone().requires_grad_(True)
+        z0 = _apply(module, xi, w, b)
+        z1 = _apply(module, li, w.clamp(min=0), _pos(b))
+        z2 = _apply(module, hi, w.clamp(max=0), _neg(b))
+        scale = relevance / stabilize(z0 - z1 - z2, rule.epsilon)
+        g0, g1, g2 = torch.autograd.grad((z0, z1, z2), (xi, li, hi), (scale, scale, scale))
+        return xi * g0 - li * g1 - hi * g2
+
+
+AVGPOOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def norm_output(z: Tensor, eps: float) -> Tensor:
+    """zennit's Norm rule for parameter-free linear maps (pools, sums): value ``z``,
+    gradient scaled by ``z / stab(z)``."""
+    carrier = z * (z / stabilize(z, eps)).detach()
+    return carrier + (z - carrier).detach()
+
+
+def _residual_forward(block: nn.Module, eps: float) -> Callable[[Tensor], Tensor]:
+    """torchvision BasicBlock / Bottleneck forward whose skip addition uses the Norm rule."""
+    def forward(x: Tensor) -> Tensor:
+        identity = x
+        out = block.relu(block.bn1(block.conv1(x)))
+        if hasattr(block, "conv3"):
+            out = block.relu(block.bn2(block.conv2(out)))
+            out = block.bn3(block.conv3(out))
+        else:
+            out = block.bn2(block.conv2(out))
+        if block.downsample is not None:
+            identity = block.downsample(x)
+        return block.relu(norm_output(out + identity, eps))
+    return forward
+
+
+def _residual_blocks(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return []
+    return [m for m in model.modules() if type(m) in (BasicBlock, Bottleneck)]
+
+
+def trace_layers(model: nn.Module, example: Tensor) -> tuple[list[nn.Module], dict[nn.Module, nn.Module]]:
+    """Conv/Linear modules in execution order and the BatchNorm that reads each one's output."""
+    calls: list[tuple[nn.Module, int, int]] = []
+    keep: list[Tensor] = []  # hold every traced tensor so that no id is reused during the trace
+    handles = []
+
+    def hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        keep.extend((inp[0], out))
+        calls.append((m, id(inp[0]), id(out)))
+
+    try:
+        for m in model.modules():
+            if isinstance(m, LINEAR_TYPES + BN_TYPES):
+                handles.append(m.register_forward_hook(hook))
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    producers = {out: m for m, _, out in calls if isinstance(m, LINEAR_TYPES)}
+    folded = {}
+    for m, inp, _ in calls:
+        if isinstance(m, BN_TYPES) and inp in producers and not isinstance(producers[inp], nn.Linear):
+            folded[producers[inp]] = m
+    order = list(dict.fromkeys(m for m, _, _ in calls if isinstance(m, LINEAR_TYPES)))
+    return order, folded
+
+
+def folded_params(layer: nn.Module, bn: nn.Module | None) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias of ``layer`` with ``bn`` (eval statistics) folded in."""
+    w, b = layer.weight, layer.bias
+    if bn is None:
+        return w, b
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator]
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    bias = b if b is not None else torch.zeros_like(bn.running_mean)  # type: ignore[arg-type]
+    return w * scale.view(shape), (bias - bn.running_mean) * scale + bn.bias  # type: ignore[operator]
+
+
+def lrp(model: nn.Module, inputs: Tensor, targets: Tensor, rule_for: Callable[[nn.Module, bool], Rule]) -> Tensor:
+    """LRP relevance of the target logit at the input, shape (N, C, H, W).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A network of Conv/Linear layers, BatchNorms, ReLUs, pools, additions and reshapes.
+    inputs : Tensor, shape (N, C, H, W)
+        Model inputs.
+    targets : Tensor, shape (N,)
+        Classes whose logit is decomposed (initial relevance: the logit itself).
+    rule_for : callable
+        ``(layer, is_first) -> Rule``.
+
+    Returns
+    -------
+    Tensor, shape (N, C, H, W)
+        Relevance per input element.
+    """
+    layers, folded = trace_layers(model, inputs[:1])
+    first = layers[0] if layers else None
+    first_rule = rule_for(first, True) if first is not None else None
+    explicit_first = first_rule is not None and first_rule.name in ("flat", "box")
+    state: dict[str, Tensor] = {}
+    handles = []
+
+    def layer_hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        w, b = folded_params(m, folded.get(m))
+        x = inp[0]
+        z = _apply(m, x, w, b)
+        if m is first and explicit_first:
+            state["x"] = x.detach()
+            state["z"] = z.detach().requires_grad_(True)
+            return state["z"].clone()  # a non-leaf, so that an in-place ReLU may follow
+        return rule_output(rule_for(m, m is first), m, x, w, b, z)
+
+    norm_eps = (first_rule.epsilon if first_rule is not None and first_rule.name != "epsilon" else 1e-6)
+    blocks = _residual_blocks(model)
+    try:
+        for m in layers:
+            handles.append(m.register_forward_hook(layer_hook))
+        for bn in folded.values():
+            handles.append(bn.register_forward_hook(lambda _m, inp, _out: inp[0]))
+        for m in model.modules():
+            if isinstance(m, AVGPOOL_TYPES):
+                handles.append(m.register_forward_hook(lambda _m, _i, out: norm_output(out, norm_eps)))
+        for block in blocks:  # instance attribute shadows the class's forward until removed
+            block.forward = _residual_forward(block, norm_eps)  # type: ignore[method-assign]
+        with torch.enable_grad():
+            for p in model.parameters():
+                p.requires_grad_(False)
+            x = inputs.detach().clone().requires_grad_(True)
+            logits = model(x)
+            score = logits.gather(1, targets[:, None]).sum()
+            if explicit_first:
+                (g,) = torch.autograd.grad(score, state["z"])
+            else:
+                (g,) = torch.autograd.grad(score, x)
+    finally:
+        for h in handles:
+            h.remove()
+        for block in blocks:
+            del block.forward
+    if not explicit_first:
+        return x.detach() * g
+    assert first is not None and first_rule is not None
+    w, b = folded_params(first, folded.get(first))
+    return first_layer_relevance(first_rule, first, state["x"], w.detach(),
+                                 None if b is None else b.detach(), state["z"].detach() * g)

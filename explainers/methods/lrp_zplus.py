@@ -1,0 +1,43 @@
+"""LRP with the z-plus rule on every layer (Montavon et al. 2017)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from explainers._gradients import Reduce
+from explainers._lrp import Rule
+from explainers.base import ExplainerSpec, Family
+from explainers.methods.lrp_epsilon import LRPEpsilon
+from explainers.registry import register
+
+
+class LRPZPlusParams(BaseModel):
+    """Parameters of :class:`LRPZPlus`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stabilizer: float = Field(1e-6, gt=0.0)
+    reduce: Reduce = "sum"
+
+
+@register
+class LRPZPlus(LRPEpsilon):
+    """Relevance through positive contributions only: ``z+ = W+ x+ + b+ + W- x-`` (zennit's
+    ZPlus, which also handles negative inputs), on every Conv and Linear layer.
+
+    References
+    ----------
+    G. Montavon et al., "Explaining Nonlinear Classification Decisions with Deep Taylor
+    Decomposition", Pattern Recognition 2017.
+    """
+
+    spec = ExplainerSpec(
+        name="lrp_zplus",
+        family=Family.RELEVANCE,
+        summary="LRP, z-plus rule on every layer",
+        references=("montavon2017",),
+    )
+    Params = LRPZPlusParams
+
+    def rule_for(self, layer: nn.Module, first: bool) -> Rule:  # noqa: D102
+        return Rule("zplus", epsilon=self.p.stabilizer)
