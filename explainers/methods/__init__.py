@@ -3,6 +3,7 @@
 from explainers.methods import (  # noqa: F401
     cam,
     deconvnet,
+    deeplift,
     eigen_cam,
     fem,
     grad_cam,

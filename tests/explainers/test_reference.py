@@ -337,3 +337,49 @@ def test_lrp_equals_zennit(which, ours, params, rules, first, epsilon, models64)
         torch.testing.assert_close(folded(x), model(x))
     ref = _zennit_lrp(folded, x, t, rules, first, epsilon, -2.5, 2.5, _canonizers(which))
     _close(mine, ref, rel=1e-4)
+
+
+def _captum_friendly(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy Captum's DeepLift handles: ResNet blocks get two ReLU modules (Captum fails on
+    the shared one) and max-pools read a fresh tensor (see below)."""
+    import copy
+    import types
+
+    from torchvision.models.resnet import BasicBlock
+
+    twin = copy.deepcopy(model)
+    # Captum hooks the tensor a ReLU writes and the tensor a max-pool reads; when they are
+    # one tensor (ReLU -> MaxPool), the ReLU's hook sees the gradient before the max-pool
+    # rule rewrites it and the maps stop summing to f(x) - f(x0). A fresh tensor between
+    # the two restores Captum's intended rule without changing the function.
+    for pool in (m for m in twin.modules() if isinstance(m, torch.nn.MaxPool2d)):
+        pool.register_forward_pre_hook(lambda _m, inp: (inp[0] * 1.0,))
+    for block in (m for m in twin.modules() if isinstance(m, BasicBlock)):
+        block.relu_out = torch.nn.ReLU()
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu_out(self.bn2(self.conv2(out)) + identity)
+
+        block.forward = types.MethodType(forward, block)
+    return twin
+
+
+@pytest.mark.parametrize("which", MODELS)
+@pytest.mark.parametrize("baseline", [0.0, 0.5])
+def test_deeplift_equals_captum(which, baseline, models64) -> None:
+    from captum.attr import DeepLift
+
+    model, x, t = models64[which]
+    ours = get_explainer("deeplift")(model, baseline=baseline).attribute(x, t)
+    twin = _captum_friendly(model)
+    ref = DeepLift(twin).attribute(x.clone().requires_grad_(), baselines=baseline, target=t).sum(1)
+    captum_like = get_explainer("deeplift")(model, baseline=baseline, maxpool_overlap="overwrite")
+    _close(captum_like.attribute(x, t), ref)
+    if which != "resnet18":  # no overlapping max-pool windows: both rules agree
+        _close(ours, ref)
+    # summation to delta (Captum's overwrite rule loses it on ResNet's overlapping stem pool)
+    with torch.no_grad():
+        delta = (model(x) - model(torch.full_like(x, baseline))).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(ours.double().sum(dim=(1, 2)), delta, rtol=1e-5, atol=1e-6)
