@@ -124,7 +124,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{TAXONOMY[family]}  [{family.value}]")
         for i, r in enumerate(members):
             branch = "└──" if i == len(members) - 1 else "├──"
-            print(f"  {branch} {r['name']:<20} {r['summary']}  (needs {', '.join(r['access'])})")
+            cost = r["cost_per_image"]
+            passes = f"{cost['forward']} fwd + {cost['backward']} bwd per image"
+            print(f"  {branch} {r['name']:<20} {r['summary']}  [needs {', '.join(r['access'])}; {passes}]")
     return 0
 
 

@@ -95,7 +95,13 @@ class ExplainerEntry(_Strict):
 
 
 def _default_explainers() -> list[ExplainerEntry]:
-    return [ExplainerEntry(method="saliency"), ExplainerEntry(method="grad_cam")]
+    """One explainer of each family that fits the 5-minute default run on 2 CPU cores."""
+    return [
+        ExplainerEntry(method="saliency"),
+        ExplainerEntry(method="lrp_composite"),
+        ExplainerEntry(method="grad_cam"),
+        ExplainerEntry(method="occlusion", params={"window": 16, "stride": 8}),
+    ]
 
 
 class ExplainConfig(_Strict):

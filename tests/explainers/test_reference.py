@@ -18,23 +18,6 @@ def _close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
     assert err <= rel, f"max error {err:.3g} of the map's max (tolerance {rel:g})"
 
 
-@pytest.fixture
-def reference_model():
-    from tasks.config import ModelConfig
-    from tasks.models import build_model
-
-    return build_model(ModelConfig()).module.double()
-
-
-@pytest.fixture
-def reference_inputs():
-    from data.embedded import MEAN, STD, make_split
-
-    s = make_split("test", 0, 6)
-    x = (torch.from_numpy(s.images).double() - torch.tensor(MEAN).double()[:, None, None]) / torch.tensor(STD).double()[:, None, None]
-    return x, torch.from_numpy(s.labels)
-
-
 MODELS = ["reference", "resnet18", "vgg11"]
 
 
@@ -83,11 +66,11 @@ def test_gradient_family_equals_captum(which, ours, params, captum_cls, kwargs, 
     _close(mine, ref)
 
 
-@pytest.mark.parametrize("which", ["tiny", "reference"])
-def test_saliency_equals_captum(which, tiny_cnn, tiny_inputs, reference_model, reference_inputs) -> None:
+@pytest.mark.parametrize("which", ["tiny", *MODELS])
+def test_saliency_equals_captum(which, tiny_cnn, tiny_inputs, models64) -> None:
     from captum.attr import Saliency as CaptumSaliency
 
-    model, (x, t) = (tiny_cnn, tiny_inputs) if which == "tiny" else (reference_model, reference_inputs)
+    model, x, t = (tiny_cnn, *tiny_inputs) if which == "tiny" else models64[which]
     ours = get_explainer("saliency")(model).attribute(x, t)
     ref = CaptumSaliency(model).attribute(x.clone().requires_grad_(), target=t, abs=True).amax(1)
     _close(ours, ref)
@@ -95,12 +78,12 @@ def test_saliency_equals_captum(which, tiny_cnn, tiny_inputs, reference_model, r
     _close(signed, CaptumSaliency(model).attribute(x.clone(), target=t, abs=False).sum(1))
 
 
-@pytest.mark.parametrize("which", ["tiny", "reference"])
-def test_grad_cam_equals_captum(which, tiny_cnn, tiny_inputs, reference_model, reference_inputs) -> None:
+@pytest.mark.parametrize("which", ["tiny", *MODELS])
+def test_grad_cam_equals_captum(which, tiny_cnn, tiny_inputs, models64) -> None:
     from captum.attr import LayerAttribution, LayerGradCam
 
-    model, (x, t) = (tiny_cnn, tiny_inputs) if which == "tiny" else (reference_model, reference_inputs)
-    layer = "relu2" if which == "tiny" else "block3"
+    model, x, t = (tiny_cnn, *tiny_inputs) if which == "tiny" else models64[which]
+    layer = "relu2" if which == "tiny" else CAM_LAYERS[which]
     ours = get_explainer("grad_cam")(model, layer=layer).attribute(x, t)
     module = dict(model.named_modules())[layer]
     low = LayerGradCam(model, module).attribute(x, target=t, relu_attributions=True)

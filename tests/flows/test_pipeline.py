@@ -188,4 +188,5 @@ def test_methods_json_lists_taxonomy_and_costs(prefect_server) -> None:
     assert rows["grad_cam"]["taxonomy"] == "white-box / activation-cam / grad_cam"
     assert rows["saliency"]["cost_per_image"] == {"forward": 1, "backward": 1}
     tree = _cli(["methods"], {}, prefect_server).stdout
-    assert "white-box / gradient back-propagation" in tree and "└── grad_cam" in tree
+    assert "white-box / gradient back-propagation" in tree and "── grad_cam" in tree
+    assert "white-box / relevance decomposition" in tree and "── lrp_composite" in tree
