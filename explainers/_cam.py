@@ -46,9 +46,18 @@ class CAMExplainer(Explainer):
         if self.p.layer is not None:
             get_layer(model, self.p.layer)  # fail early with the list of valid names
 
+    def resolve(self, example: Tensor) -> None:
+        """Fix the automatically found target layer (recorded in ``params()``)."""
+        if self.p.layer is None:
+            self.resolved["layer"] = default_cam_layer(self.model, example[:1])
+
     def layer_name(self, example: Tensor) -> str:
         """Target layer: the configured one or the automatically found last block."""
-        return self.p.layer or default_cam_layer(self.model, example)
+        if self.p.layer is not None:
+            return str(self.p.layer)
+        if "layer" not in self.resolved:
+            self.resolve(example)
+        return str(self.resolved["layer"])
 
     def activations(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
         """Activations (N, C, h, w) of the layer and, for gradient CAMs, their gradients."""

@@ -150,6 +150,10 @@ class Explainer(ABC):
         self.model = model
         self.p: Any = validate_params(type(self), params)
         self.batch_size = DEFAULT_EVAL_BATCH
+        #: choices made from the model (automatic layers), recorded with the parameters
+        self.resolved: dict[str, JSONValue] = {}
+        #: forward passes each image of the last ``attribute`` call cost, when it varies
+        self.last_forward_passes: Tensor | None = None
 
     # ------------------------------------------------------------------ public API
     @final
@@ -196,6 +200,7 @@ class Explainer(ABC):
         flags = [p.requires_grad for p in self.model.parameters()]
         self.model.eval()
         outputs: list[Tensor] = []
+        passes: list[Tensor] = []
         try:
             self.batch_size = batch_size or DEFAULT_EVAL_BATCH
             step = n if batch_size is None or self.spec.batches_evaluations else batch_size
@@ -204,12 +209,16 @@ class Explainer(ABC):
                 gens = None
                 if self.spec.stochastic:
                     gens = [torch.Generator().manual_seed(int(s)) for s in seeds[sl]]
+                self.last_forward_passes = None
                 out = self._attribute(inputs[sl].detach(), targets[sl].to(inputs.device), gens)
                 outputs.append(out.detach().to(torch.float32))
+                if self.last_forward_passes is not None:
+                    passes.append(self.last_forward_passes.cpu())
         finally:
             self.model.train(was_training)
             for p, flag in zip(self.model.parameters(), flags):
                 p.requires_grad_(flag)
+        self.last_forward_passes = torch.cat(passes) if passes and len(passes) == len(outputs) else None
         result = torch.cat(outputs) if outputs else inputs.new_zeros((0, *inputs.shape[2:]))
         if result.shape != (n, *inputs.shape[2:]):
             raise RuntimeError(
@@ -219,8 +228,21 @@ class Explainer(ABC):
         return result
 
     def params(self) -> dict[str, JSONValue]:
-        """Resolved parameters as JSON (stored next to the attributions, part of provenance)."""
-        return json.loads(self.p.model_dump_json())
+        """Parameters as JSON, with the choices :meth:`resolve` made under ``resolved``
+        (stored next to the attributions, part of provenance)."""
+        out: dict[str, JSONValue] = json.loads(self.p.model_dump_json())
+        if self.resolved:
+            out["resolved"] = dict(self.resolved)
+        return out
+
+    def resolve(self, example: Tensor) -> None:
+        """Make the model-dependent choices (automatic layers) for inputs like ``example``.
+
+        Parameters
+        ----------
+        example : Tensor, shape (1, C, H, W)
+            An input of the run's size.
+        """
 
     def cost(self) -> dict[str, int | str]:
         """Forward and backward passes this explainer makes per image."""

@@ -58,8 +58,12 @@ def get_runtime(config_json: str) -> Runtime:
     device = pick_device(cfg.device)
     loaded.module.to(device)
     explainers = {}
+    size = source.image_size
+    example = torch.zeros((1, 3, size, size), device=device)
     for entry in cfg.explain.explainers:
-        explainers[entry.name] = get_explainer(entry.method)(loaded.module, **entry.params)
+        exp = get_explainer(entry.method)(loaded.module, **entry.params)
+        exp.resolve(example)  # automatic layers are fixed once and recorded with the params
+        explainers[entry.name] = exp
     return Runtime(cfg, source, loaded, device, explainers)
 
 

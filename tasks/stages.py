@@ -204,9 +204,15 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     ids = rt.source.sample_ids[shard.start : shard.stop]
     seeds = torch.tensor([derive_seed(rt.config.seed, i, explainer) for i in ids], dtype=torch.int64)
     maps = exp.attribute(inputs, targets, batch_size=rt.config.explain.batch_size, seeds=seeds)
+    if exp.last_forward_passes is not None:
+        passes = exp.last_forward_passes.numpy().astype(np.int64)
+    else:
+        static = exp.cost()["forward"]
+        passes = np.full(len(ids), static if isinstance(static, int) else -1, dtype=np.int64)
     storage.write_region(
         path,
-        {"attribution": (("explainer", "sample", "y", "x"), maps.cpu().numpy()[None])},
+        {"attribution": (("explainer", "sample", "y", "x"), maps.cpu().numpy()[None]),
+         "forward_passes": (("explainer", "sample"), passes[None])},
         {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)},
     )
     fault_point("explain.after_write")

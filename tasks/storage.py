@@ -5,6 +5,8 @@ Layout (dims ``explainer, sample, y, x, metric, point, shard, corner``):
 - ``attribution(explainer, sample, y, x)`` float32, chunks ``(1, shard_size, H, W)``;
 - ``label``, ``prediction`` (int64), ``probability`` (float32) per ``sample``;
   ``gt_mask(sample, y, x)`` and ``gt_box(sample, corner)`` where the dataset has them;
+- ``forward_passes(explainer, sample)``: model evaluations each map cost (-1 when the
+  method cannot say);
 - ``score(explainer, sample, metric)`` and ``curve(explainer, sample, metric, point)``;
 - completion records ``record_load(shard)``, ``record_explain(explainer, shard)`` and
   ``record_evaluate(explainer, shard)``: uint64 provenance digests, 0 = not done, one
@@ -156,6 +158,7 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
         "label": (("sample",), _lazy((n,), (s,), np.int64)),
         "prediction": (("sample",), _lazy((n,), (s,), np.int64)),
         "probability": (("sample",), _lazy((n,), (s,), np.float32)),
+        "forward_passes": (("explainer", "sample"), _lazy((e, n), (1, s), np.int64)),
         "score": (("explainer", "sample", "metric"), _lazy((e, n, m), (1, s, m), np.float32)),
         "curve": (("explainer", "sample", "metric", "point"), _lazy((e, n, m, p), (1, s, m, p), np.float32)),
         "record_load": (("shard",), _lazy((k,), (1,), np.uint64)),

@@ -20,6 +20,7 @@ from explainers.methods import (  # noqa: F401
     occlusion,
     rise,
     saliency,
+    sise,
     score_cam,
     smooth_grad,
     xgrad_cam,

@@ -55,6 +55,11 @@ class GuidedGradCAM(Explainer):
     def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
         return {"forward": 2, "backward": 2}
 
+    def resolve(self, example: Tensor) -> None:
+        """Fix the automatically found Grad-CAM layer (recorded in ``params()``)."""
+        self.cam.resolve(example)
+        self.resolved.update(self.cam.resolved)
+
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:

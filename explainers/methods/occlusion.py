@@ -80,4 +80,5 @@ class Occlusion(Explainer):
                 m = inside.to(inputs.dtype)
                 total.index_add_(0, img, m * drop.view(-1, 1, 1).to(inputs.dtype))
                 count.index_add_(0, img, m)
+        self.last_forward_passes = torch.full((n,), 1 + len(starts), dtype=torch.int64)
         return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))

@@ -65,5 +65,6 @@ class ScoreCAM(CAMExplainer):
                 masks = (up - lo) / (hi - lo + 1e-8)
                 scores[img, ch] = target_scores(self.model(inputs[img] * masks), targets[img],
                                                 self.p.score).to(acts.dtype)
+        self.last_forward_passes = torch.full((n,), 1 + c, dtype=torch.int64)
         weights = torch.softmax(scores, dim=1) if self.p.channel_softmax else scores
         return (weights[:, :, None, None] * acts).sum(dim=1)
