@@ -154,6 +154,8 @@ class Explainer(ABC):
         self.resolved: dict[str, JSONValue] = {}
         #: forward passes each image of the last ``attribute`` call cost, when it varies
         self.last_forward_passes: Tensor | None = None
+        #: the model's input normalisation (mean, std per channel) when the caller knows it
+        self.normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     # ------------------------------------------------------------------ public API
     @final

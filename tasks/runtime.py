@@ -62,6 +62,7 @@ def get_runtime(config_json: str) -> Runtime:
     example = torch.zeros((1, 3, size, size), device=device)
     for entry in cfg.explain.explainers:
         exp = get_explainer(entry.method)(loaded.module, **entry.params)
+        exp.normalization = (tuple(loaded.mean), tuple(loaded.std))
         exp.resolve(example)  # automatic layers are fixed once and recorded with the params
         explainers[entry.name] = exp
     return Runtime(cfg, source, loaded, device, explainers)

@@ -17,6 +17,7 @@ from explainers.methods import (  # noqa: F401
     lrp_composite,
     lrp_epsilon,
     lrp_zplus,
+    neuromask,
     occlusion,
     rise,
     saliency,

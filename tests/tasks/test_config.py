@@ -11,11 +11,12 @@ def test_defaults_are_the_embedded_run() -> None:
     cfg = load_config(None)
     assert cfg.data.kind == "embedded" and cfg.data.n_samples >= 256
     assert cfg.model.arch == "reference"
-    from explainers import REGISTRY, Family, get_explainer
+    from explainers import Family, get_explainer
 
+    # every family of the white-box catalogue; mask optimisation (NeuroMask, thousands of
+    # backward passes per image) does not fit the 5-minute default run on 2 CPU cores
     families = {get_explainer(e.method).spec.family for e in cfg.explain.explainers}
-    registered = {cls.spec.family for cls in REGISTRY.values()}
-    assert families == registered - {Family.OPTIMISATION} or families == registered
+    assert families == {Family.GRADIENT, Family.RELEVANCE, Family.CAM, Family.PERTURBATION}
     assert cfg.digest() == RunConfig().digest()
 
 
