@@ -30,7 +30,7 @@ def summary_table(ds: xr.Dataset) -> pd.DataFrame:
         for m, metric in enumerate(ds["metric"].values):
             col = vals.isel(metric=m).values
             row[str(metric)] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
-        row["n"] = int(np.isfinite(vals.values).all(axis=-1).sum())
+        row["n"] = int(np.isfinite(vals.values[:, :2]).all(axis=-1).sum())
         rows.append(row)
     df = pd.DataFrame(rows)
     family_order = list(dict.fromkeys(df["family"]))

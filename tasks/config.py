@@ -122,12 +122,15 @@ class ExplainConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    """The evaluate stage (deletion and insertion, RISE protocol)."""
+    """The evaluate stage: deletion and insertion (RISE protocol) and, where the data has
+    ground truth, the pointing game (tolerance: None = 15 px scaled from 224 px to the
+    image size) and the energy-based pointing game on the boxes."""
 
     steps: int = Field(32, ge=1, le=4096)
     batch_size: int = Field(256, ge=1)
     blur_sigma: float = Field(5.0, gt=0)
     blur_kernel: int = Field(11, ge=1)
+    pointing_tolerance: float | None = Field(None, ge=0)
 
 
 class RunConfig(_Strict):

@@ -21,6 +21,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from analysis.metrics.faithfulness import auc, deletion_insertion_curves, pixels_per_step
+from analysis.metrics.localisation import (
+    box_regions,
+    default_tolerance,
+    energy_pointing_game,
+    pointing_game,
+)
 from analysis.report import render_markdown
 from tasks import storage
 from tasks.runtime import (
@@ -245,13 +251,29 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
         rt.module, inputs, maps, targets, steps=ev.steps, batch_size=ev.batch_size,
         blur_size=ev.blur_kernel, blur_sigma=ev.blur_sigma,
     )
-    scores = auc(curves)
+    n, names_m = len(maps), list(storage.METRICS)
+    scores = np.full((n, len(names_m)), np.nan, dtype=np.float32)
+    scores[:, names_m.index("deletion_auc")] = auc(curves[:, 0]).numpy()
+    scores[:, names_m.index("insertion_auc")] = auc(curves[:, 1]).numpy()
+    maps_np = maps.cpu().numpy()
+    if "gt_mask" in group:
+        masks = np.asarray(group["gt_mask"][shard.start : shard.stop], dtype=bool)
+        size = maps_np.shape[-1]
+        tol = ev.pointing_tolerance if ev.pointing_tolerance is not None else default_tolerance(size)
+        scores[:, names_m.index("pointing_game")] = pointing_game(maps_np, masks, tol)
+    if "gt_box" in group:
+        boxes = np.asarray(group["gt_box"][shard.start : shard.stop], dtype=np.int64)
+        regions = box_regions(boxes, *maps_np.shape[-2:])
+        scores[:, names_m.index("energy_pointing_game")] = energy_pointing_game(maps_np, regions)
+    all_curves = np.full((n, len(names_m), curves.shape[-1]), np.nan, dtype=np.float32)
+    for c, name in enumerate(storage.CURVE_METRICS):
+        all_curves[:, names_m.index(name)] = curves[:, c].numpy()
     region = {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)}
     storage.write_region(
         path,
         {
-            "score": (("explainer", "sample", "metric"), scores.numpy()[None].astype(np.float32)),
-            "curve": (("explainer", "sample", "metric", "point"), curves.numpy()[None].astype(np.float32)),
+            "score": (("explainer", "sample", "metric"), scores[None]),
+            "curve": (("explainer", "sample", "metric", "point"), all_curves[None]),
         },
         region,
     )

@@ -47,7 +47,11 @@ STORE_NAME = "store.zarr"
 METRICS: dict[str, dict[str, Any]] = {
     "deletion_auc": {"higher_is_better": False, "category": "faithfulness"},
     "insertion_auc": {"higher_is_better": True, "category": "faithfulness"},
+    "pointing_game": {"higher_is_better": True, "category": "localisation"},
+    "energy_pointing_game": {"higher_is_better": True, "category": "localisation"},
 }
+#: Metrics that have a curve (the others store NaN there).
+CURVE_METRICS = ("deletion_auc", "insertion_auc")
 STAGES = ("load", "explain", "evaluate")
 
 
