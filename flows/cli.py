@@ -110,7 +110,35 @@ def methods_table() -> list[dict[str, Any]]:
     return rows
 
 
+def resolved_explainers(config: str) -> list[dict[str, Any]]:
+    """The explainers of a config with the parameters resolved on its model and data
+    (automatic layers included), without running anything."""
+    from tasks.config import load_config
+    from tasks.runtime import get_runtime
+
+    cfg = load_config(config)
+    rt = get_runtime(cfg.model_dump_json())
+    return [
+        {"name": e.name, "method": e.method, "family": str(rt.explainers[e.name].spec.family),
+         "params": rt.explainers[e.name].params(), "cost_per_image": rt.explainers[e.name].cost()}
+        for e in cfg.explain.explainers
+    ]
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
+    if args.config:
+        from tasks.config import ConfigError
+
+        try:
+            rows_cfg = resolved_explainers(args.config)
+        except (ConfigError, KeyError, ValueError) as err:
+            return _fail(str(err))
+        if args.json:
+            print(json.dumps(rows_cfg, indent=2, default=str))
+        else:
+            for r in rows_cfg:
+                print(f"{r['name']:<24} [{r['family']}] {json.dumps(r['params'], default=str)}")
+        return 0
     rows = methods_table()
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -164,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("methods", help="the registered explainers by taxonomy")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--config", help="show this config's explainers with parameters resolved on its model "
+                                    "(automatic layers included)")
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("report", help="regenerate the report of a run from its store")
     p.add_argument("run_dir")

@@ -70,6 +70,7 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert ds.sizes["sample"] == 24
     assert np.isfinite(ds["attribution"].values).all()
     assert np.isfinite(ds["score"].values).all()
+    assert (ds["forward_passes"].values == 1).all()
     assert (ds["prediction"].values == ds["label"].values).mean() > 0.8
     from tasks.storage import open_dataset
 
@@ -190,3 +191,12 @@ def test_methods_json_lists_taxonomy_and_costs(prefect_server) -> None:
     tree = _cli(["methods"], {}, prefect_server).stdout
     assert "white-box / gradient back-propagation" in tree and "── grad_cam" in tree
     assert "white-box / relevance decomposition" in tree and "── lrp_composite" in tree
+
+
+def test_methods_config_shows_resolved_layers(tmp_path, prefect_server) -> None:
+    cfg = tmp_path / "seeds.yaml"
+    cfg.write_text(yaml.safe_dump({"explain": {"explainers": [{"method": "sise"}, {"method": "grad_cam"}]}}))
+    out = _cli(["methods", "--config", str(cfg), "--json"], {}, prefect_server)
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["sise"]["params"]["resolved"]["layers"] == ["block1.5", "block2.5", "block3.5", "block4"]
+    assert rows["grad_cam"]["params"]["resolved"]["layer"] == "block4"
