@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +86,54 @@ def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Te
 _HEAD_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
+@dataclass(frozen=True)
+class Call:
+    """One finished forward call of a named module during a traced pass."""
+
+    name: str
+    module: nn.Module
+    input: Tensor | None  # first positional input when it is a tensor
+    output: Tensor | None  # the output when it is a tensor
+
+
+def trace(model: nn.Module, example: Tensor) -> list[Call]:
+    """Every named module's forward calls in the order they finish, for one no-grad pass.
+
+    The calls keep their tensors alive, so ``id()`` identifies a tensor across the trace
+    (which module produced the tensor another one reads). All hooks are removed afterwards.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    example : Tensor, shape (N, C, H, W)
+        The input of the traced pass.
+
+    Returns
+    -------
+    list of Call
+        In completion order (children before their parents).
+    """
+    calls: list[Call] = []
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if not name:
+                continue
+
+            def hook(m: nn.Module, inp: tuple[object, ...], out: object, key: str = name) -> None:
+                first = inp[0] if inp and isinstance(inp[0], Tensor) else None
+                calls.append(Call(key, m, first, out if isinstance(out, Tensor) else None))
+
+            handles.append(module.register_forward_hook(hook))
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
 def spatial_layers(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...]]]:
     """Modules with a 4-D spatial output, in the order their forward calls finish.
 
@@ -101,24 +150,12 @@ def spatial_layers(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[i
         Module name and output shape, excluding outputs with a 1x1 spatial size and
         adaptive pooling layers (the head).
     """
-    order: list[tuple[str, tuple[int, ...]]] = []
-    handles = []
-    try:
-        for name, module in model.named_modules():
-            if not name or isinstance(module, _HEAD_POOLS):
-                continue
-
-            def hook(_m: nn.Module, _i: object, out: object, key: str = name) -> None:
-                if isinstance(out, Tensor) and out.ndim == 4 and out.shape[-1] * out.shape[-2] > 1:
-                    order.append((key, tuple(out.shape)))
-
-            handles.append(module.register_forward_hook(hook))
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+    return [
+        (c.name, tuple(c.output.shape))
+        for c in trace(model, example)
+        if c.output is not None and c.output.ndim == 4 and c.output.shape[-1] * c.output.shape[-2] > 1
+        and not isinstance(c.module, _HEAD_POOLS)
+    ]
 
 
 def default_cam_layer(model: nn.Module, example: Tensor) -> str:

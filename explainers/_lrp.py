@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from explainers._hooks import trace
+
 RuleName = Literal["epsilon", "zplus", "alpha_beta", "flat", "box"]
 LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -153,29 +155,14 @@ def _residual_blocks(model: nn.Module) -> list[nn.Module]:
 
 def trace_layers(model: nn.Module, example: Tensor) -> tuple[list[nn.Module], dict[nn.Module, nn.Module]]:
     """Conv/Linear modules in execution order and the BatchNorm that reads each one's output."""
-    calls: list[tuple[nn.Module, int, int]] = []
-    keep: list[Tensor] = []  # hold every traced tensor so that no id is reused during the trace
-    handles = []
-
-    def hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        keep.extend((inp[0], out))
-        calls.append((m, id(inp[0]), id(out)))
-
-    try:
-        for m in model.modules():
-            if isinstance(m, LINEAR_TYPES + BN_TYPES):
-                handles.append(m.register_forward_hook(hook))
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    producers = {out: m for m, _, out in calls if isinstance(m, LINEAR_TYPES)}
+    calls = [c for c in trace(model, example) if isinstance(c.module, LINEAR_TYPES + BN_TYPES)]
+    producers = {id(c.output): c.module for c in calls if isinstance(c.module, LINEAR_TYPES)}
     folded = {}
-    for m, inp, _ in calls:
-        if isinstance(m, BN_TYPES) and inp in producers and not isinstance(producers[inp], nn.Linear):
-            folded[producers[inp]] = m
-    order = list(dict.fromkeys(m for m, _, _ in calls if isinstance(m, LINEAR_TYPES)))
+    for c in calls:
+        source = producers.get(id(c.input))
+        if isinstance(c.module, BN_TYPES) and source is not None and not isinstance(source, nn.Linear):
+            folded[source] = c.module
+    order = list(dict.fromkeys(c.module for c in calls if isinstance(c.module, LINEAR_TYPES)))
     return order, folded
 
 

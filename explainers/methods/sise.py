@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from explainers._hooks import capture_outputs, default_cam_layer, get_layer
+from explainers._hooks import capture_outputs, default_cam_layer, get_layer, trace
 from explainers._scores import ScoreKind, target_scores
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
@@ -108,27 +108,13 @@ def block_layers(model: nn.Module, example: Tensor, point: Literal["input", "out
     list of str
         Module names.
     """
+    calls = trace(model, example)
     producer: dict[int, str] = {}
-    events: list[tuple[str, int, int, tuple[int, ...], tuple[int, ...]]] = []
-    keep: list[Tensor] = []
-    handles = []
-
-    def hook(m: nn.Module, inp: tuple[Any, ...], out: Any, name: str = "") -> None:
-        if not inp or not isinstance(inp[0], Tensor) or not isinstance(out, Tensor):
-            return
-        keep.extend((inp[0], out))
-        producer[id(out)] = name  # later (outer) modules overwrite inner ones
-        events.append((name, id(inp[0]), id(out), tuple(inp[0].shape), tuple(out.shape)))
-
-    try:
-        for name, m in model.named_modules():
-            if name:
-                handles.append(m.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    for c in calls:  # later (outer) modules overwrite inner ones: the outermost name wins
+        if c.output is not None:
+            producer[id(c.output)] = c.name
+    events = [(c.name, id(c.input), id(c.output), tuple(c.input.shape), tuple(c.output.shape))
+              for c in calls if c.input is not None and c.output is not None]
     modules = dict(model.named_modules())
     layers: list[str] = []
     for name, in_id, out_id, in_shape, out_shape in events:
