@@ -237,7 +237,7 @@ class SISE(Explainer):
             torch.tensor([j[0] for j in jobs], dtype=torch.int64), minlength=n) + 1
         size = inputs.shape[-2:]
         sums = [torch.zeros((n, *size), dtype=inputs.dtype, device=inputs.device) for _ in names]
-        with torch.no_grad():
+        with torch.inference_mode():
             for s in range(0, len(jobs), self.batch_size):
                 batch = jobs[s : s + self.batch_size]
                 img = torch.tensor([j[0] for j in batch], device=inputs.device)
