@@ -72,9 +72,36 @@ def render_markdown(ds: xr.Dataset) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         last_family = family
     lines += ["", "↑ higher is better, ↓ lower is better; best per metric in bold.", ""]
+    if "overlap_code" in ds:
+        lines += neuron_section(ds)
     skipped = manifest.get("skipped", [])
     if skipped:
         lines += [f"{len(skipped)} input file(s) could not be decoded and were skipped:", ""]
         lines += [f"- `{s['file']}`: {s['reason']}" for s in skipped]
         lines.append("")
     return "\n".join(lines)
+
+
+def neuron_section(ds: xr.Dataset) -> list[str]:
+    """Markdown lines: per layer, the mean overlap of the two selected sets and the mean
+    score of the selected neurons (figures come with the HTML report)."""
+    code = ds["overlap_code"].values
+    jac = ds["overlap_jaccard"].values
+    corr = ds["neuron_correlation"].values
+    sel_c = ds["selected_correlation"].values
+    unit_layer = np.asarray([str(v) for v in ds["unit_layer"].values])
+    lines = ["## Neuron selection (input resampling)", "",
+             "| layer | overlap (code: #A∩B / (#A + #B)) | Jaccard (#A∩B / #A∪B) | mean abs. correlation of "
+             "the correlation-selected |", "|---|---|---|---|"]
+    for li, layer in enumerate(ds["layer"].values):
+        cols = unit_layer == str(layer)
+        chosen = corr[:, cols][sel_c[:, cols]]
+        cells = [_nanmean(chosen), _nanmean(code[:, li]), _nanmean(jac[:, li])]
+        lines.append(f"| `{layer}` | {cells[1]:.3f} | {cells[2]:.3f} | {cells[0]:.3f} |")
+    lines += ["", "Overlap 0.5 (code formula) or 1 (Jaccard) means both metrics pick the same channels.", ""]
+    return lines
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")

@@ -67,6 +67,8 @@ def status_of(run_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": str(run_dir), "n_samples": int(ds.sizes["sample"]),
                            "n_shards": n_shards, "stages": {}}
     out["stages"]["load"] = {"done": int((records["load"] != 0).sum()), "total": n_shards}
+    if "neurons" in records:
+        out["stages"]["neurons"] = {"done": int((records["neurons"] != 0).sum()), "total": n_shards}
     for stage in ("explain", "evaluate"):
         out["stages"][stage] = {
             str(name): {"done": int((records[stage][i] != 0).sum()), "total": n_shards}
@@ -86,6 +88,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{st['run_dir']}: {st['n_samples']} samples in {st['n_shards']} shards")
     load = st["stages"]["load"]
     print(f"  load      {load['done']}/{load['total']}")
+    if "neurons" in st["stages"]:
+        print(f"  neurons   {st['stages']['neurons']['done']}/{st['stages']['neurons']['total']}")
     for stage in ("explain", "evaluate"):
         for name, c in st["stages"][stage].items():
             print(f"  {stage:<9} {name:<24} {c['done']}/{c['total']}")

@@ -13,7 +13,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from tasks.config import RunConfig
-from tasks.stages import evaluate_shard, explain_shard, load_shard, prepare_run, write_report
+from tasks.stages import (
+    evaluate_shard,
+    explain_shard,
+    load_shard,
+    prepare_run,
+    select_neurons,
+    write_report,
+)
 from tasks.storage import Shard, run_lock
 
 
@@ -65,17 +72,24 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
             (e, s.index): explain_shard.submit(config_json, run_dir, e, s, wait_for=[loads[s.index]])
             for e in plan["explainers"] for s in shards
         }
+        neurons = {
+            s.index: select_neurons.submit(config_json, run_dir, s, wait_for=[loads[s.index]])
+            for s in shards if config.neurons.enabled
+        }
         evals = {
             key: evaluate_shard.submit(config_json, run_dir, key[0], s, wait_for=[explains[key]])
             for key in explains for s in shards if s.index == key[1]
         }
         failed = _collect("load", ((f"load shard {i}", f) for i, f in loads.items()))
         failed += _collect("explain", ((f"explain {e} shard {i}", f) for (e, i), f in explains.items()))
+        failed += _collect("neurons", ((f"neurons shard {i}", f) for i, f in neurons.items()))
         failed += _collect("evaluate", ((f"evaluate {e} shard {i}", f) for (e, i), f in evals.items()))
         wait(list(evals.values()))
         report = write_report(run_dir)
         counts: dict[str, dict[str, int]] = {}
-        for stage, futs in (("load", loads), ("explain", explains), ("evaluate", evals)):
+        stages: tuple[tuple[str, dict[Any, PrefectFuture[Any]]], ...] = (
+            ("load", loads), ("explain", explains), ("neurons", neurons), ("evaluate", evals))
+        for stage, futs in stages:
             done = [f.result() for f in futs.values() if f.state.is_completed()]
             counts[stage] = {
                 "computed": sum(not r["skipped"] for r in done),

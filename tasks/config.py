@@ -133,6 +133,20 @@ class EvaluateConfig(_Strict):
     pointing_tolerance: float | None = Field(None, ge=0)
 
 
+class NeuronsConfig(_Strict):
+    """The neuron-selection stage (input resampling, seed-neuron-selection.md)."""
+
+    enabled: bool = True
+    copies: int = Field(50, ge=3, le=100_000)
+    noise: float = Field(0.1, ge=0.0)
+    mode: Literal["growing", "constant", "masking"] = "growing"
+    top_k: int = Field(5, ge=1)
+    min_activation: float = Field(0.1, ge=0.0)
+    layers: list[str] | None = None
+    batch_size: int = Field(64, ge=1)
+    box_samples: int = Field(8, ge=0)
+
+
 class RunConfig(_Strict):
     """A whole run: ``attriflow run CONFIG.yaml``."""
 
@@ -144,6 +158,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    neurons: NeuronsConfig = Field(default_factory=NeuronsConfig)
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the resolved config."""

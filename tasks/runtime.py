@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from explainers import Explainer, get_explainer
+from explainers._hooks import capture_outputs
+from tasks.neurons import check_layers, conv_activation_layers
 from tasks.config import RunConfig
 from tasks.datasets import DatasetSource, open_source
 from tasks.models import LoadedModel, cached_model
@@ -42,6 +44,7 @@ class Runtime:
     model: LoadedModel
     device: torch.device
     explainers: dict[str, Explainer]
+    neuron_layers: tuple[tuple[str, int], ...]  # (layer, channels) of the neuron stage
 
     @property
     def module(self) -> torch.nn.Module:
@@ -65,7 +68,17 @@ def get_runtime(config_json: str) -> Runtime:
         exp.normalization = (tuple(loaded.mean), tuple(loaded.std))
         exp.resolve(example)  # automatic layers are fixed once and recorded with the params
         explainers[entry.name] = exp
-    return Runtime(cfg, source, loaded, device, explainers)
+    layers: tuple[tuple[str, int], ...] = ()
+    if cfg.neurons.enabled:
+        names = cfg.neurons.layers
+        if names:
+            check_layers(loaded.module, names)
+        else:
+            names = conv_activation_layers(loaded.module, example)
+        with capture_outputs(loaded.module, names) as acts, torch.no_grad():
+            loaded.module(example)
+        layers = tuple((n, int(acts[n].shape[1])) for n in names)
+    return Runtime(cfg, source, loaded, device, explainers, layers)
 
 
 def derive_seed(run_seed: int, sample_id: int, method: str) -> int:

@@ -52,7 +52,7 @@ METRICS: dict[str, dict[str, Any]] = {
 }
 #: Metrics that have a curve (the others store NaN there).
 CURVE_METRICS = ("deletion_auc", "insertion_auc")
-STAGES = ("load", "explain", "evaluate")
+STAGES = ("load", "explain", "evaluate", "neurons")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class StoreLayout:
     has_mask: bool
     has_box: bool
     n_points: int
+    neuron_layers: tuple[tuple[str, int], ...] = ()
 
     @property
     def n_samples(self) -> int:
@@ -118,6 +119,7 @@ class StoreLayout:
             "has_mask": self.has_mask,
             "has_box": self.has_box,
             "n_points": self.n_points,
+            "neuron_layers": [list(x) for x in self.neuron_layers],
         }
 
 
@@ -169,6 +171,16 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
         "record_explain": (("explainer", "shard"), _lazy((e, k), (1, 1), np.uint64)),
         "record_evaluate": (("explainer", "shard"), _lazy((e, k), (1, 1), np.uint64)),
     }
+    if layout.neuron_layers:
+        u, nl = sum(c for _, c in layout.neuron_layers), len(layout.neuron_layers)
+        data["record_neurons"] = (("shard",), _lazy((k,), (1,), np.uint64))
+        for name in ("neuron_correlation", "neuron_precision"):
+            data[name] = (("sample", "unit"), _lazy((n, u), (s, u), np.float32))
+        for name in ("selected_correlation", "selected_precision"):
+            data[name] = (("sample", "unit"), _lazy((n, u), (s, u), bool))
+        for name in ("overlap_code", "overlap_jaccard"):
+            data[name] = (("sample", "layer"), _lazy((n, nl), (s, nl), np.float32))
+        data["unit_box"] = (("sample", "unit", "corner"), _lazy((n, u, 4), (s, u, 4), np.int64))
     if layout.has_mask:
         data["gt_mask"] = (("sample", "y", "x"), _lazy((n, h, w), (s, h, w), bool))
     if layout.has_box:
@@ -186,12 +198,18 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
         "category": ("metric", obj(v["category"] for v in METRICS.values())),
         "corner": ("corner", obj(["y0", "x0", "y1", "x1"])),
     }
+    if layout.neuron_layers:
+        coords["layer"] = ("layer", obj(n for n, _ in layout.neuron_layers))
+        coords["unit_layer"] = ("unit", obj(n for n, c in layout.neuron_layers for _ in range(c)))
+        coords["unit_channel"] = ("unit", np.array([i for _, c in layout.neuron_layers for i in range(c)]))
     ds = xr.Dataset(data, coords=coords, attrs={"schema_version": SCHEMA_VERSION, **attrs})
     encoding: dict[str, dict[str, Any]] = {}
     for name, var in ds.data_vars.items():
         enc: dict[str, Any] = {"chunks": var.data.chunksize}
         if name.startswith("record_"):
             enc["fill_value"] = 0
+        elif name == "unit_box":
+            enc["fill_value"] = -1
         elif var.dtype.kind == "f":
             enc["fill_value"] = np.nan
         encoding[name] = enc
@@ -269,7 +287,7 @@ def set_record(path: Path, stage: str, shard: int, digest: int, explainer: int |
 def read_records(path: Path) -> dict[str, np.ndarray]:
     """All completion records as arrays (``load``: (shard,), others: (explainer, shard))."""
     group = _open_group(path, "r")
-    return {stage: np.asarray(group[f"record_{stage}"][:]) for stage in STAGES}
+    return {stage: np.asarray(group[f"record_{stage}"][:]) for stage in STAGES if f"record_{stage}" in group}
 
 
 _HELD: set[str] = set()

@@ -71,6 +71,17 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert np.isfinite(ds["attribution"].values).all()
     assert np.isfinite(ds["score"].values).all()
     assert (ds["forward_passes"].values == 1).all()
+    # neuron selection: per (sample, unit) scores and flags, overlaps per (sample, layer)
+    assert ds["neuron_correlation"].dims == ("sample", "unit")
+    assert list(ds["layer"].values)[:2] == ["block1.2", "block1.5"]
+    assert (ds["selected_precision"].values.sum(axis=1) == 5 * ds.sizes["layer"]).all()
+    assert ds["overlap_code"].dims == ("sample", "layer")
+    boxes = ds["unit_box"].values
+    chosen = ds["selected_correlation"].values | ds["selected_precision"].values
+    # boxes for the first 8 samples' selected units (none where the unit is silent on the
+    # clean image: a zero backward signal has no support)
+    assert (boxes[:8][chosen[:8]] >= 0).all(axis=-1).mean() > 0.8
+    assert (boxes[:8][~chosen[:8]] == -1).all() and (boxes[8:] == -1).all()
     assert (ds["prediction"].values == ds["label"].values).mean() > 0.8
     from tasks.storage import open_dataset
 
@@ -89,7 +100,7 @@ def test_rerun_rewrites_nothing(reference_run) -> None:
     before = _files(reference_run / "store.zarr")
     result = _run(SMALL, reference_run)
     assert _files(reference_run / "store.zarr") == before
-    for stage in ("load", "explain", "evaluate"):
+    for stage in ("load", "explain", "neurons", "evaluate"):
         assert result["counts"][stage]["computed"] == 0
 
 
@@ -103,7 +114,7 @@ def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -
     changed = json.loads(json.dumps(SMALL))
     changed["explain"]["explainers"][1]["params"] = {"layer": "block3"}
     result = _run(changed, run_dir)
-    assert result["counts"]["load"]["computed"] == 0
+    assert result["counts"]["load"]["computed"] == 0 and result["counts"]["neurons"]["computed"] == 0
     assert result["counts"]["explain"] == {"computed": 3, "reused": 3, "failed": 0}
     assert result["counts"]["evaluate"] == {"computed": 3, "reused": 3, "failed": 0}
     after = _files(store)

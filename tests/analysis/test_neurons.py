@@ -1,0 +1,89 @@
+"""Neuron selection: planted signals are found, silent channels are not selected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from analysis.neurons import overlap, perturb, select_top_k
+from tasks.neurons import conv_activation_layers, score_image
+
+
+class Planted(nn.Module):
+    """1x1 conv with hand-set channels; the class-0 logit is channel 1's mean.
+
+    channel 0: relu(x_R + 2)        independent of the output
+    channel 1: relu(x_G + 2)        copied into the logit
+    channel 2: 1.0 constant         most precise
+    channel 3: 0.05 constant        constant but below the activity threshold
+    channel 4: 0 (dead)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+        w = torch.zeros(5, 3, 1, 1, dtype=torch.float64)
+        w[0, 0] = 1.0
+        w[1, 1] = 1.0
+        self.conv.weight = nn.Parameter(w, requires_grad=False)
+        self.conv.bias = nn.Parameter(torch.tensor([2.0, 2.0, 1.0, 0.05, -1.0], dtype=torch.float64),
+                                      requires_grad=False)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu(self.conv(x))
+        z = 3.0 * a[:, 1].mean(dim=(1, 2))
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["growing", "constant"])
+def test_planted_channel_ranks_first_and_silent_ones_are_excluded(mode) -> None:
+    model = Planted().eval()
+    image = torch.ones(3, 2, 2, dtype=torch.float64)
+    scores = score_image(model, ["relu"], image, 0, copies=200, noise=0.005 if mode == "growing" else 0.5,
+                         mode=mode, min_activation=0.1, batch_size=64,
+                         generator=torch.Generator().manual_seed(0))
+    corr, prec = scores.correlation["relu"], scores.precision["relu"]
+    assert np.argmax(np.nan_to_num(corr, nan=-1)) == 1
+    assert corr[1] > 0.3 and corr[0] < 0.2
+    assert np.isnan(corr[2:]).all()  # constant channels: no varying position
+    assert np.isposinf(prec[2])  # constant and active: the most precise
+    assert np.isnan(prec[3]) and np.isnan(prec[4])  # under the activity threshold / dead
+    assert select_top_k(prec, 1).tolist() == [False, False, True, False, False]
+    for metric in (corr, prec):
+        assert not select_top_k(metric, 5)[4], "a dead channel is never selected"
+
+
+def test_scores_do_not_depend_on_batch_size() -> None:
+    model = Planted().eval()
+    image = torch.rand(3, 4, 4, dtype=torch.float64) + 0.5
+    a = score_image(model, ["relu"], image, 0, copies=30, noise=0.1, mode="growing", min_activation=0.1,
+                    batch_size=7, generator=torch.Generator().manual_seed(3))
+    b = score_image(model, ["relu"], image, 0, copies=30, noise=0.1, mode="growing", min_activation=0.1,
+                    batch_size=30, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(a.correlation["relu"], b.correlation["relu"], rtol=1e-10)
+    np.testing.assert_allclose(a.precision["relu"], b.precision["relu"], rtol=1e-10)
+
+
+def test_growing_noise_keeps_copy_zero_and_grows() -> None:
+    x = torch.ones(3, 8, 8, dtype=torch.float64)
+    copies = perturb(x, torch.arange(5), 0.1, "growing", torch.Generator().manual_seed(0))
+    assert torch.equal(copies[0], x)
+    spread = [float((copies[i] - x).std()) for i in range(1, 5)]
+    assert spread == sorted(spread) and 0.05 < spread[0] < 0.2
+
+
+def test_overlap_formulas() -> None:
+    a = np.array([1, 1, 1, 0, 0], bool)
+    b = np.array([0, 1, 1, 1, 0], bool)
+    assert overlap(a, b) == (2 / 6, 2 / 4)
+    assert overlap(a, a) == (0.5, 1.0)
+
+
+def test_neuron_layers_of_the_reference_cnn() -> None:
+    from data.reference_cnn import ReferenceCNN
+
+    layers = conv_activation_layers(ReferenceCNN().eval(), torch.zeros(1, 3, 64, 64))
+    assert layers == [f"block{b}.{i}" for b in range(1, 5) for i in (2, 5)]
