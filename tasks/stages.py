@@ -64,6 +64,7 @@ def _layout(config_json: str) -> StoreLayout:
         has_box=rt.source.has_box,
         n_points=n_points,
         neuron_layers=rt.neuron_layers,
+        n_previews=min(cfg.neurons.box_samples, len(rt.source)) if rt.neuron_layers else 0,
     )
 
 
@@ -177,6 +178,12 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     if batch.boxes is not None:
         variables["gt_box"] = (("sample", "corner"), batch.boxes.astype(np.int64))
     storage.write_region(path, variables, region)
+    group = zarr.open_group(str(path), mode="r")
+    if "preview" in group and shard.start < group["preview"].shape[0]:
+        stop = min(shard.stop, group["preview"].shape[0])
+        thumbs = np.round(batch.images[: stop - shard.start].transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+        storage.write_region(path, {"preview": (("preview", "y", "x", "rgb"), thumbs)},
+                             {"preview": slice(shard.start, stop)})
     fault_point("load.after_write")
     storage.set_record(path, "load", shard.index, expected)
     return _receipt("load", shard, False, t0)
@@ -335,6 +342,8 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
     ov_code = np.full((n, len(layers)), np.nan, np.float32)
     ov_jac = np.full((n, len(layers)), np.nan, np.float32)
     boxes = np.full((n, u, 4), -1, np.int64)
+    tot_code = np.full(n, np.nan, np.float32)
+    tot_jac = np.full(n, np.nan, np.float32)
     for i, sample_id in enumerate(rt.source.sample_ids[shard.start : shard.stop]):
         gen = torch.Generator().manual_seed(derive_seed(rt.config.seed, sample_id, "neurons"))
         scores = score_image(rt.module, layers, inputs[i], int(targets[i]), copies=nc.copies,
@@ -349,6 +358,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
             sel_p[i, lo:hi] = select_top_k(scores.precision[name], nc.top_k)
             ov_code[i, li], ov_jac[i, li] = overlap(sel_c[i, lo:hi], sel_p[i, lo:hi])
             chosen += [(li, int(c)) for c in np.nonzero(sel_c[i, lo:hi] | sel_p[i, lo:hi])[0]]
+        tot_code[i], tot_jac[i] = overlap(sel_c[i], sel_p[i])  # all layers' units together
         if shard.start + i < nc.box_samples:
             for (li, ch), box in _unit_boxes(rt.module, layers, inputs[i], chosen).items():
                 boxes[i, offsets[li] + ch] = box
@@ -360,6 +370,8 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
         "selected_precision": (("sample", "unit"), sel_p),
         "overlap_code": (("sample", "layer"), ov_code),
         "overlap_jaccard": (("sample", "layer"), ov_jac),
+        "overlap_code_total": (("sample",), tot_code),
+        "overlap_jaccard_total": (("sample",), tot_jac),
         "unit_box": (("sample", "unit", "corner"), boxes),
     }, region)
     fault_point("neurons.after_write")
@@ -378,6 +390,21 @@ def render_report(run_dir: str | Path) -> Path:
     ds = storage.open_dataset(store_path(run_dir))
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
+    text = render_markdown(ds)
+    if "neuron_correlation" in ds and "neurons" in storage.read_records(store_path(run_dir)) \
+            and (storage.read_records(store_path(run_dir))["neurons"] != 0).all():
+        import matplotlib.pyplot as plt
+
+        from analysis.plots import plot_neuron_boxes, plot_neuron_scatter
+
+        figures = [("neuron_scatter", plot_neuron_scatter(ds))]
+        if "preview" in ds:
+            figures.append(("neuron_boxes", plot_neuron_boxes(ds)))
+        for name, fig in figures:
+            fig.savefig(out / f"{name}.png", dpi=110)
+            fig.savefig(out / f"{name}.svg")
+            plt.close(fig)
+            text += f"\n![{name.replace('_', ' ')}]({name}.png)\n"
     summary = out / "summary.md"
-    summary.write_text(render_markdown(ds))
+    summary.write_text(text)
     return summary

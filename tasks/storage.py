@@ -95,6 +95,7 @@ class StoreLayout:
     has_box: bool
     n_points: int
     neuron_layers: tuple[tuple[str, int], ...] = ()
+    n_previews: int = 0  # first samples whose image is kept (uint8) for figures
 
     @property
     def n_samples(self) -> int:
@@ -120,6 +121,7 @@ class StoreLayout:
             "has_box": self.has_box,
             "n_points": self.n_points,
             "neuron_layers": [list(x) for x in self.neuron_layers],
+            "n_previews": self.n_previews,
         }
 
 
@@ -180,6 +182,9 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
             data[name] = (("sample", "unit"), _lazy((n, u), (s, u), bool))
         for name in ("overlap_code", "overlap_jaccard"):
             data[name] = (("sample", "layer"), _lazy((n, nl), (s, nl), np.float32))
+            data[f"{name}_total"] = (("sample",), _lazy((n,), (s,), np.float32))
+        if layout.n_previews:
+            data["preview"] = (("preview", "y", "x", "rgb"), _lazy((layout.n_previews, h, w, 3), (1, h, w, 3), np.uint8))
         data["unit_box"] = (("sample", "unit", "corner"), _lazy((n, u, 4), (s, u, 4), np.int64))
     if layout.has_mask:
         data["gt_mask"] = (("sample", "y", "x"), _lazy((n, h, w), (s, h, w), bool))

@@ -92,6 +92,10 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert manifest["config_hash"] == parse_config(SMALL).digest()
     assert manifest["seed"] == 0 and "torch" in manifest["versions"] and manifest["git_commit"]
     summary = (reference_run / "report" / "summary.md").read_text()
+    assert "## Neuron selection" in summary and "![neuron scatter](neuron_scatter.png)" in summary
+    for name in ("neuron_scatter", "neuron_boxes"):
+        assert (reference_run / "report" / f"{name}.png").stat().st_size > 10_000
+    assert np.isfinite(ds["overlap_code_total"].values).all()
     assert "| **gradient** | `saliency` |" in summary and "| **cam** | `grad_cam` |" in summary
     json.loads(ds["params"].values[1])  # parameters recorded next to the attributions
 
