@@ -215,3 +215,13 @@ def test_methods_config_shows_resolved_layers(tmp_path, prefect_server) -> None:
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert rows["sise"]["params"]["resolved"]["layers"] == ["block1.5", "block2.5", "block3.5", "block4"]
     assert rows["grad_cam"]["params"]["resolved"]["layer"] == "block4"
+
+
+def test_neuron_scores_do_not_depend_on_shard_size(reference_run, tmp_path) -> None:
+    cheap = {**SMALL, "shard_size": 12, "explain": {"explainers": [{"method": "saliency"}]},
+             "evaluate": {"steps": 2}}
+    _run(cheap, tmp_path / "run")
+    a = xr.open_zarr(reference_run / "store.zarr")
+    b = xr.open_zarr(tmp_path / "run" / "store.zarr")
+    for name in ("neuron_correlation", "neuron_precision", "selected_correlation", "overlap_jaccard"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
