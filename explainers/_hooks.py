@@ -42,8 +42,9 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         If there is no such module; the message lists the valid names.
     """
     modules = dict(model.named_modules())
-    if name and name in modules:
-        return modules[name]
+    base = name.split("#", 1)[0]  # "name#k": the k-th call of a module used several times
+    if base and base in modules:
+        return modules[base]
     valid = [n for n in modules if n]
     raise LayerNotFoundError(f"unknown layer {name!r}; valid layers: {', '.join(valid)}")
 
@@ -52,7 +53,8 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
 def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Tensor]]:
     """Record the output of each named module during forward passes inside the block.
 
-    A module called several times in one forward (a reused ReLU) keeps its last output.
+    A module called several times in one forward (a reused ReLU) keeps its last output;
+    ``"name#k"`` records its k-th call (from 0) of each forward pass instead.
 
     Parameters
     ----------
@@ -67,15 +69,25 @@ def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Te
         Filled during each forward pass.
     """
     store: dict[str, Tensor] = {}
-    handles = []
+    calls: dict[str, int] = {}
+    handles = [model.register_forward_pre_hook(lambda _m, _i: calls.clear())]  # count per pass
     try:
+        wanted: dict[str, list[tuple[str, str]]] = {}  # module -> [(key, call index or "")]
         for name in names:
-            module = get_layer(model, name)
+            get_layer(model, name)
+            base, _, index = name.partition("#")
+            wanted.setdefault(base, []).append((name, index))
+        for base, keys in wanted.items():
 
-            def hook(_m: nn.Module, _i: object, out: Tensor, key: str = name) -> None:
-                store[key] = out
+            def hook(_m: nn.Module, _i: object, out: Tensor, base: str = base,
+                     keys: list[tuple[str, str]] = keys) -> None:
+                k = calls.get(base, 0)
+                calls[base] = k + 1
+                for key, index in keys:
+                    if not index or int(index) == k:
+                        store[key] = out
 
-            handles.append(module.register_forward_hook(hook))
+            handles.append(get_layer(model, base).register_forward_hook(hook))
         yield store
     finally:
         for h in handles:

@@ -21,7 +21,7 @@ from analysis.neurons import (
     perturb,
     precision_scores,
 )
-from explainers._hooks import get_layer, trace
+from explainers._hooks import capture_outputs, get_layer, trace
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
 
@@ -31,36 +31,37 @@ def conv_activation_layers(model: nn.Module, example: Tensor) -> list[str]:
     convolution's activation: the first activation module reading the convolution's output
     (through BatchNorm), or the convolution itself when none follows.
 
-    A module that is called several times per forward pass (the shared ReLU of a torchvision
-    ResNet block) is skipped in favour of the convolution's BatchNorm/conv output, since a
-    module name cannot tell its calls apart.
+    A module called several times per forward pass (the shared ReLU of a torchvision ResNet
+    block) is named with its call index, ``"layer1.0.relu#0"`` (see ``capture_outputs``).
     """
     calls = trace(model, example)
     counts: dict[str, int] = {}
-    for c in calls:
+    label: dict[int, str] = {}  # position in the trace -> "name" or "name#k"
+    for pos, c in enumerate(calls):
+        label[pos] = f"{c.name}#{counts.get(c.name, 0)}"
         counts[c.name] = counts.get(c.name, 0) + 1
-    reader: dict[int, list[str]] = {}
-    for c in calls:
+    for pos, c in enumerate(calls):
+        if counts[c.name] == 1:
+            label[pos] = c.name
+    reader: dict[int, list[int]] = {}
+    for pos, c in enumerate(calls):
         if c.input is not None:
-            reader.setdefault(id(c.input), []).append(c.name)
-    by_name = {c.name: c for c in calls}
+            reader.setdefault(id(c.input), []).append(pos)
     layers: list[str] = []
-    for c in calls:
-        if not isinstance(c.module, nn.Conv2d) or c.name in layers:
+    for pos, c in enumerate(calls):
+        if not isinstance(c.module, nn.Conv2d) or label[pos] in layers:
             continue
-        chosen, current = c.name, c
+        chosen, current = label[pos], c
         for _ in range(2):  # conv -> (BatchNorm) -> activation
-            nxt = [n for n in reader.get(id(current.output), []) if n in by_name]
+            nxt = reader.get(id(current.output), [])
             if not nxt:
                 break
-            step = by_name[nxt[0]]
-            if counts[step.name] > 1:
-                break
+            step = calls[nxt[0]]
             if isinstance(step.module, _ACTIVATIONS):
-                chosen = step.name
+                chosen = label[nxt[0]]
                 break
-            if isinstance(step.module, (nn.BatchNorm2d,)):
-                chosen, current = step.name, step
+            if isinstance(step.module, nn.BatchNorm2d):
+                chosen, current = label[nxt[0]], step
                 continue
             break
         layers.append(chosen)
@@ -91,25 +92,17 @@ def score_image(model: nn.Module, layers: list[str], image: Tensor, target: int,
     """
     stats: dict[str, LayerStats] = {}
     out = OutputStats()
-    modules = {name: get_layer(model, name) for name in layers}
-    current: dict[str, Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, o, name=name: current.__setitem__(name, o))
-               for name, m in modules.items()]
-    try:
-        with torch.inference_mode():
-            for start in range(0, copies, batch_size):
-                idx = torch.arange(start, min(start + batch_size, copies))
-                batch = perturb(image, idx, noise, mode, generator)
-                y = torch.softmax(model(batch).float(), dim=1)[:, target]
-                out.add(y)
-                for name in layers:
-                    a = current[name]
-                    if name not in stats:
-                        stats[name] = LayerStats.zeros(tuple(a.shape[1:]))
-                    stats[name].add(a, y)
-    finally:
-        for h in handles:
-            h.remove()
+    with capture_outputs(model, layers) as current, torch.inference_mode():
+        for start in range(0, copies, batch_size):
+            idx = torch.arange(start, min(start + batch_size, copies))
+            batch = perturb(image, idx, noise, mode, generator)
+            y = torch.softmax(model(batch).float(), dim=1)[:, target]
+            out.add(y)
+            for name in layers:
+                a = current[name]
+                if name not in stats:
+                    stats[name] = LayerStats.zeros(tuple(a.shape[1:]))
+                stats[name].add(a, y)
     return NeuronScores(
         {n: correlation_scores(stats[n], out) for n in layers},
         {n: precision_scores(stats[n], out.n, min_activation) for n in layers},

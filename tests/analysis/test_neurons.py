@@ -87,3 +87,19 @@ def test_neuron_layers_of_the_reference_cnn() -> None:
 
     layers = conv_activation_layers(ReferenceCNN().eval(), torch.zeros(1, 3, 64, 64))
     assert layers == [f"block{b}.{i}" for b in range(1, 5) for i in (2, 5)]
+
+
+def test_shared_relu_calls_are_told_apart() -> None:
+    """torchvision ResNet blocks call one ReLU twice; each call is its own neuron layer."""
+    import torchvision
+
+    from explainers._hooks import capture_outputs
+
+    net = torchvision.models.resnet18(weights=None).eval()
+    x = torch.rand(1, 3, 64, 64)
+    layers = conv_activation_layers(net, x)
+    assert layers[:3] == ["relu", "layer1.0.relu#0", "layer1.0.relu#1"]
+    with capture_outputs(net, ["layer1.0.relu#0", "layer1.0.relu#1", "layer1.0.bn1"]) as acts, torch.no_grad():
+        net(x)
+    assert torch.equal(acts["layer1.0.relu#0"], torch.relu(acts["layer1.0.bn1"]))
+    assert not torch.equal(acts["layer1.0.relu#0"], acts["layer1.0.relu#1"])
