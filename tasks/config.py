@@ -131,6 +131,7 @@ class EvaluateConfig(_Strict):
     blur_sigma: float = Field(5.0, gt=0)
     blur_kernel: int = Field(11, ge=1)
     pointing_tolerance: float | None = Field(None, ge=0)
+    drop_top_fraction: float = Field(0.15, gt=0.0, le=1.0)
 
 
 class NeuronsConfig(_Strict):

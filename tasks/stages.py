@@ -20,8 +20,10 @@ import zarr
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from analysis.metrics.faithfulness import auc, deletion_insertion_curves, pixels_per_step
+from analysis.metrics.complexity import gini
+from analysis.metrics.faithfulness import auc, deletion_insertion_curves, drop_increase, pixels_per_step
 from analysis.metrics.localisation import (
+    bbox_accuracy,
     box_regions,
     default_tolerance,
     energy_pointing_game,
@@ -263,7 +265,13 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
     scores = np.full((n, len(names_m)), np.nan, dtype=np.float32)
     scores[:, names_m.index("deletion_auc")] = auc(curves[:, 0]).numpy()
     scores[:, names_m.index("insertion_auc")] = auc(curves[:, 1]).numpy()
+    for mode, suffix in (("soft", "soft"), ("top", "top")):
+        drop, inc = drop_increase(rt.module, inputs, maps, targets, mode=mode, frac=ev.drop_top_fraction,
+                                  batch_size=ev.batch_size)
+        scores[:, names_m.index(f"average_drop_{suffix}")] = drop.numpy()
+        scores[:, names_m.index(f"increase_{suffix}")] = inc.numpy()
     maps_np = maps.cpu().numpy()
+    scores[:, names_m.index("gini")] = gini(maps_np)
     if "gt_mask" in group:
         masks = np.asarray(group["gt_mask"][shard.start : shard.stop], dtype=bool)
         size = maps_np.shape[-1]
@@ -273,6 +281,9 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
         boxes = np.asarray(group["gt_box"][shard.start : shard.stop], dtype=np.int64)
         regions = box_regions(boxes, *maps_np.shape[-2:])
         scores[:, names_m.index("energy_pointing_game")] = energy_pointing_game(maps_np, regions)
+        acc, iou = bbox_accuracy(maps_np, regions)
+        scores[:, names_m.index("bbox_accuracy")] = acc
+        scores[:, names_m.index("iou")] = iou
     all_curves = np.full((n, len(names_m), curves.shape[-1]), np.nan, dtype=np.float32)
     for c, name in enumerate(storage.CURVE_METRICS):
         all_curves[:, names_m.index(name)] = curves[:, c].numpy()

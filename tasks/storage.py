@@ -47,8 +47,15 @@ STORE_NAME = "store.zarr"
 METRICS: dict[str, dict[str, Any]] = {
     "deletion_auc": {"higher_is_better": False, "category": "faithfulness"},
     "insertion_auc": {"higher_is_better": True, "category": "faithfulness"},
+    "average_drop_soft": {"higher_is_better": False, "category": "faithfulness"},
+    "increase_soft": {"higher_is_better": True, "category": "faithfulness"},
+    "average_drop_top": {"higher_is_better": False, "category": "faithfulness"},
+    "increase_top": {"higher_is_better": True, "category": "faithfulness"},
     "pointing_game": {"higher_is_better": True, "category": "localisation"},
     "energy_pointing_game": {"higher_is_better": True, "category": "localisation"},
+    "bbox_accuracy": {"higher_is_better": True, "category": "localisation"},
+    "iou": {"higher_is_better": True, "category": "localisation"},
+    "gini": {"higher_is_better": True, "category": "complexity"},
 }
 #: Metrics that have a curve (the others store NaN there).
 CURVE_METRICS = ("deletion_auc", "insertion_auc")

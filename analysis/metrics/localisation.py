@@ -73,3 +73,29 @@ def box_regions(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
         if y1 > y0 >= 0 and x1 > x0 >= 0:
             out[i, y0:y1, x0:x1] = True
     return out
+
+
+def bbox_accuracy(maps: np.ndarray, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bbox accuracy and IoU (metrics.md, sections 5 and 6): with K the region's area, the
+    share of the map's K highest pixels inside the region, and the IoU of those K pixels with
+    the region (our reading of SISE's mIoU: binarise by the same top-K rule). NaN without a
+    region. Ties keep raster order.
+
+    Returns
+    -------
+    (ndarray, ndarray), each shape (N,)
+        Bbox accuracy and IoU per image.
+    """
+    n = len(maps)
+    acc, iou = np.full(n, np.nan), np.full(n, np.nan)
+    for i in range(n):
+        k = int(regions[i].sum())
+        if k == 0 or not np.isfinite(maps[i]).all():
+            continue
+        order = np.argsort(-maps[i].ravel(), kind="stable")[:k]
+        top = np.zeros(maps[i].size, bool)
+        top[order] = True
+        inside = int((top & regions[i].ravel()).sum())
+        acc[i] = inside / k
+        iou[i] = inside / int((top | regions[i].ravel()).sum())
+    return acc, iou
