@@ -10,6 +10,7 @@ used (``NO_CACHE``): it cannot see library code and would only duplicate the rec
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -390,10 +391,31 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
     return _receipt("neurons", shard, False, t0)
 
 
+def artifact_key(name: str, suffix: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) stable for a run name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
+    return f"{slug}-{suffix}"
+
+
 @task(name="write-report", cache_policy=NO_CACHE)
 def write_report(run_dir: str) -> str:
-    """Regenerate ``RUN_DIR/report/summary.md`` from the store alone."""
-    return str(render_report(run_dir))
+    """Regenerate ``RUN_DIR/report/`` from the store alone and publish the summary as
+    Prefect artifacts (markdown and table) under stable keys ``<run name>-summary`` and
+    ``<run name>-metrics``, so the Prefect UI shows it."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from analysis.report import summary_table
+
+    path = render_report(run_dir)
+    ds = storage.open_dataset(store_path(run_dir))
+    name = json.loads(ds.attrs["manifest"])["name"]
+    create_markdown_artifact(path.read_text(), key=artifact_key(name, "summary"),
+                             description=f"attriflow report of {run_dir}")
+    rows = summary_table(ds).reset_index().to_dict(orient="records")
+    table = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    create_table_artifact(table, key=artifact_key(name, "metrics"),
+                          description="mean score per explainer, grouped by family")
+    return str(path)
 
 
 def render_report(run_dir: str | Path) -> Path:

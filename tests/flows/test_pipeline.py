@@ -225,3 +225,15 @@ def test_neuron_scores_do_not_depend_on_shard_size(reference_run, tmp_path) -> N
     b = xr.open_zarr(tmp_path / "run" / "store.zarr")
     for name in ("neuron_correlation", "neuron_precision", "selected_correlation", "overlap_jaccard"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_report_is_published_as_prefect_artifacts(reference_run, prefect_server) -> None:
+    import httpx
+
+    body = {"artifacts": {"key": {"any_": ["small-summary", "small-metrics"]}},
+            "limit": 10, "offset": 0, "sort": "CREATED_DESC"}
+    found = httpx.post(f"{prefect_server}/artifacts/filter", json=body, timeout=30).json()
+    by_key = {a["key"]: a for a in found}
+    assert "| **cam** | `grad_cam` |" in by_key["small-summary"]["data"]
+    assert by_key["small-metrics"]["type"] == "table"
+    assert "grad_cam" in str(by_key["small-metrics"]["data"])
