@@ -424,8 +424,8 @@ def render_report(run_dir: str | Path) -> Path:
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     text = render_markdown(ds)
-    if "neuron_correlation" in ds and "neurons" in storage.read_records(store_path(run_dir)) \
-            and (storage.read_records(store_path(run_dir))["neurons"] != 0).all():
+    neurons_done = storage.read_records(store_path(run_dir)).get("neurons")
+    if "neuron_correlation" in ds and neurons_done is not None and (neurons_done != 0).all():
         import matplotlib.pyplot as plt
 
         from analysis.plots import plot_neuron_boxes, plot_neuron_scatter

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from explainers._gradients import input_gradient, reduce_channels, relu_backward
-from explainers.base import Explainer, ExplainerSpec, Family
-from explainers.methods.guided_backprop import GuidedBackpropParams
+from explainers.base import ExplainerSpec, Family
+from explainers.methods.guided_backprop import GuidedBackprop
 from explainers.registry import register
 
 
 @register
-class DeconvNet(Explainer):
+class DeconvNet(GuidedBackprop):
     """Back-projection where every ReLU passes back the positive part of the gradient,
-    ignoring the forward activation pattern.
+    ignoring the forward activation pattern (Guided Backprop's pass with ``mode="deconv"``).
 
     References
     ----------
@@ -27,11 +23,4 @@ class DeconvNet(Explainer):
         summary="back-projection through rectified ReLU gradients",
         references=("zeiler2014",),
     )
-    Params = GuidedBackpropParams
-
-    def _attribute(
-        self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
-    ) -> Tensor:
-        with relu_backward(self.model, "deconv"):
-            grad = input_gradient(self.model, inputs, targets, self.p.score)
-        return reduce_channels(grad, self.p.reduce)
+    mode = "deconv"
