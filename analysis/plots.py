@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,8 +15,233 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
+
+from analysis.metrics.sanity import SIMILARITIES  # noqa: E402
+from analysis.report import cost_table, explainer_order, family_order, sanity_curves, taxonomy  # noqa: E402
 
 SELECTION_ORDER = ["neither", "correlation", "precision", "both"]
+
+
+def family_palette(ds: xr.Dataset) -> dict[str, tuple[float, float, float]]:
+    """One colour per family, fixed by the family's place in the taxonomy (so the same
+    family has the same colour in every run's report)."""
+    known = list(taxonomy(ds))
+    families = known + [f for f in family_order(ds) if f not in known]
+    colours = sns.color_palette("Dark2", max(len(families), 3))
+    return {f: colours[i % len(colours)] for i, f in enumerate(families)}
+
+
+def _ordered_names(ds: xr.Dataset) -> list[str]:
+    return [str(ds["explainer"].values[i]) for i in explainer_order(ds)]
+
+
+def score_frame(ds: xr.Dataset) -> pd.DataFrame:
+    """Long table of finite per-sample scores: family, explainer, metric, value."""
+    score = np.asarray(ds["score"].values, dtype=np.float64)
+    e, n, m = score.shape
+    df = pd.DataFrame({
+        "family": np.repeat([str(f) for f in ds["family"].values], n * m),
+        "explainer": np.repeat([str(x) for x in ds["explainer"].values], n * m),
+        "metric": np.tile([str(x) for x in ds["metric"].values], e * n),
+        "value": score.ravel(),
+    })
+    return df[np.isfinite(df["value"])]
+
+
+def plot_metric_distributions(ds: xr.Dataset) -> Figure:
+    """Per metric, the distribution over samples of each explainer's scores (box plots,
+    explainers in taxonomy order, coloured by family)."""
+    df = score_frame(ds)
+    metrics = [str(m) for m in ds["metric"].values if str(m) in set(df["metric"])]
+    better = dict(zip((str(m) for m in ds["metric"].values), ds["higher_is_better"].values))
+    order = _ordered_names(ds)
+    palette = family_palette(ds)
+    colour = {str(x): palette[str(f)] for x, f in zip(ds["explainer"].values, ds["family"].values)}
+    cols = min(4, len(metrics))
+    rows = -(-len(metrics) // cols)
+    width = max(3.0, 0.45 * len(order) + 1.2)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.0 * rows), squeeze=False)
+    for ax, metric in zip(axes.ravel(), metrics):
+        part = df[df["metric"] == metric]
+        with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated ``vert``
+            warnings.filterwarnings("ignore", message="vert: bool", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="vert: bool")
+            sns.boxplot(data=part, x="explainer", y="value", hue="explainer", order=order, hue_order=order,
+                        palette=colour, ax=ax, fliersize=1.5, linewidth=0.8, legend=False)
+        ax.set_title(f"{metric} {'↑' if better[metric] else '↓'}", fontsize=9)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.set_visible(False)
+    handles = [Rectangle((0, 0), 1, 1, color=palette[f], label=f) for f in family_order(ds)]
+    fig.legend(handles=handles, title="family", loc="upper right", fontsize=8)
+    fig.suptitle("Metric distributions over samples, by family")
+    fig.tight_layout(rect=(0, 0, 0.92, 0.97))
+    return fig
+
+
+def _outline(ax: plt.Axes, ds: xr.Dataset, i: int) -> None:
+    if "gt_mask" in ds:
+        ax.contour(np.asarray(ds["gt_mask"].values[i], dtype=float), levels=[0.5], colors="lime", linewidths=0.9)
+    elif "gt_box" in ds:
+        y0, x0, y1, x1 = (int(v) for v in ds["gt_box"].values[i])
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=0.9))
+
+
+def plot_map_grid(ds: xr.Dataset, n_samples: int = 6) -> Figure:
+    """Rows: the first samples; columns: the image, then each explainer's map (taxonomy
+    order), with the ground truth (mask outline or box) drawn in green."""
+    n = min(n_samples, ds.sizes["sample"], ds.sizes.get("preview", 0) or ds.sizes["sample"])
+    order = explainer_order(ds)
+    maps = np.asarray(ds["attribution"].isel(sample=slice(0, n)).values, dtype=np.float64)
+    previews = ds["preview"].values[:n] if "preview" in ds else None
+    cols = len(order) + 1
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.6), squeeze=False)
+    names = [str(x) for x in ds["explainer"].values]
+    fams = [str(x) for x in ds["family"].values]
+    labels = ds["label"].values[:n] if "label" in ds else [None] * n
+    for r in range(n):
+        ax = axes[r, 0]
+        if previews is not None:
+            ax.imshow(previews[r])
+        _outline(ax, ds, r)
+        ax.set_ylabel(f"{ds['sample_name'].values[r]}" + (f"\nlabel {labels[r]}" if labels[r] is not None else ""),
+                      fontsize=6)
+        for c, k in enumerate(order, start=1):
+            a = maps[k, r]
+            lim = np.nanmax(np.abs(a)) or 1.0
+            signed = np.nanmin(a) < 0
+            axes[r, c].imshow(a, cmap="RdBu_r" if signed else "inferno", vmin=-lim if signed else 0, vmax=lim)
+            _outline(axes[r, c], ds, r)
+            if r == 0:
+                axes[r, c].set_title(f"{names[k]}\n({fams[k]})", fontsize=7)
+    axes[0, 0].set_title("input", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Attribution maps (ground truth outlined in green)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(ds: xr.Dataset, families: list[str] | None = None) -> Figure:
+    """Mean deletion and insertion curves, one panel per (curve, family), one line per
+    explainer (x: fraction of pixels removed or inserted); ``families`` picks a subset."""
+    curve_names = [m for m in ("deletion_auc", "insertion_auc") if m in [str(x) for x in ds["metric"].values]]
+    families = families or family_order(ds)
+    fams = [str(x) for x in ds["family"].values]
+    names = [str(x) for x in ds["explainer"].values]
+    fig, axes = plt.subplots(len(families), len(curve_names), figsize=(3.6 * len(curve_names), 2.9 * len(families) + 0.4),
+                             squeeze=False, sharey=True)
+    metric_index = [str(x) for x in ds["metric"].values]
+    for c, cname in enumerate(curve_names):
+        curves = np.asarray(ds["curve"].isel(metric=metric_index.index(cname)).values, dtype=np.float64)
+        x = np.linspace(0, 1, curves.shape[-1])
+        for r, family in enumerate(families):
+            ax = axes[r, c]
+            for k in explainer_order(ds):
+                if fams[k] != family:
+                    continue
+                finite = np.isfinite(curves[k]).all(axis=1)
+                if finite.any():
+                    ax.plot(x, curves[k][finite].mean(axis=0), label=names[k], linewidth=1.2)
+            ax.set_title(f"{cname.replace('_auc', '')}: {family}", fontsize=9)
+            ax.set_xlabel(f"fraction of pixels {'removed' if cname.startswith('deletion') else 'inserted'}", fontsize=8)
+            ax.legend(fontsize=7)
+            if c == 0:
+                ax.set_ylabel("class probability")
+    fig.suptitle("Deletion and insertion curves (mean over samples)" + (", by family" if len(families) > 1 else ""))
+    fig.tight_layout()
+    return fig
+
+
+def plot_cost(ds: xr.Dataset) -> Figure:
+    """Wall seconds and forward passes per image for every explainer (log scale)."""
+    df = cost_table(ds)
+    palette = family_palette(ds)
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 0.35 * len(df) + 1.6), squeeze=False)
+    for ax, col, title in ((axes[0, 0], "seconds_per_image", "wall seconds per image"),
+                           (axes[0, 1], "forward_per_image", "forward passes per image")):
+        if col not in df:
+            ax.set_visible(False)
+            continue
+        part = df[np.isfinite(df[col]) & (df[col] > 0)]
+        sns.barplot(data=part, y="explainer", x=col, hue="family", palette=palette, dodge=False, ax=ax,
+                    order=list(df["explainer"]))
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        if ax.get_legend() is not None and ax is not axes[0, 1]:
+            ax.get_legend().remove()
+    fig.suptitle("Cost of each explainer")
+    fig.tight_layout()
+    return fig
+
+
+def plot_sanity(ds: xr.Dataset, threshold: float = 0.5) -> Figure | None:
+    """Mean similarity between trained-model and randomised-model maps against the depth of
+    cascading randomisation, one panel per similarity; None without a sanity check."""
+    df = sanity_curves(ds)
+    if df is None:
+        return None
+    palette = family_palette(ds)
+    units = [str(u) for u in ds["randomised"].values]
+    fig, axes = plt.subplots(1, len(SIMILARITIES), figsize=(4.2 * len(SIMILARITIES), 3.4), squeeze=False, sharey=True)
+    styles = ["-", "--", ":", "-."]
+    for ax, sim in zip(axes.ravel(), SIMILARITIES):
+        part = df[df["similarity"] == sim]
+        seen: dict[str, int] = {}
+        for explainer, line in part.groupby("explainer", sort=False):
+            fam = line["family"].iloc[0]
+            style = styles[seen.get(fam, 0) % len(styles)]
+            seen[fam] = seen.get(fam, 0) + 1
+            ax.plot(line["depth"], line["value"], style, marker="o", markersize=3, color=palette[fam],
+                    label=f"{explainer} ({fam})")
+        ax.axhline(threshold, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(1, len(units) + 1), units, rotation=45, fontsize=7)
+        ax.set_title(sim, fontsize=9)
+        ax.set_xlabel("randomised down to", fontsize=8)
+    axes[0, 0].set_ylabel("mean similarity to trained-model map")
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Sanity check: cascading model-parameter randomisation (top layer first)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(summaries: dict[str, pd.DataFrame]) -> Figure:
+    """Runs side by side: per metric, each explainer's mean and interval, one colour per run."""
+    frames = [s.assign(run=name) for name, s in summaries.items()]
+    df = pd.concat(frames, ignore_index=True)
+    df = df[~df["subtotal"] & np.isfinite(df["mean"])]
+    metrics = list(dict.fromkeys(df["metric"]))
+    explainers = list(dict.fromkeys(df["explainer"]))
+    runs = list(summaries)
+    colours = dict(zip(runs, sns.color_palette("colorblind", max(len(runs), 3))))
+    cols = min(4, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 0.3 * len(explainers) * rows + 1.2 * rows + 0.5),
+                             squeeze=False)
+    for ax, metric in zip(axes.ravel(), metrics):
+        part = df[df["metric"] == metric]
+        for j, run in enumerate(runs):
+            rp = part[part["run"] == run]
+            y = np.array([explainers.index(e) for e in rp["explainer"]]) + (j - (len(runs) - 1) / 2) * 0.8 / len(runs)
+            ax.errorbar(rp["mean"], y, xerr=[rp["mean"] - rp["low"], rp["high"] - rp["mean"]], fmt="o",
+                        markersize=3, color=colours[run], label=run, linewidth=0.8)
+        ax.set_yticks(range(len(explainers)), explainers, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(metric, fontsize=9)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.set_visible(False)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[r], label=r) for r in runs]
+    fig.legend(handles=handles, title="run", loc="upper right", fontsize=8)
+    fig.suptitle("Runs compared: mean and bootstrap interval per explainer")
+    fig.tight_layout(rect=(0, 0, 0.9, 0.96))
+    return fig
 
 
 def neuron_frame(ds: xr.Dataset) -> pd.DataFrame:

@@ -1,77 +1,294 @@
-"""Summaries of a run store as tables and Markdown (no file writes here)."""
+"""Summaries of a run store as tables and Markdown (no file writes here).
+
+Everything is computed from the store alone: the ``score``, ``curve``, ``sanity``,
+``forward_passes``/``backward_passes``/``explain_seconds`` variables and the manifest.
+Intervals are percentile bootstrap intervals of the mean over samples, drawn from a
+generator seeded by (run seed, metric), so the report is reproducible and equal data
+(a one-explainer family and its sub-total) gets equal intervals.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+from analysis.metrics.sanity import SIMILARITIES, collapse_depth
 
-def summary_table(ds: xr.Dataset) -> pd.DataFrame:
-    """Mean score per explainer and metric, rows grouped by family.
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """How intervals are drawn and what the sanity check calls a collapse."""
+
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    threshold: float = 0.5
+    grid_samples: int = 6
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> ReportOptions:
+        """Options recorded with the run (defaults where an older manifest lacks them)."""
+        cfg = manifest.get("config", {})
+        rep, san = cfg.get("report", {}), cfg.get("sanity", {})
+        return cls(
+            bootstrap=int(rep.get("bootstrap", cls.bootstrap)),
+            confidence=float(rep.get("confidence", cls.confidence)),
+            seed=int(manifest.get("seed", cls.seed)),
+            threshold=float(san.get("threshold", cls.threshold)),
+            grid_samples=int(rep.get("grid_samples", cls.grid_samples)),
+        )
+
+
+def manifest_of(ds: xr.Dataset) -> dict[str, Any]:
+    """The run manifest stored in the group attributes."""
+    return json.loads(ds.attrs.get("manifest", "{}"))
+
+
+def taxonomy(ds: xr.Dataset) -> dict[str, str]:
+    """Family -> taxonomy path, in taxonomy order (the manifest's ``taxonomy`` pairs)."""
+    return {str(f): str(path) for f, path in manifest_of(ds).get("taxonomy", [])}
+
+
+def family_order(ds: xr.Dataset) -> list[str]:
+    """Families of the run in taxonomy order, then any other family in order of appearance."""
+    known = list(taxonomy(ds))
+    present = list(dict.fromkeys(str(f) for f in ds["family"].values))
+    return [f for f in known if f in present] + [f for f in present if f not in known]
+
+
+def explainer_order(ds: xr.Dataset) -> list[int]:
+    """Explainer indices ordered by taxonomy family, then by their order in the config."""
+    families = family_order(ds)
+    fam = [str(f) for f in ds["family"].values]
+    return sorted(range(len(fam)), key=lambda i: (families.index(fam[i]), i))
+
+
+def bootstrap_mean(values: np.ndarray, n_boot: int, confidence: float, seed: int) -> tuple[float, float, float]:
+    """Mean of the finite values and its percentile bootstrap interval.
+
+    Returns
+    -------
+    (mean, low, high)
+        NaN for all three when no value is finite; low = high = mean for one value.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little")
+
+
+def subtotal_label(family: str) -> str:
+    """Row label of a family's sub-total (all its explainers' samples pooled)."""
+    return f"all {family}"
+
+
+def metric_summary(ds: xr.Dataset, options: ReportOptions | None = None) -> pd.DataFrame:
+    """One row per (explainer or family sub-total, metric) with the mean, its interval and
+    whether it is the best of its metric.
 
     Parameters
     ----------
     ds : xr.Dataset
         The run store.
+    options : ReportOptions, optional
+        Defaults to the ones recorded in the manifest.
 
     Returns
     -------
     pd.DataFrame
-        Index ``(family, explainer)``; one column per metric plus ``n`` (samples scored).
+        Columns ``family, explainer, subtotal, metric, category, higher_is_better, mean,
+        low, high, n, best``; rows in taxonomy order, each family's explainers followed by
+        its sub-total; metrics that no explainer could score (no ground truth) are left out.
+        ``best`` marks the best explainer per metric and, separately, the best family
+        sub-total (ties all marked).
     """
-    score = ds["score"].load()
-    rows = []
-    for i, name in enumerate(ds["explainer"].values):
-        vals = score.isel(explainer=i)
-        row = {"family": str(ds["family"].values[i]), "explainer": str(name)}
-        for m, metric in enumerate(ds["metric"].values):
-            col = vals.isel(metric=m).values
-            row[str(metric)] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
-        row["n"] = int(np.isfinite(vals.values[:, :2]).all(axis=-1).sum())
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    family_order = list(dict.fromkeys(df["family"]))
-    df["_f"] = df["family"].map(family_order.index)
-    return df.sort_values(["_f", "explainer"]).drop(columns="_f").set_index(["family", "explainer"])
-
-
-def render_markdown(ds: xr.Dataset) -> str:
-    """The Markdown summary of a run: provenance, then one row per explainer by family."""
-    manifest = json.loads(ds.attrs.get("manifest", "{}"))
-    table = summary_table(ds)
+    options = options or ReportOptions.from_manifest(manifest_of(ds))
+    score = np.asarray(ds["score"].values, dtype=np.float64)
     metrics = [str(m) for m in ds["metric"].values]
-    better = {str(m): bool(b) for m, b in zip(ds["metric"].values, ds["higher_is_better"].values)}
-    lines = [f"# attriflow run `{manifest.get('name', '?')}`", ""]
-    lines += [
-        f"- config hash: `{manifest.get('config_hash', '?')[:16]}`, seed {manifest.get('seed', '?')}",
-        f"- model: {manifest.get('model', '?')}",
-        f"- data: {manifest.get('data', '?')} ({ds.sizes['sample']} samples)",
-        f"- attriflow {manifest.get('versions', {}).get('attriflow', '?')}, git `{manifest.get('git_commit', '?')[:12]}`",
-        "",
+    better = dict(zip(metrics, (bool(b) for b in ds["higher_is_better"].values)))
+    category = dict(zip(metrics, (str(c) for c in ds["category"].values))) if "category" in ds.coords else {}
+    names = [str(e) for e in ds["explainer"].values]
+    fams = [str(f) for f in ds["family"].values]
+    keep = [m for m in range(len(metrics)) if np.isfinite(score[:, :, m]).any()]
+    rows = []
+    for family in family_order(ds):
+        members = [i for i in explainer_order(ds) if fams[i] == family]
+        groups = [(names[i], False, score[i]) for i in members]
+        groups.append((subtotal_label(family), True, np.concatenate([score[i] for i in members])))
+        for label, subtotal, values in groups:
+            for m in keep:
+                mean, lo, hi = bootstrap_mean(values[:, m], options.bootstrap, options.confidence,
+                                              _seed(options.seed, metrics[m]))
+                rows.append({
+                    "family": family, "explainer": label, "subtotal": subtotal, "metric": metrics[m],
+                    "category": category.get(metrics[m], ""), "higher_is_better": better[metrics[m]],
+                    "mean": mean, "low": lo, "high": hi, "n": int(np.isfinite(values[:, m]).sum()),
+                })
+    df = pd.DataFrame(rows)
+    df["best"] = False
+    if df.empty:
+        return df
+    for (metric, subtotal), part in df.groupby(["metric", "subtotal"]):
+        finite = part["mean"].dropna()
+        if finite.empty:
+            continue
+        target = finite.max() if better[str(metric)] else finite.min()
+        df.loc[part.index[part["mean"] == target], "best"] = True
+    return df
+
+
+def wide_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Means as a table: index (family, explainer), one column per metric."""
+    rows = {key: dict(zip(part["metric"], part["mean"]))
+            for key, part in summary.groupby(["family", "explainer"], sort=False)}
+    table = pd.DataFrame.from_dict(rows, orient="index")[list(dict.fromkeys(summary["metric"]))]
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["family", "explainer"])
+    return table
+
+
+def cost_table(ds: xr.Dataset) -> pd.DataFrame:
+    """Per explainer: wall seconds per image of the explain stage and forward / backward
+    passes per image (mean; NaN where the method could not count them)."""
+    manifest = manifest_of(ds)
+    n = ds.sizes["sample"]
+    shard = int(manifest.get("config", {}).get("shard_size", n)) or n
+    sizes = np.array([min(shard, n - s) for s in range(0, n, shard)], dtype=np.float64)
+    rows = []
+    for i in explainer_order(ds):
+        row: dict[str, Any] = {"family": str(ds["family"].values[i]), "explainer": str(ds["explainer"].values[i])}
+        if "explain_seconds" in ds:
+            sec = np.asarray(ds["explain_seconds"].values[i], dtype=np.float64)
+            timed = np.isfinite(sec)
+            row["seconds_per_image"] = float(sec[timed].sum() / sizes[timed].sum()) if timed.any() else float("nan")
+        for kind in ("forward", "backward"):
+            var = f"{kind}_passes"
+            if var in ds:
+                p = np.asarray(ds[var].values[i], dtype=np.float64)
+                p = p[p >= 0]
+                row[f"{kind}_per_image"] = float(p.mean()) if p.size else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sanity_curves(ds: xr.Dataset) -> pd.DataFrame | None:
+    """Mean similarity per (explainer, depth, similarity), or None without a sanity check.
+    A NaN Spearman (a constant randomised map: no rank information left) counts as 0."""
+    if "sanity" not in ds:
+        return None
+    values = np.asarray(ds["sanity"].values, dtype=np.float64)  # (E, S, D, 3)
+    if not np.isfinite(values).any():
+        return None
+    values = np.nan_to_num(values, nan=0.0)
+    rows = []
+    units = [str(u) for u in ds["randomised"].values]
+    for i in explainer_order(ds):
+        for d, unit in enumerate(units):
+            for s, sim in enumerate(SIMILARITIES):
+                rows.append({"family": str(ds["family"].values[i]), "explainer": str(ds["explainer"].values[i]),
+                             "depth": d + 1, "randomised": unit, "similarity": sim,
+                             "value": float(values[i, :, d, s].mean())})
+    return pd.DataFrame(rows)
+
+
+def sanity_table(ds: xr.Dataset, threshold: float = 0.5) -> pd.DataFrame | None:
+    """Per explainer and similarity, the depth at which the mean similarity first falls
+    below ``threshold`` (as "depth (unit)"; "never" when it does not)."""
+    curves = sanity_curves(ds)
+    if curves is None:
+        return None
+    rows = []
+    for explainer, part in curves.groupby("explainer", sort=False):
+        row = {"family": part["family"].iloc[0], "explainer": explainer}
+        for sim in SIMILARITIES:
+            s = part[part["similarity"] == sim].sort_values("depth")
+            d = collapse_depth(s["value"].to_numpy(), threshold)
+            row[sim] = "never" if d is None else f"{d} ({s['randomised'].iloc[d - 1]})"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
+    """(field, value) pairs describing where the numbers come from."""
+    m = manifest_of(ds)
+    versions = m.get("versions", {})
+    acc = float("nan")
+    if "prediction" in ds and "label" in ds:
+        acc = float((ds["prediction"].values == ds["label"].values).mean())
+    return [
+        ("run", str(m.get("name", "?"))),
+        ("config hash", str(m.get("config_hash", "?"))),
+        ("seed", str(m.get("seed", "?"))),
+        ("model", str(m.get("model", "?"))),
+        ("model weights sha256", str(m.get("model_digest", "?"))),
+        ("model accuracy on these samples", f"{acc:.4f}" if np.isfinite(acc) else "n/a"),
+        ("data", f"{m.get('data', '?')} ({ds.sizes['sample']} samples)"),
+        ("device", str(m.get("device", "?"))),
+        ("git commit", str(m.get("git_commit", "?"))),
+        ("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))),
     ]
-    arrows = {m: ("↑" if better[m] else "↓") for m in metrics}
-    head = ["family", "explainer", *[f"{m} {arrows[m]}" for m in metrics], "n"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    best = {
-        m: (table[m].max() if better[m] else table[m].min()) for m in metrics if table[m].notna().any()
-    }
-    last_family = None
-    for (family, explainer), row in table.iterrows():
-        cells = [f"**{family}**" if family != last_family else "", f"`{explainer}`"]
-        for m in metrics:
-            v = row[m]
-            cell = "–" if not np.isfinite(v) else f"{v:.4f}"
-            if m in best and np.isfinite(v) and v == best[m]:
-                cell = f"**{cell}**"
-            cells.append(cell)
-        cells.append(str(int(row["n"])))
-        lines.append("| " + " | ".join(cells) + " |")
-        last_family = family
-    lines += ["", "↑ higher is better, ↓ lower is better; best per metric in bold.", ""]
+
+
+def fmt(value: float, digits: int = 4) -> str:
+    """A number for a table; an en dash for NaN."""
+    return "–" if not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _interval(row: pd.Series) -> str:
+    if not np.isfinite(row["mean"]):
+        return "–"
+    return f"{row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
+
+
+def render_markdown(ds: xr.Dataset, figures: list[tuple[str, str]] = ()) -> str:  # type: ignore[assignment]
+    """The Markdown summary of a run.
+
+    Parameters
+    ----------
+    ds : xr.Dataset
+        The run store.
+    figures : list of (file name, caption)
+        Figures written next to the summary, linked at the end.
+    """
+    manifest = manifest_of(ds)
+    options = ReportOptions.from_manifest(manifest)
+    summary = metric_summary(ds, options)
+    lines = [f"# attriflow run `{manifest.get('name', '?')}`", ""]
+    lines += [f"- {k}: {v}" for k, v in provenance(ds)] + [""]
+    pct = round(options.confidence * 100)
+    lines += [f"## Metrics (mean [{pct}% bootstrap interval] over samples)", ""]
+    lines += markdown_metric_table(summary)
+    lines += ["", "↑ higher is better, ↓ lower is better; best explainer per metric and best family "
+              "sub-total in bold; `all <family>` pools the family's explainers' samples.", ""]
+    cost = cost_table(ds)
+    lines += ["## Cost per image", "", "| family | explainer | seconds | forward passes | backward passes |",
+              "|---|---|---|---|---|"]
+    for _, r in cost.iterrows():
+        lines.append(f"| {r['family']} | `{r['explainer']}` | {fmt(r.get('seconds_per_image', np.nan), 5)} | "
+                     f"{fmt(r.get('forward_per_image', np.nan), 1)} | {fmt(r.get('backward_per_image', np.nan), 1)} |")
+    lines.append("")
+    sanity = sanity_table(ds, options.threshold)
+    if sanity is not None:
+        lines += [f"## Sanity check: depth where similarity falls below {options.threshold}", "",
+                  "Cascading model-parameter randomisation, top layer first (depth 1 = the top unit).", "",
+                  "| family | explainer | " + " | ".join(SIMILARITIES) + " |", "|---|---|" + "---|" * len(SIMILARITIES)]
+        for _, r in sanity.iterrows():
+            lines.append(f"| {r['family']} | `{r['explainer']}` | " + " | ".join(str(r[s]) for s in SIMILARITIES) + " |")
+        lines.append("")
     if "overlap_code" in ds:
         lines += neuron_section(ds)
     skipped = manifest.get("skipped", [])
@@ -79,27 +296,60 @@ def render_markdown(ds: xr.Dataset) -> str:
         lines += [f"{len(skipped)} input file(s) could not be decoded and were skipped:", ""]
         lines += [f"- `{s['file']}`: {s['reason']}" for s in skipped]
         lines.append("")
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"![{caption}]({name})" for name, caption in figures]
+        lines.append("")
     return "\n".join(lines)
+
+
+def markdown_metric_table(summary: pd.DataFrame) -> list[str]:
+    """Rows per explainer (and family sub-total), columns per metric."""
+    metrics = list(dict.fromkeys(summary["metric"]))
+    better = dict(zip(summary["metric"], summary["higher_is_better"]))
+    head = ["family", "explainer", *[f"{m} {'↑' if better[m] else '↓'}" for m in metrics]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    last_family = None
+    for (family, explainer), part in summary.groupby(["family", "explainer"], sort=False):
+        by_metric = part.set_index("metric")
+        subtotal = bool(part["subtotal"].iloc[0])
+        cells = [f"**{family}**" if family != last_family else "",
+                 f"*{explainer}*" if subtotal else f"`{explainer}`"]
+        for m in metrics:
+            r = by_metric.loc[m]
+            cell = _interval(r)
+            cells.append(f"**{cell}**" if r["best"] else cell)
+        lines.append("| " + " | ".join(cells) + " |")
+        last_family = family
+    return lines
 
 
 def neuron_section(ds: xr.Dataset) -> list[str]:
     """Markdown lines: per layer, the mean overlap of the two selected sets and the mean
     score of the selected neurons (figures come with the HTML report)."""
+    lines = ["## Neuron selection (input resampling)", "",
+             "| layer | overlap (code: #A∩B / (#A + #B)) | Jaccard (#A∩B / #A∪B) | mean abs. correlation of "
+             "the correlation-selected |", "|---|---|---|---|"]
+    for row in neuron_rows(ds):
+        lines.append(f"| `{row[0]}` | {row[2]:.3f} | {row[3]:.3f} | {row[1]:.3f} |")
+    lines += ["", "Overlap 0.5 (code formula) or 1 (Jaccard) means both metrics pick the same channels.", ""]
+    return lines
+
+
+def neuron_rows(ds: xr.Dataset) -> list[tuple[str, float, float, float]]:
+    """Per layer: (layer, mean |correlation| of the correlation-selected channels, mean
+    overlap (code formula), mean Jaccard)."""
     code = ds["overlap_code"].values
     jac = ds["overlap_jaccard"].values
     corr = ds["neuron_correlation"].values
     sel_c = ds["selected_correlation"].values
     unit_layer = np.asarray([str(v) for v in ds["unit_layer"].values])
-    lines = ["## Neuron selection (input resampling)", "",
-             "| layer | overlap (code: #A∩B / (#A + #B)) | Jaccard (#A∩B / #A∪B) | mean abs. correlation of "
-             "the correlation-selected |", "|---|---|---|---|"]
+    out = []
     for li, layer in enumerate(ds["layer"].values):
         cols = unit_layer == str(layer)
         chosen = corr[:, cols][sel_c[:, cols]]
-        cells = [_nanmean(chosen), _nanmean(code[:, li]), _nanmean(jac[:, li])]
-        lines.append(f"| `{layer}` | {cells[1]:.3f} | {cells[2]:.3f} | {cells[0]:.3f} |")
-    lines += ["", "Overlap 0.5 (code formula) or 1 (Jaccard) means both metrics pick the same channels.", ""]
-    return lines
+        out.append((str(layer), _nanmean(chosen), _nanmean(code[:, li]), _nanmean(jac[:, li])))
+    return out
 
 
 def _nanmean(values: np.ndarray) -> float:

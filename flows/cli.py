@@ -45,9 +45,9 @@ def _run_flow(cfg: Any, run_dir: Path) -> int:
     except (RunFailedError, StoreLayoutError, ModelLoadError, DatasetError, LayerNotFoundError,
             ExplainerParamError) as err:
         return _fail(str(err), 1)
-    print(Path(result["report"]).read_text())
-    print(f"store:  {result['store']}")
-    print(f"report: {result['report']}")
+    print(f"store:   {result['store']}")
+    print(f"report:  {Path(result['report']).with_name('index.html')} (self-contained, opens offline)")
+    print(f"summary: {result['report']}")
     for stage, c in result["counts"].items():
         print(f"{stage:>9}: {c['computed']} computed, {c['reused']} reused")
     return 0
@@ -69,6 +69,11 @@ def status_of(run_dir: Path) -> dict[str, Any]:
     out["stages"]["load"] = {"done": int((records["load"] != 0).sum()), "total": n_shards}
     if "neurons" in records:
         out["stages"]["neurons"] = {"done": int((records["neurons"] != 0).sum()), "total": n_shards}
+    if "sanity" in records:
+        out["stages"]["sanity"] = {
+            str(name): {"done": int(records["sanity"][i] != 0), "total": 1}
+            for i, name in enumerate(ds["explainer"].values)
+        }
     for stage in ("explain", "evaluate"):
         out["stages"][stage] = {
             str(name): {"done": int((records[stage][i] != 0).sum()), "total": n_shards}
@@ -90,8 +95,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  load      {load['done']}/{load['total']}")
     if "neurons" in st["stages"]:
         print(f"  neurons   {st['stages']['neurons']['done']}/{st['stages']['neurons']['total']}")
-    for stage in ("explain", "evaluate"):
-        for name, c in st["stages"][stage].items():
+    for stage in ("explain", "evaluate", "sanity"):
+        for name, c in st["stages"].get(stage, {}).items():
             print(f"  {stage:<9} {name:<24} {c['done']}/{c['total']}")
     return 0
 
@@ -163,13 +168,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tasks.stages import render_report, store_path
+    from tasks.stages import render_comparison, render_report, store_path
 
-    if not store_path(args.run_dir).exists():
-        return _fail(f"no store at {str(store_path(args.run_dir))!r}")
-    path = render_report(args.run_dir)
-    print(path.read_text())
-    print(f"report: {path}")
+    for run_dir in args.run_dirs:
+        if not store_path(run_dir).exists():
+            return _fail(f"no store at {str(store_path(run_dir))!r}")
+    if len(args.run_dirs) == 1:
+        if args.out:
+            return _fail("--out is for comparisons (several run directories); one run's report goes to RUN_DIR/report")
+        path = render_report(args.run_dirs[0])
+        print(f"report:  {path.with_name('index.html')}")
+        print(f"summary: {path}")
+        return 0
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / (
+        "compare-" + "-vs-".join(Path(r).resolve().name for r in args.run_dirs))
+    page = render_comparison(args.run_dirs, out)
+    print(f"comparison: {page}")
     return 0
 
 
@@ -199,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="show this config's explainers with parameters resolved on its model "
                                     "(automatic layers included)")
     p.set_defaults(func=cmd_methods)
-    p = sub.add_parser("report", help="regenerate the report of a run from its store")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="regenerate a run's report from its store, or compare several runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="one run directory (report into RUN_DIR/report) or several (side-by-side comparison)")
+    p.add_argument("--out", help="comparison output directory (default: compare-A-vs-B next to the first run)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("train-reference", help="train the shipped reference CNN")
     p.add_argument("--out", help="weights path (default: data/reference_cnn.pt)")

@@ -1,4 +1,4 @@
-"""The ``run_experiment`` flow: prepare -> load -> explain -> evaluate -> report."""
+"""The ``run_experiment`` flow: prepare -> load -> explain -> {evaluate, sanity} (+ neurons) -> report."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tasks.stages import (
     explain_shard,
     load_shard,
     prepare_run,
+    sanity_check,
     select_neurons,
     write_report,
 )
@@ -80,15 +81,22 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
             key: evaluate_shard.submit(config_json, run_dir, key[0], s, wait_for=[explains[key]])
             for key in explains for s in shards if s.index == key[1]
         }
+        first = [s for s in shards if s.start < config.sanity.samples]
+        sanity = {
+            e: sanity_check.submit(config_json, run_dir, e, wait_for=[explains[(e, s.index)] for s in first])
+            for e in plan["explainers"] if config.sanity.enabled
+        }
         failed = _collect("load", ((f"load shard {i}", f) for i, f in loads.items()))
         failed += _collect("explain", ((f"explain {e} shard {i}", f) for (e, i), f in explains.items()))
         failed += _collect("neurons", ((f"neurons shard {i}", f) for i, f in neurons.items()))
         failed += _collect("evaluate", ((f"evaluate {e} shard {i}", f) for (e, i), f in evals.items()))
-        wait(list(evals.values()))
+        failed += _collect("sanity", ((f"sanity {e}", f) for e, f in sanity.items()))
+        wait([*evals.values(), *sanity.values()])
         report = write_report(run_dir)
         counts: dict[str, dict[str, int]] = {}
         stages: tuple[tuple[str, dict[Any, PrefectFuture[Any]]], ...] = (
-            ("load", loads), ("explain", explains), ("neurons", neurons), ("evaluate", evals))
+            ("load", loads), ("explain", explains), ("neurons", neurons), ("evaluate", evals),
+            ("sanity", sanity))
         for stage, futs in stages:
             done = [f.result() for f in futs.values() if f.state.is_completed()]
             counts[stage] = {

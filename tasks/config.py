@@ -148,6 +148,26 @@ class NeuronsConfig(_Strict):
     box_samples: int = Field(8, ge=0)
 
 
+class SanityConfig(_Strict):
+    """The sanity check: cascading model-parameter randomisation (top layer down) on the
+    first ``samples`` samples; ``granularity`` picks the unit re-initialised per depth
+    (``block``: top-level child modules; ``layer``: every layer with parameters)."""
+
+    enabled: bool = True
+    samples: int = Field(16, ge=2)
+    granularity: Literal["block", "layer"] = "block"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class ReportConfig(_Strict):
+    """The report: ``grid_samples`` images in the map grid (kept as 8-bit previews in the
+    store), ``bootstrap`` resamples for the 95 % intervals (seeded by the run seed)."""
+
+    grid_samples: int = Field(6, ge=1, le=64)
+    bootstrap: int = Field(1000, ge=100, le=100_000)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+
 class RunConfig(_Strict):
     """A whole run: ``attriflow run CONFIG.yaml``."""
 
@@ -160,6 +180,8 @@ class RunConfig(_Strict):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     neurons: NeuronsConfig = Field(default_factory=NeuronsConfig)
+    sanity: SanityConfig = Field(default_factory=SanityConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the resolved config."""

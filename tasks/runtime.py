@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis.metrics.sanity import randomisation_units
 from explainers import Explainer, get_explainer
 from explainers._hooks import capture_outputs
 from tasks.neurons import check_layers, conv_activation_layers
@@ -45,11 +46,31 @@ class Runtime:
     device: torch.device
     explainers: dict[str, Explainer]
     neuron_layers: tuple[tuple[str, int], ...]  # (layer, channels) of the neuron stage
+    sanity_units: tuple[tuple[str, tuple[str, ...]], ...]  # top-down randomisation units
 
     @property
     def module(self) -> torch.nn.Module:
         """The model on the run's device."""
         return self.model.module
+
+    def example(self) -> torch.Tensor:
+        """A zero input of the dataset's size on the run's device."""
+        size = self.source.image_size
+        return torch.zeros((1, 3, size, size), device=self.device)
+
+    def build_explainer(self, name: str, module: torch.nn.Module) -> Explainer:
+        """The run's explainer ``name`` (same method and parameters) bound to ``module``
+        (used by the sanity check for the randomised copies of the model)."""
+        entry = next(e for e in self.config.explain.explainers if e.name == name)
+        return _make_explainer(entry.method, entry.params, module, self.model, self.example())
+
+
+def _make_explainer(method: str, params: dict, module: torch.nn.Module, loaded: LoadedModel,
+                    example: torch.Tensor) -> Explainer:
+    exp = get_explainer(method)(module, **params)
+    exp.normalization = (tuple(loaded.mean), tuple(loaded.std))
+    exp.resolve(example)  # automatic layers are fixed once and recorded with the params
+    return exp
 
 
 @functools.lru_cache(maxsize=2)
@@ -64,10 +85,7 @@ def get_runtime(config_json: str) -> Runtime:
     size = source.image_size
     example = torch.zeros((1, 3, size, size), device=device)
     for entry in cfg.explain.explainers:
-        exp = get_explainer(entry.method)(loaded.module, **entry.params)
-        exp.normalization = (tuple(loaded.mean), tuple(loaded.std))
-        exp.resolve(example)  # automatic layers are fixed once and recorded with the params
-        explainers[entry.name] = exp
+        explainers[entry.name] = _make_explainer(entry.method, entry.params, loaded.module, loaded, example)
     layers: tuple[tuple[str, int], ...] = ()
     if cfg.neurons.enabled:
         names = cfg.neurons.layers
@@ -78,7 +96,10 @@ def get_runtime(config_json: str) -> Runtime:
         with capture_outputs(loaded.module, names) as acts, torch.no_grad():
             loaded.module(example)
         layers = tuple((n, int(acts[n].shape[1])) for n in names)
-    return Runtime(cfg, source, loaded, device, explainers, layers)
+    units: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    if cfg.sanity.enabled:
+        units = tuple((u, tuple(ms)) for u, ms in randomisation_units(loaded.module, cfg.sanity.granularity))
+    return Runtime(cfg, source, loaded, device, explainers, layers, units)
 
 
 def derive_seed(run_seed: int, sample_id: int, method: str) -> int:

@@ -31,6 +31,7 @@ from analysis.metrics.localisation import (
     pointing_game,
 )
 from analysis.report import render_markdown
+from explainers.base import TAXONOMY, Family
 from tasks import storage
 from tasks.runtime import (
     array_digest,
@@ -67,7 +68,10 @@ def _layout(config_json: str) -> StoreLayout:
         has_box=rt.source.has_box,
         n_points=n_points,
         neuron_layers=rt.neuron_layers,
-        n_previews=min(cfg.neurons.box_samples, len(rt.source)) if rt.neuron_layers else 0,
+        n_previews=min(max(cfg.report.grid_samples, cfg.neurons.box_samples if rt.neuron_layers else 0),
+                       len(rt.source)),
+        sanity_units=tuple(u for u, _ in rt.sanity_units),
+        n_sanity=min(cfg.sanity.samples, len(rt.source)) if rt.sanity_units else 0,
     )
 
 
@@ -93,6 +97,7 @@ def _manifest(config_json: str, layout: StoreLayout) -> dict[str, Any]:
         },
         "skipped": rt.source.skipped,
         "layout": layout.key(),
+        "taxonomy": [[str(f), TAXONOMY[f]] for f in Family],  # a list: the order is the taxonomy's
     }
 
 
@@ -198,6 +203,26 @@ def _targets(path: Path, rt: Any, shard: Shard) -> torch.Tensor:
     return torch.from_numpy(np.asarray(group[name][shard.start : shard.stop], dtype=np.int64))
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _passes(exp: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward passes per image of the last ``attribute`` call: the counts the
+    explainer reported, else its static cost (-1 where that is a formula). A method whose
+    static cost has one backward per forward (NeuroMask's iterations) reports the same
+    per-image count for both."""
+    static = exp.cost()
+    fixed = [np.full(n, v if isinstance(v, int) else -1, dtype=np.int64)
+             for v in (static["forward"], static["backward"])]
+    if exp.last_forward_passes is None:
+        return fixed[0], fixed[1]
+    forward = exp.last_forward_passes.numpy().astype(np.int64)
+    backward = forward.copy() if static["forward"] == static["backward"] else fixed[1]
+    return forward, backward
+
+
 @task(name="explain-shard", cache_policy=NO_CACHE, task_run_name="explain-{explainer}-{shard.index}")
 def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
     """Compute and store one explainer's attributions for one shard."""
@@ -220,18 +245,21 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     targets = _targets(path, rt, shard).to(rt.device)
     ids = rt.source.sample_ids[shard.start : shard.stop]
     seeds = torch.tensor([derive_seed(rt.config.seed, i, explainer) for i in ids], dtype=torch.int64)
+    _sync(rt.device)
+    started = time.perf_counter()
     maps = exp.attribute(inputs, targets, batch_size=rt.config.explain.batch_size, seeds=seeds)
-    if exp.last_forward_passes is not None:
-        passes = exp.last_forward_passes.numpy().astype(np.int64)
-    else:
-        static = exp.cost()["forward"]
-        passes = np.full(len(ids), static if isinstance(static, int) else -1, dtype=np.int64)
+    _sync(rt.device)
+    seconds = np.array([[time.perf_counter() - started]])
+    forward, backward = _passes(exp, len(ids))
     storage.write_region(
         path,
         {"attribution": (("explainer", "sample", "y", "x"), maps.cpu().numpy()[None]),
-         "forward_passes": (("explainer", "sample"), passes[None])},
+         "forward_passes": (("explainer", "sample"), forward[None]),
+         "backward_passes": (("explainer", "sample"), backward[None])},
         {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)},
     )
+    storage.write_region(path, {"explain_seconds": (("explainer", "shard"), seconds)},
+                         {"explainer": slice(k, k + 1), "shard": slice(shard.index, shard.index + 1)})
     fault_point("explain.after_write")
     storage.set_record(path, "explain", shard.index, expected, k)
     fault_point("explain.after_record")
@@ -391,6 +419,51 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
     return _receipt("neurons", shard, False, t0)
 
 
+@task(name="sanity-check", cache_policy=NO_CACHE, task_run_name="sanity-{explainer}")
+def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, Any]:
+    """Cascading model-parameter randomisation for one explainer on the first samples.
+
+    The trained-model maps are the stored attributions; each randomised model's maps use
+    the same per-sample seeds, so for stochastic methods the randomisation is the only
+    difference. Every explainer sees the same randomised models (seeded per unit).
+    """
+    from analysis.metrics.sanity import cascading_randomisation, similarities
+
+    t0 = time.perf_counter()
+    rt = get_runtime(config_json)
+    path = store_path(run_dir)
+    names = [e.name for e in rt.config.explain.explainers]
+    k = names.index(explainer)
+    n = min(rt.config.sanity.samples, len(rt.source))
+    shards = [s for s in storage.plan_shards(len(rt.source), rt.config.shard_size) if s.start < n]
+    records = [storage.get_record(path, "explain", s.index, k) for s in shards]
+    if 0 in records:
+        raise RuntimeError(f"sanity {explainer}: its explain shards {[s.index for s in shards]} are not all done")
+    expected = storage.digest64("sanity", records, rt.config.sanity.model_dump(mode="json"), rt.config.seed,
+                                [[u, list(m)] for u, m in rt.sanity_units])
+    whole = Shard(0, 0, n)
+    if storage.get_record(path, "sanity", k) == expected:
+        return _receipt("sanity", whole, True, t0, explainer=explainer)
+    batch = rt.source.load(0, n)
+    inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
+    targets = _targets(path, rt, whole).to(rt.device)
+    seeds = torch.tensor([derive_seed(rt.config.seed, i, explainer) for i in rt.source.sample_ids[:n]],
+                         dtype=torch.int64)
+    group = zarr.open_group(str(path), mode="r")
+    trained = np.asarray(group["attribution"][k, :n], dtype=np.float64)
+    units = [(u, list(m)) for u, m in rt.sanity_units]
+    out = np.full((1, n, len(units), 3), np.nan, dtype=np.float32)
+    for depth, _unit, model in cascading_randomisation(rt.module, units, rt.config.seed):
+        exp = rt.build_explainer(explainer, model)
+        maps = exp.attribute(inputs, targets, batch_size=rt.config.explain.batch_size, seeds=seeds)
+        out[0, :, depth - 1] = similarities(trained, maps.double().cpu().numpy())
+    storage.write_region(path, {"sanity": (("explainer", "sanity_sample", "depth", "similarity"), out)},
+                         {"explainer": slice(k, k + 1)})
+    fault_point("sanity.after_write")
+    storage.set_record(path, "sanity", k, expected)
+    return _receipt("sanity", whole, False, t0, explainer=explainer)
+
+
 def artifact_key(name: str, suffix: str) -> str:
     """A Prefect artifact key (lowercase letters, digits, dashes) stable for a run name."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
@@ -404,40 +477,100 @@ def write_report(run_dir: str) -> str:
     ``<run name>-metrics``, so the Prefect UI shows it."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from analysis.report import summary_table
+    from analysis.report import metric_summary, wide_table
 
     path = render_report(run_dir)
     ds = storage.open_dataset(store_path(run_dir))
     name = json.loads(ds.attrs["manifest"])["name"]
     create_markdown_artifact(path.read_text(), key=artifact_key(name, "summary"),
                              description=f"attriflow report of {run_dir}")
-    rows = summary_table(ds).reset_index().to_dict(orient="records")
+    rows = wide_table(metric_summary(ds)).reset_index().to_dict(orient="records")
     table = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
     create_table_artifact(table, key=artifact_key(name, "metrics"),
-                          description="mean score per explainer, grouped by family")
+                          description="mean score per explainer and family sub-total, in taxonomy order")
     return str(path)
 
 
+def _save(fig: Any, out: Path, name: str, caption: str) -> Any:
+    """Write a figure as PNG and SVG; return it encoded for the HTML page."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from analysis.html import Figure
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    (out / f"{name}.png").write_bytes(buf.getvalue())
+    fig.savefig(out / f"{name}.svg")
+    plt.close(fig)
+    return Figure(name, caption, buf.getvalue())
+
+
 def render_report(run_dir: str | Path) -> Path:
-    """Write the report files of a run directory from its store; returns the summary path."""
+    """Write ``RUN_DIR/report/`` from the store alone: ``index.html`` (self-contained),
+    ``summary.md`` and every figure as PNG and SVG; returns the summary path."""
+    from analysis import plots
+    from analysis.html import render_run_html
+    from analysis.report import ReportOptions, manifest_of
+
     ds = storage.open_dataset(store_path(run_dir))
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    text = render_markdown(ds)
+    options = ReportOptions.from_manifest(manifest_of(ds))
+    figures: dict[str, Any] = {}
+    figures["distributions"] = _save(plots.plot_metric_distributions(ds), out, "metric_distributions",
+                                     "Per-sample metric distributions, explainers in taxonomy order, coloured by family")
+    figures["grid"] = _save(plots.plot_map_grid(ds, options.grid_samples), out, "map_grid",
+                            "Maps of the first samples (columns in taxonomy order), ground truth outlined")
+    figures["cost"] = _save(plots.plot_cost(ds), out, "cost", "Wall time and forward passes per image")
+    family_figures = {
+        family: _save(plots.plot_curves(ds, [family]), out, f"curves_{family}",
+                      f"Deletion and insertion curves of the {family} family")
+        for family in plots.family_order(ds)
+    }
+    sanity = plots.plot_sanity(ds, options.threshold)
+    if sanity is not None:
+        figures["sanity"] = _save(sanity, out, "sanity", "Cascading randomisation: similarity against depth")
     neurons_done = storage.read_records(store_path(run_dir)).get("neurons")
     if "neuron_correlation" in ds and neurons_done is not None and (neurons_done != 0).all():
-        import matplotlib.pyplot as plt
-
-        from analysis.plots import plot_neuron_boxes, plot_neuron_scatter
-
-        figures = [("neuron_scatter", plot_neuron_scatter(ds))]
+        figures["neuron_scatter"] = _save(plots.plot_neuron_scatter(ds), out, "neuron_scatter",
+                                          "Neuron selection: |correlation| against precision per channel")
         if "preview" in ds:
-            figures.append(("neuron_boxes", plot_neuron_boxes(ds)))
-        for name, fig in figures:
-            fig.savefig(out / f"{name}.png", dpi=110)
-            fig.savefig(out / f"{name}.svg")
-            plt.close(fig)
-            text += f"\n![{name.replace('_', ' ')}]({name}.png)\n"
+            figures["neuron_boxes"] = _save(plots.plot_neuron_boxes(ds), out, "neuron_boxes",
+                                            "Receptive boxes of the selected neurons")
+    (out / "index.html").write_text(render_run_html(ds, figures, family_figures, plots.family_palette(ds)))
+    listed = [(f"{f.name}.png", f.caption) for f in [*figures.values(), *family_figures.values()]]
     summary = out / "summary.md"
-    summary.write_text(text)
+    summary.write_text(render_markdown(ds, listed))
     return summary
+
+
+def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Several runs side by side into ``out`` (``index.html``, ``summary.md``, the comparison
+    figure as PNG and SVG); returns the HTML path. Labels are the run names, made unique."""
+    from analysis import plots
+    from analysis.html import render_comparison_html
+    from analysis.report import manifest_of, markdown_metric_table, metric_summary
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, Any] = {}
+    for run_dir in run_dirs:
+        ds = storage.open_dataset(store_path(run_dir))
+        label = str(manifest_of(ds).get("name", Path(run_dir).name))
+        if label in runs:
+            label = f"{label} ({Path(run_dir).name})"
+        while label in runs:
+            label += "'"
+        runs[label] = ds
+    summaries = {label: metric_summary(ds) for label, ds in runs.items()}
+    figure = _save(plots.plot_comparison(summaries), out, "comparison", "Mean and bootstrap interval per run")
+    page = out / "index.html"
+    page.write_text(render_comparison_html(runs, summaries, figure))
+    lines = [f"# attriflow comparison: {' vs '.join(f'`{x}`' for x in runs)}", ""]
+    for label, run_dir in zip(runs, run_dirs):
+        lines += [f"## `{label}` ({run_dir})", "", *markdown_metric_table(summaries[label]), ""]
+    lines += ["![comparison](comparison.png)", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    return page

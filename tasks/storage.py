@@ -5,8 +5,14 @@ Layout (dims ``explainer, sample, y, x, metric, point, shard, corner``):
 - ``attribution(explainer, sample, y, x)`` float32, chunks ``(1, shard_size, H, W)``;
 - ``label``, ``prediction`` (int64), ``probability`` (float32) per ``sample``;
   ``gt_mask(sample, y, x)`` and ``gt_box(sample, corner)`` where the dataset has them;
-- ``forward_passes(explainer, sample)``: model evaluations each map cost (-1 when the
-  method cannot say);
+- ``forward_passes(explainer, sample)`` and ``backward_passes(explainer, sample)``: model
+  evaluations and backward passes each map cost (-1 when the method cannot say);
+  ``explain_seconds(explainer, shard)``: wall time of each shard's attribution (the one
+  non-reproducible variable, see ``NONDETERMINISTIC``);
+- ``sanity(explainer, sanity_sample, depth, similarity)``: cascading randomisation
+  similarities of the first samples' maps (coords ``randomised(depth)``: the unit
+  re-initialised at each depth, top first), record ``record_sanity(explainer)``;
+- ``preview(preview, y, x, rgb)``: the first images as uint8 for the report's figures;
 - ``score(explainer, sample, metric)`` and ``curve(explainer, sample, metric, point)``;
 - completion records ``record_load(shard)``, ``record_explain(explainer, shard)`` and
   ``record_evaluate(explainer, shard)``: uint64 provenance digests, 0 = not done, one
@@ -42,7 +48,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
-SCHEMA_VERSION = 1
+from analysis.metrics.sanity import SIMILARITIES
+SCHEMA_VERSION = 2
 STORE_NAME = "store.zarr"
 METRICS: dict[str, dict[str, Any]] = {
     "deletion_auc": {"higher_is_better": False, "category": "faithfulness"},
@@ -59,7 +66,9 @@ METRICS: dict[str, dict[str, Any]] = {
 }
 #: Metrics that have a curve (the others store NaN there).
 CURVE_METRICS = ("deletion_auc", "insertion_auc")
-STAGES = ("load", "explain", "evaluate", "neurons")
+STAGES = ("load", "explain", "evaluate", "neurons", "sanity")
+#: Wall-clock measurements: the only variables that differ between two identical runs.
+NONDETERMINISTIC = ("explain_seconds",)
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,8 @@ class StoreLayout:
     n_points: int
     neuron_layers: tuple[tuple[str, int], ...] = ()
     n_previews: int = 0  # first samples whose image is kept (uint8) for figures
+    sanity_units: tuple[str, ...] = ()  # randomisation units, top first (empty: no sanity check)
+    n_sanity: int = 0  # first samples of the sanity check
 
     @property
     def n_samples(self) -> int:
@@ -129,6 +140,8 @@ class StoreLayout:
             "n_points": self.n_points,
             "neuron_layers": [list(x) for x in self.neuron_layers],
             "n_previews": self.n_previews,
+            "sanity_units": list(self.sanity_units),
+            "n_sanity": self.n_sanity,
         }
 
 
@@ -174,6 +187,8 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
         "prediction": (("sample",), _lazy((n,), (s,), np.int64)),
         "probability": (("sample",), _lazy((n,), (s,), np.float32)),
         "forward_passes": (("explainer", "sample"), _lazy((e, n), (1, s), np.int64)),
+        "backward_passes": (("explainer", "sample"), _lazy((e, n), (1, s), np.int64)),
+        "explain_seconds": (("explainer", "shard"), _lazy((e, k), (1, 1), np.float64)),
         "score": (("explainer", "sample", "metric"), _lazy((e, n, m), (1, s, m), np.float32)),
         "curve": (("explainer", "sample", "metric", "point"), _lazy((e, n, m, p), (1, s, m, p), np.float32)),
         "record_load": (("shard",), _lazy((k,), (1,), np.uint64)),
@@ -190,9 +205,14 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
         for name in ("overlap_code", "overlap_jaccard"):
             data[name] = (("sample", "layer"), _lazy((n, nl), (s, nl), np.float32))
             data[f"{name}_total"] = (("sample",), _lazy((n,), (s,), np.float32))
-        if layout.n_previews:
-            data["preview"] = (("preview", "y", "x", "rgb"), _lazy((layout.n_previews, h, w, 3), (1, h, w, 3), np.uint8))
         data["unit_box"] = (("sample", "unit", "corner"), _lazy((n, u, 4), (s, u, 4), np.int64))
+    if layout.n_previews:
+        data["preview"] = (("preview", "y", "x", "rgb"), _lazy((layout.n_previews, h, w, 3), (1, h, w, 3), np.uint8))
+    if layout.sanity_units:
+        d, ns = len(layout.sanity_units), layout.n_sanity
+        data["sanity"] = (("explainer", "sanity_sample", "depth", "similarity"),
+                          _lazy((e, ns, d, len(SIMILARITIES)), (1, ns, d, len(SIMILARITIES)), np.float32))
+        data["record_sanity"] = (("explainer",), _lazy((e,), (1,), np.uint64))
     if layout.has_mask:
         data["gt_mask"] = (("sample", "y", "x"), _lazy((n, h, w), (s, h, w), bool))
     if layout.has_box:
@@ -210,6 +230,10 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
         "category": ("metric", obj(v["category"] for v in METRICS.values())),
         "corner": ("corner", obj(["y0", "x0", "y1", "x1"])),
     }
+    if layout.sanity_units:
+        coords["depth"] = ("depth", np.arange(1, len(layout.sanity_units) + 1))
+        coords["randomised"] = ("depth", obj(layout.sanity_units))
+        coords["similarity"] = ("similarity", obj(SIMILARITIES))
     if layout.neuron_layers:
         coords["layer"] = ("layer", obj(n for n, _ in layout.neuron_layers))
         coords["unit_layer"] = ("unit", obj(n for n, c in layout.neuron_layers for _ in range(c)))

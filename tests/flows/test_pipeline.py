@@ -30,12 +30,18 @@ SMALL = {
 }
 
 
-def _files(store: Path) -> dict[str, tuple[bytes, int]]:
-    """Relative path -> (content, mtime_ns) of every file in a store."""
-    return {
+def _files(store: Path, reproducible: bool = False) -> dict[str, tuple[bytes, int]]:
+    """Relative path -> (content, mtime_ns) of every file in a store (``reproducible``:
+    without the wall-clock variables, the only ones two identical runs may differ in)."""
+    from tasks.storage import NONDETERMINISTIC
+
+    files = {
         str(p.relative_to(store)): (p.read_bytes(), p.stat().st_mtime_ns)
         for p in sorted(store.rglob("*")) if p.is_file()
     }
+    if reproducible:
+        files = {k: v for k, v in files.items() if k.split("/")[0] not in NONDETERMINISTIC}
+    return files
 
 
 def _run(cfg: dict, run_dir: Path) -> dict:
@@ -92,12 +98,30 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert manifest["config_hash"] == parse_config(SMALL).digest()
     assert manifest["seed"] == 0 and "torch" in manifest["versions"] and manifest["git_commit"]
     summary = (reference_run / "report" / "summary.md").read_text()
-    assert "## Neuron selection" in summary and "![neuron scatter](neuron_scatter.png)" in summary
+    assert "## Neuron selection" in summary and "](neuron_scatter.png)" in summary
     for name in ("neuron_scatter", "neuron_boxes"):
         assert (reference_run / "report" / f"{name}.png").stat().st_size > 10_000
     assert np.isfinite(ds["overlap_code_total"].values).all()
     assert "| **gradient** | `saliency` |" in summary and "| **cam** | `grad_cam` |" in summary
     json.loads(ds["params"].values[1])  # parameters recorded next to the attributions
+    # cost: wall time per shard, passes per image
+    assert ds["explain_seconds"].dims == ("explainer", "shard")
+    assert (ds["explain_seconds"].values > 0).all()
+    assert (ds["backward_passes"].values == 1).all()
+    # sanity: cascading randomisation of the first 16 samples, top unit first
+    assert ds["sanity"].dims == ("explainer", "sanity_sample", "depth", "similarity")
+    assert ds["sanity"].shape == (2, 16, 5, 3)
+    assert list(ds["randomised"].values) == ["fc", "block4", "block3", "block2", "block1"]
+    assert np.isfinite(ds["sanity"].sel(similarity="ssim").values).all()
+    # the report: HTML, Markdown and every figure as PNG and SVG
+    report = reference_run / "report"
+    for name in ("metric_distributions", "map_grid", "cost", "sanity", "curves_gradient", "curves_cam"):
+        assert (report / f"{name}.png").stat().st_size > 5_000 and (report / f"{name}.svg").exists()
+    page = (report / "index.html").read_text()
+    assert page.count("<img ") == page.count('src="data:image/png;base64,') >= 8
+    assert "src=\"http" not in page and "<script" not in page and "<link" not in page
+    assert 'id="family-gradient"' in page and 'id="family-cam"' in page
+    assert "## Sanity check" in summary and "## Cost per image" in summary
 
 
 def test_rerun_rewrites_nothing(reference_run) -> None:
@@ -143,12 +167,14 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, prefect_server,
     resumed = _cli(["run", str(cfg_path), "--run-dir", str(run_dir)], {}, prefect_server)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "explain: 3 computed, 3 reused" in resumed.stdout
-    ours = {k: v[0] for k, v in _files(run_dir / "store.zarr").items()}
-    ref = {k: v[0] for k, v in _files(reference_run / "store.zarr").items()}
+    ours = {k: v[0] for k, v in _files(run_dir / "store.zarr", reproducible=True).items()}
+    ref = {k: v[0] for k, v in _files(reference_run / "store.zarr", reproducible=True).items()}
     assert ours.keys() == ref.keys()
     assert [k for k in ours if ours[k] != ref[k]] == []
-    xr.testing.assert_identical(xr.open_zarr(run_dir / "store.zarr").load(),
-                                xr.open_zarr(reference_run / "store.zarr").load())
+    from tasks.storage import NONDETERMINISTIC
+
+    xr.testing.assert_identical(xr.open_zarr(run_dir / "store.zarr").drop_vars(NONDETERMINISTIC).load(),
+                                xr.open_zarr(reference_run / "store.zarr").drop_vars(NONDETERMINISTIC).load())
 
 
 def test_locked_run_dir_is_refused_at_once(reference_run, prefect_server) -> None:
@@ -237,3 +263,85 @@ def test_report_is_published_as_prefect_artifacts(reference_run, prefect_server)
     assert "| **cam** | `grad_cam` |" in by_key["small-summary"]["data"]
     assert by_key["small-metrics"]["type"] == "table"
     assert "grad_cam" in str(by_key["small-metrics"]["data"])
+
+
+def test_sanity_check_separates_an_edge_detector_from_grad_cam(prefect_server, tmp_path) -> None:
+    """A method that ignores the model (Sobel edges of the input, registered only here)
+    keeps similarity 1 at every randomisation depth; Grad-CAM's maps fall below 0.5."""
+    import torch
+    import torch.nn.functional as F
+
+    from analysis.report import sanity_table
+    from explainers import REGISTRY
+    from explainers.base import Explainer, ExplainerSpec, Family
+    from explainers.registry import register
+    from tasks.storage import open_dataset
+
+    class EdgeDetector(Explainer):
+        spec = ExplainerSpec(name="edge_detector_test", family=Family.PERTURBATION, access=("forward",),
+                             summary="Sobel edge magnitude of the input (ignores the model)")
+
+        def _attribute(self, inputs, targets, generators):
+            gray = inputs.mean(dim=1, keepdim=True)
+            kx = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=inputs.dtype, device=inputs.device)
+            gx = F.conv2d(gray, kx.view(1, 1, 3, 3), padding=1)
+            gy = F.conv2d(gray, kx.t().reshape(1, 1, 3, 3), padding=1)
+            return (gx * gx + gy * gy).sqrt()[:, 0]
+
+    register(EdgeDetector)
+    try:
+        cfg = {**SMALL, "name": "sanity", "data": {"n_samples": 16}, "neurons": {"enabled": False},
+               "explain": {"batch_size": 16, "explainers": [{"method": "edge_detector_test"}, {"method": "grad_cam"}]},
+               "evaluate": {"steps": 2}, "sanity": {"samples": 16}}
+        result = _run(cfg, tmp_path / "run")
+    finally:
+        del REGISTRY["edge_detector_test"]
+    assert result["counts"]["sanity"] == {"computed": 2, "reused": 0, "failed": 0}
+    ds = open_dataset(tmp_path / "run" / "store.zarr")
+    np.testing.assert_allclose(ds["sanity"].sel(explainer="edge_detector_test").values, 1.0, atol=1e-6)
+    table = sanity_table(ds).set_index("explainer")
+    assert (table.loc["edge_detector_test", ["spearman_abs", "spearman", "ssim"]] == "never").all()
+    assert table.loc["grad_cam", "ssim"] != "never" and table.loc["grad_cam", "spearman_abs"] != "never"
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "edge_detector_test" in page and "never" in page
+
+
+def test_report_compares_runs_side_by_side(reference_run, tmp_path, prefect_server) -> None:
+    other = {**SMALL, "name": "other", "neurons": {"enabled": False}, "sanity": {"enabled": False},
+             "explain": {"batch_size": 8, "explainers": [{"method": "saliency"}]}}
+    _run(other, tmp_path / "other")
+    out = _cli(["report", str(reference_run), str(tmp_path / "other"), "--out", str(tmp_path / "cmp")], {},
+               prefect_server)
+    assert out.returncode == 0, out.stderr[-2000:]
+    page = (tmp_path / "cmp" / "index.html").read_text()
+    assert "<code>small</code> vs <code>other</code>" in page
+    # saliency is in both runs (same data and model: same numbers), grad_cam only in the first
+    row = page[page.index("<td class=\"name\">saliency</td><td class=\"name\">deletion_auc"):]
+    row = row[: row.index("</tr>")]
+    cells = row.split("<td")[3:]
+    assert len(cells) == 2 and cells[0].split("<br>")[0][-5:] == cells[1].split("<br>")[0][-5:]
+    assert "grad_cam" in page and (tmp_path / "cmp" / "comparison.png").stat().st_size > 5_000
+    assert "`other`" in (tmp_path / "cmp" / "summary.md").read_text()
+
+
+def test_report_escapes_user_strings(reference_run, tmp_path) -> None:
+    import shutil
+
+    from tasks.stages import render_report
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    import zarr
+
+    group = zarr.open_group(str(run_dir / "store.zarr"), mode="r+")
+    manifest = json.loads(group.attrs["manifest"])
+    manifest["name"] = "<script>alert(1)</script>"
+    manifest["explainers"]["saliency"]["params"] = {"note": "<img src=x onerror=alert(2)>"}
+    group.attrs["manifest"] = json.dumps(manifest)
+    from tasks.storage import consolidate
+
+    consolidate(run_dir / "store.zarr")
+    render_report(run_dir)
+    page = (run_dir / "report" / "index.html").read_text()
+    assert "<script>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page

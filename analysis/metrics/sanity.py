@@ -1,0 +1,169 @@
+"""Model-parameter randomisation sanity check (Adebayo et al., NeurIPS 2018), cascading form.
+
+Starting from the top (logit) layer and moving towards the input, the parameters of
+successive layers are re-initialised with each module's own default initialiser (its
+``reset_parameters``, drawn from a seed fixed per layer), keeping the earlier
+randomisations; after each step the maps are recomputed and compared with the trained
+model's maps by
+
+- ``spearman_abs``: Spearman rank correlation of the absolute maps,
+- ``spearman``: Spearman rank correlation of the signed maps,
+- ``ssim``: structural similarity of the maps min-max normalised to [0, 1].
+
+A method that explains the model shows similarity falling as depth grows; one that ignores
+it (an edge detector) stays at 1. ``collapse_depth`` is the first depth whose mean
+similarity is below a threshold (0.5).
+
+Choices where the paper leaves room (documented, see ``../shared/research/metrics.md`` §7):
+a *unit* of randomisation is a layer with parameters (``granularity="layer"``) or a
+top-level child module of the network (``"block"``, the default: it keeps the number of
+depths small for deep networks); a normalisation layer (BatchNorm, GroupNorm, LayerNorm)
+is randomised together with the layer registered just before it, as Adebayo et al. did
+for Inception's conv+BN units. Ties in Spearman ranks get their average rank (as
+``scipy.stats.spearmanr``). SSIM uses the 7x7 uniform window, ``K1=0.01, K2=0.03``, the
+sample covariance and the mean over the valid (un-padded) window positions, exactly
+``skimage.metrics.structural_similarity(a, b, data_range=1)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata
+from torch import nn
+
+SIMILARITIES = ("spearman_abs", "spearman", "ssim")
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _has_own_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def randomisation_units(model: nn.Module, granularity: str = "block") -> list[tuple[str, list[str]]]:
+    """Units of the cascade, top (output side) first.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network (modules registered in execution order, as torchvision's are).
+    granularity : {"block", "layer"}
+        Top-level children with parameters, or single layers with parameters.
+
+    Returns
+    -------
+    list of (str, list of str)
+        Unit name and the names of the modules it re-initialises.
+
+    Raises
+    ------
+    ValueError
+        For an unknown granularity or a model without parameters.
+    """
+    if granularity == "layer":
+        candidates = [(n, m) for n, m in model.named_modules() if n and _has_own_params(m)]
+    elif granularity == "block":
+        candidates = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+    else:
+        raise ValueError(f"granularity must be 'block' or 'layer', got {granularity!r}")
+    units: list[tuple[str, list[str]]] = []
+    for name, module in candidates:
+        if units and isinstance(module, _NORMS):
+            units[-1][1].append(name)  # a normalisation layer goes with the layer before it
+        else:
+            units.append((name, [name]))
+    if not units:
+        raise ValueError("the model has no parameters to randomise")
+    return units[::-1]
+
+
+def _reset(module: nn.Module, seed: int) -> None:
+    resettable = [m for m in module.modules() if _has_own_params(m)]
+    missing = [type(m).__name__ for m in resettable if not hasattr(m, "reset_parameters")]
+    if missing:
+        raise ValueError(f"cannot re-initialise {', '.join(sorted(set(missing)))}: no reset_parameters()")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in resettable:
+            m.reset_parameters()  # type: ignore[operator]
+        for m in module.modules():  # running statistics of normalisation layers
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+
+
+def unit_seed(seed: int, unit: str) -> int:
+    """The seed that re-initialises one unit: from (run seed, unit name) only."""
+    blob = f"{seed}:sanity:{unit}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & (2**63 - 1)
+
+
+def cascading_randomisation(
+    model: nn.Module, units: list[tuple[str, list[str]]], seed: int
+) -> Iterator[tuple[int, str, nn.Module]]:
+    """Yield ``(depth, unit name, model)`` with the top ``depth`` units re-initialised.
+
+    One deep copy of ``model`` is modified in place from step to step (the trained model
+    is never touched); consume each yielded model before advancing.
+    """
+    work = copy.deepcopy(model).eval()
+    modules = dict(work.named_modules())
+    for depth, (unit, names) in enumerate(units, start=1):
+        for name in names:
+            _reset(modules[name], unit_seed(seed, name))
+        yield depth, unit, work
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation per row of two (N, ...) arrays (average ranks for ties;
+    NaN where one map is constant)."""
+    ra = rankdata(a.reshape(len(a), -1), axis=1)
+    rb = rankdata(b.reshape(len(b), -1), axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(axis=1) / den, np.nan)
+
+
+def minmax(maps: np.ndarray) -> np.ndarray:
+    """Each (H, W) map scaled to [0, 1] (a constant map becomes 0)."""
+    flat = maps.reshape(len(maps), -1).astype(np.float64)
+    lo, hi = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return ((flat - lo) / span).reshape(maps.shape)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, win: int = 7, data_range: float = 1.0) -> np.ndarray:
+    """Mean structural similarity per pair of (N, H, W) maps (skimage's defaults)."""
+    x = torch.from_numpy(np.asarray(a, np.float64))[:, None]
+    y = torch.from_numpy(np.asarray(b, np.float64))[:, None]
+    n = win * win
+    mean = lambda t: F.avg_pool2d(t, win, stride=1)  # noqa: E731  (valid positions only)
+    ux, uy = mean(x), mean(y)
+    cov = n / (n - 1)
+    vx = cov * (mean(x * x) - ux * ux)
+    vy = cov * (mean(y * y) - uy * uy)
+    vxy = cov * (mean(x * y) - ux * uy)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3)).numpy()
+
+
+def similarities(trained: np.ndarray, randomised: np.ndarray) -> np.ndarray:
+    """The three similarities of :data:`SIMILARITIES`, shape (N, 3)."""
+    return np.stack([
+        spearman(np.abs(trained), np.abs(randomised)),
+        spearman(trained, randomised),
+        ssim(minmax(trained), minmax(randomised)),
+    ], axis=1)
+
+
+def collapse_depth(mean_similarity: np.ndarray, threshold: float = 0.5) -> int | None:
+    """First depth (1-based) whose mean similarity is below ``threshold``; None if never."""
+    below = np.nonzero(np.asarray(mean_similarity) < threshold)[0]
+    return int(below[0]) + 1 if below.size else None
