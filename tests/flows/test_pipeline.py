@@ -345,3 +345,82 @@ def test_report_escapes_user_strings(reference_run, tmp_path) -> None:
     page = (run_dir / "report" / "index.html").read_text()
     assert "<script>" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+
+
+def _chromium() -> str:
+    """Path of a Chromium binary; installs Debian's ``chromium`` package when missing.
+    Skips (with the reason) only where it cannot be installed."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if not shutil.which("apt-get") or (sudo and not shutil.which("sudo")):
+        pytest.skip("headless Chromium is missing and cannot be installed here (no apt-get, or not root and no sudo)")
+    log = []
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]):
+        try:
+            done = subprocess.run(sudo + cmd, capture_output=True, text=True, timeout=600, env=env)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"installing chromium timed out: {' '.join(cmd)}")
+        log.append(done.stdout[-500:] + done.stderr[-1000:])
+        if done.returncode != 0:
+            pytest.skip(f"headless Chromium could not be installed ({' '.join(cmd)} exited {done.returncode}): "
+                        + log[-1].strip()[-600:])
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("apt-get installed chromium but no 'chromium' binary is on PATH: " + "".join(log)[-600:])
+    return path
+
+
+PROBE = """<script>window.addEventListener('load', () => {
+const imgs = [...document.images];
+const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;
+const families = [...document.querySelectorAll('section.family')].map(s => s.dataset.family);
+const pre = document.createElement('pre'); pre.id = 'probe';
+pre.textContent = JSON.stringify({images: imgs.length, broken, families});
+document.body.appendChild(pre);});</script>"""
+
+
+def _browse(chromium: str, page: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={page.parent / 'chromium-profile'}", "--virtual-time-budget=15000"]
+    return subprocess.run([chromium, *flags, *args, page.as_uri()], capture_output=True, text=True, timeout=180)
+
+
+def _probe(chromium: str, page: Path, extra: str = "") -> dict:
+    probed = page.with_name("probe.html")
+    probed.write_text(page.read_text().replace("</body>", extra + PROBE + "</body>"))
+    dom = _browse(chromium, probed, "--dump-dom").stdout
+    start = dom.index('<pre id="probe">') + len('<pre id="probe">')
+    return json.loads(dom[start: dom.index("</pre>", start)])
+
+
+def test_report_renders_in_headless_chromium(reference_run, tmp_path) -> None:
+    """The self-contained page, opened from a copy of its file alone (as by double-click):
+    every embedded image decodes, every family of the run has its section, and the
+    screenshot is not blank."""
+    import shutil
+
+    import matplotlib.image
+
+    chromium = _chromium()
+    page = tmp_path / "index.html"
+    shutil.copy(reference_run / "report" / "index.html", page)  # no figure files next to it
+    probe = _probe(chromium, page)
+    assert probe["images"] >= 8 and probe["broken"] == 0, probe
+    families = sorted({str(f) for f in xr.open_zarr(reference_run / "store.zarr")["family"].values})
+    assert sorted(probe["families"]) == families
+    # the probe does see a broken image when there is one
+    bad = _probe(chromium, page, '<img alt="bad" src="data:image/png;base64,AAAA">')
+    assert bad["broken"] == 1
+    shot = tmp_path / "shot.png"
+    out = _browse(chromium, page, "--window-size=1280,2400", f"--screenshot={shot}")
+    assert shot.exists(), out.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.std() > 0.05, "blank screenshot"
+    non_white = (pixels < 0.9).any(axis=-1).mean()
+    assert non_white > 0.05, f"only {non_white:.1%} of the screenshot is not white"
