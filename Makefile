@@ -1,6 +1,7 @@
 # attriflow: the two commands of the README live here.
 #   make run    creates .venv when missing, then runs the default pipeline end to end
-#   make test   creates .venv when missing, then runs the test suite
+#   make test   creates .venv when missing (and installs Debian's chromium for the report's
+#               browser test when missing), then runs the test suite
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
@@ -21,4 +22,5 @@ run: $(STAMP)
 	$(VENV)/bin/attriflow run $(CONFIG) --run-dir $(RUN_DIR)
 
 test: $(STAMP)
+	@tools/ensure-chromium $(VENV)/chromium-install.log
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
