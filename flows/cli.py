@@ -20,6 +20,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config)
+        cfg = with_runner_options(cfg, args)
     except ConfigError as err:
         return _fail(str(err))
     run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
@@ -33,15 +34,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(err))
 
 
+def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
+    """Apply ``--dask-workers`` / ``--dask-address`` / ``--retries`` over the config's runner."""
+    from tasks.config import parse_config
+
+    runner = dict(cfg.runner.model_dump())
+    if args.dask_address:
+        runner.update(kind="dask", address=args.dask_address)
+    if args.dask_workers is not None:
+        runner.update(kind="dask", workers=args.dask_workers)
+    if args.retries is not None:
+        runner["retries"] = args.retries
+    if runner == cfg.runner.model_dump():
+        return cfg
+    return parse_config({**cfg.model_dump(mode="json"), "runner": runner}, "the command line")
+
+
 def _run_flow(cfg: Any, run_dir: Path) -> int:
     from explainers import ExplainerParamError, LayerNotFoundError
-    from flows.run import RunFailedError, run_experiment
+    from flows.run import RunFailedError, execute
     from tasks.datasets import DatasetError
     from tasks.models import ModelLoadError
     from tasks.storage import StoreLayoutError
 
     try:
-        result = run_experiment(cfg, str(run_dir))
+        result = execute(cfg, str(run_dir))
     except (RunFailedError, StoreLayoutError, ModelLoadError, DatasetError, LayerNotFoundError,
             ExplainerParamError) as err:
         return _fail(str(err), 1)
@@ -203,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run or resume the pipeline")
     p.add_argument("config", nargs="?", help="YAML config (default: the embedded default run)")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+    p.add_argument("--dask-workers", type=int, metavar="N",
+                   help="run the shards on a new Dask LocalCluster of N worker processes")
+    p.add_argument("--dask-address", metavar="ADDR",
+                   help="run the shards on an existing Dask scheduler (e.g. tcp://10.0.0.5:8786)")
+    p.add_argument("--retries", type=int, metavar="K", help="retries of a failing shard task (default: runner.retries)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="done/total shards per stage and explainer")
     p.add_argument("run_dir")
@@ -230,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")  # runs are offline; no telemetry banner
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the Dask runner's workers inherit it
     return int(args.func(args))
 
 

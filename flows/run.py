@@ -12,7 +12,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from tasks.config import RunConfig
+from tasks.config import RunConfig, RunnerConfig
 from tasks.stages import (
     evaluate_shard,
     explain_shard,
@@ -43,6 +43,27 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]]) -> l
     return failed
 
 
+def make_task_runner(runner: RunnerConfig) -> Any:
+    """The Prefect task runner of a run: a thread pool here, or Prefect's Dask task runner
+    on a new ``LocalCluster`` of worker processes or on an existing scheduler."""
+    if runner.kind == "local":
+        return ThreadPoolTaskRunner(max_workers=runner.threads)
+    from prefect_dask import DaskTaskRunner
+
+    if runner.address:
+        return DaskTaskRunner(address=runner.address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": runner.workers, "threads_per_worker": runner.threads, "processes": True,
+                        "dashboard_address": None},
+    )
+
+
+def execute(config: RunConfig, run_dir: str) -> dict[str, Any]:
+    """Run (or resume) ``config`` into ``run_dir`` on the task runner its ``runner`` names."""
+    return run_experiment.with_options(task_runner=make_task_runner(config.runner))(config, run_dir)
+
+
 @flow(name="attriflow-run", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
 def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
     """Run (or resume) the whole pipeline into ``run_dir``.
@@ -65,25 +86,28 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
         Naming the shards that failed (all others are complete and kept).
     """
     config_json = config.model_dump_json()
+    retry = {"retries": config.runner.retries, "retry_delay_seconds": config.runner.retry_delay_seconds}
+    load_task, explain_task, neurons_task, evaluate_task, sanity_task = (
+        t.with_options(**retry) for t in (load_shard, explain_shard, select_neurons, evaluate_shard, sanity_check))
     with run_lock(Path(run_dir)):
         plan = prepare_run(config_json, run_dir)
         shards = [Shard(*s) for s in plan["shards"]]
-        loads = {s.index: load_shard.submit(config_json, run_dir, s) for s in shards}
+        loads = {s.index: load_task.submit(config_json, run_dir, s) for s in shards}
         explains = {
-            (e, s.index): explain_shard.submit(config_json, run_dir, e, s, wait_for=[loads[s.index]])
+            (e, s.index): explain_task.submit(config_json, run_dir, e, s, wait_for=[loads[s.index]])
             for e in plan["explainers"] for s in shards
         }
         neurons = {
-            s.index: select_neurons.submit(config_json, run_dir, s, wait_for=[loads[s.index]])
+            s.index: neurons_task.submit(config_json, run_dir, s, wait_for=[loads[s.index]])
             for s in shards if config.neurons.enabled
         }
         evals = {
-            key: evaluate_shard.submit(config_json, run_dir, key[0], s, wait_for=[explains[key]])
+            key: evaluate_task.submit(config_json, run_dir, key[0], s, wait_for=[explains[key]])
             for key in explains for s in shards if s.index == key[1]
         }
         first = [s for s in shards if s.start < config.sanity.samples]
         sanity = {
-            e: sanity_check.submit(config_json, run_dir, e, wait_for=[explains[(e, s.index)] for s in first])
+            e: sanity_task.submit(config_json, run_dir, e, wait_for=[explains[(e, s.index)] for s in first])
             for e in plan["explainers"] if config.sanity.enabled
         }
         failed = _collect("load", ((f"load shard {i}", f) for i, f in loads.items()))

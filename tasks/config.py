@@ -168,6 +168,29 @@ class ReportConfig(_Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 
 
+class RunnerConfig(_Strict):
+    """Where the shard tasks run and how failures are retried. Execution only: it is left
+    out of the config hash and the manifest, so it cannot change results or provenance.
+
+    ``local``: a thread pool in the flow's process (``threads`` at a time). ``dask``:
+    Prefect's Dask task runner, on a new ``LocalCluster`` of ``workers`` processes
+    (``threads`` each) or, with ``address``, on an existing scheduler.
+    """
+
+    kind: Literal["local", "dask"] = "local"
+    workers: int = Field(2, ge=1, le=1024)
+    threads: int = Field(1, ge=1, le=256)
+    address: str | None = None
+    retries: int = Field(1, ge=0, le=20)
+    retry_delay_seconds: float = Field(0.0, ge=0.0, le=3600.0)
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> RunnerConfig:
+        if self.address and self.kind != "dask":
+            raise ValueError("runner.address: a scheduler address needs kind: dask")
+        return self
+
+
 class RunConfig(_Strict):
     """A whole run: ``attriflow run CONFIG.yaml``."""
 
@@ -182,14 +205,15 @@ class RunConfig(_Strict):
     neurons: NeuronsConfig = Field(default_factory=NeuronsConfig)
     sanity: SanityConfig = Field(default_factory=SanityConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of the resolved config."""
+        """sha256 of the canonical JSON of the resolved config (without ``runner``)."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
     def canonical_json(self) -> str:
-        """Resolved config as sorted, compact JSON."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Resolved config as sorted, compact JSON, without the execution-only ``runner``."""
+        return json.dumps(self.model_dump(mode="json", exclude={"runner"}), sort_keys=True, separators=(",", ":"))
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -27,12 +27,35 @@ from tasks.datasets import DatasetSource, open_source
 from tasks.models import LoadedModel, cached_model
 
 
+def worker_slot() -> int | None:
+    """This process's number among the run's Dask workers (a ``LocalCluster`` names its
+    workers 0..N-1; ``dask worker --name K`` sets it), or None outside a numbered worker."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+    if isinstance(name, int):
+        return name
+    return int(name) if isinstance(name, str) and name.isdigit() else None
+
+
 def pick_device(requested: str) -> torch.device:
-    """``auto`` means CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` means CUDA when available, else CPU; ``cuda`` without a GPU is an error.
+
+    GPU pinning: where several GPUs are visible, the Dask worker numbered K uses GPU
+    ``K mod count``, so N workers on an N-GPU machine each get their own device. (Workers
+    started with one GPU visible each, as dask-cuda does, all see ``cuda:0``: their own.)
+    Outside a numbered worker the first GPU is used.
+    """
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' requested but torch.cuda.is_available() is False")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: 'cuda' requested but torch.cuda.is_available() is False")
+        slot, count = worker_slot(), torch.cuda.device_count()
+        return torch.device("cuda", slot % count if slot is not None and count > 1 else 0)
     return torch.device(requested)
 
 
@@ -164,3 +187,26 @@ def fault_point(name: str) -> None:
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
     if _fault_counts[name] >= int(count):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by :func:`fault_raise` (tests of the retry policy and of failing shards)."""
+
+
+def fault_raise(run_dir: str | Path, label: str) -> None:
+    """Fault injection for retry tests: ``ATTRIFLOW_RAISE=<label>:<times>`` makes the task
+    ``label`` (its task-run name, e.g. ``explain-grad_cam-1``) raise the first ``times``
+    times it runs (``always``: every time). Counted in ``RUN_DIR/.faults/`` so that
+    retries on other worker processes see the count."""
+    spec = os.environ.get("ATTRIFLOW_RAISE")
+    if not spec:
+        return
+    target, _, times = spec.rpartition(":")
+    if target != label:
+        return
+    counter = Path(run_dir) / ".faults" / label
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    with counter.open("ab") as f:
+        f.write(b".")
+    if times == "always" or counter.stat().st_size <= int(times):
+        raise InjectedFault(f"injected fault in {label} (ATTRIFLOW_RAISE={spec})")

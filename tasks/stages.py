@@ -13,6 +13,7 @@ import json
 import re
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,11 +38,28 @@ from tasks.runtime import (
     array_digest,
     derive_seed,
     fault_point,
+    fault_raise,
     get_runtime,
     git_commit,
     package_versions,
 )
 from tasks.storage import Shard, StoreLayout
+
+
+def shard_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``prefect.task`` that Dask can ship to worker processes by reference.
+
+    The module attribute is the Task, not the function, so cloudpickle would pickle the
+    function by value (with its module globals, some of which cannot be pickled); naming
+    the function ``<task>.fn`` lets pickle find it again through the Task on the worker.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        t = task(**options)(fn)
+        fn.__qualname__ = f"{fn.__name__}.fn"
+        return t
+
+    return wrap
 
 
 def store_path(run_dir: str | Path) -> Path:
@@ -101,7 +119,7 @@ def _manifest(config_json: str, layout: StoreLayout) -> dict[str, Any]:
     }
 
 
-@task(name="prepare-run", cache_policy=NO_CACHE)
+@shard_task(name="prepare-run", cache_policy=NO_CACHE)
 def prepare_run(config_json: str, run_dir: str) -> dict[str, Any]:
     """Create (or check and reuse) the store and write the manifest.
 
@@ -154,7 +172,7 @@ def _receipt(stage: str, shard: Shard, skipped: bool, t0: float, **extra: Any) -
             "seconds": round(time.perf_counter() - t0, 3), **extra}
 
 
-@task(name="load-shard", cache_policy=NO_CACHE, task_run_name="load-{shard.index}")
+@shard_task(name="load-shard", cache_policy=NO_CACHE, task_run_name="load-{shard.index}")
 def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     """Write labels, predictions, probabilities and ground truth of one shard."""
     t0 = time.perf_counter()
@@ -167,6 +185,7 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     )
     if storage.get_record(path, "load", shard.index) == expected:
         return _receipt("load", shard, True, t0)
+    fault_raise(run_dir, f"load-{shard.index}")
     preds, probs = [], []
     with torch.inference_mode():
         for s in range(0, len(batch.images), rt.config.explain.batch_size):
@@ -223,7 +242,7 @@ def _passes(exp: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     return forward, backward
 
 
-@task(name="explain-shard", cache_policy=NO_CACHE, task_run_name="explain-{explainer}-{shard.index}")
+@shard_task(name="explain-shard", cache_policy=NO_CACHE, task_run_name="explain-{explainer}-{shard.index}")
 def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
     """Compute and store one explainer's attributions for one shard."""
     t0 = time.perf_counter()
@@ -240,6 +259,7 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     )
     if storage.get_record(path, "explain", shard.index, k) == expected:
         return _receipt("explain", shard, True, t0, explainer=explainer)
+    fault_raise(run_dir, f"explain-{explainer}-{shard.index}")
     batch = rt.source.load(shard.start, shard.stop)
     inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
     targets = _targets(path, rt, shard).to(rt.device)
@@ -266,7 +286,7 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     return _receipt("explain", shard, False, t0, explainer=explainer)
 
 
-@task(name="evaluate-shard", cache_policy=NO_CACHE, task_run_name="evaluate-{explainer}-{shard.index}")
+@shard_task(name="evaluate-shard", cache_policy=NO_CACHE, task_run_name="evaluate-{explainer}-{shard.index}")
 def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
     """Deletion and insertion curves and AUCs of one explainer's maps for one shard."""
     t0 = time.perf_counter()
@@ -281,6 +301,7 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
     expected = storage.digest64("evaluate", explain_record, ev.model_dump(mode="json"))
     if storage.get_record(path, "evaluate", shard.index, k) == expected:
         return _receipt("evaluate", shard, True, t0, explainer=explainer)
+    fault_raise(run_dir, f"evaluate-{explainer}-{shard.index}")
     batch = rt.source.load(shard.start, shard.stop)
     inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
     group = zarr.open_group(str(path), mode="r")
@@ -352,7 +373,7 @@ def _unit_boxes(model: torch.nn.Module, layers: list[str], image: torch.Tensor,
     return boxes
 
 
-@task(name="select-neurons", cache_policy=NO_CACHE, task_run_name="neurons-{shard.index}")
+@shard_task(name="select-neurons", cache_policy=NO_CACHE, task_run_name="neurons-{shard.index}")
 def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     """Neuron-selection scores, selections, overlaps and unit boxes of one shard."""
     from analysis.neurons import overlap, select_top_k
@@ -419,7 +440,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
     return _receipt("neurons", shard, False, t0)
 
 
-@task(name="sanity-check", cache_policy=NO_CACHE, task_run_name="sanity-{explainer}")
+@shard_task(name="sanity-check", cache_policy=NO_CACHE, task_run_name="sanity-{explainer}")
 def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, Any]:
     """Cascading model-parameter randomisation for one explainer on the first samples.
 
@@ -470,7 +491,7 @@ def artifact_key(name: str, suffix: str) -> str:
     return f"{slug}-{suffix}"
 
 
-@task(name="write-report", cache_policy=NO_CACHE)
+@shard_task(name="write-report", cache_policy=NO_CACHE)
 def write_report(run_dir: str) -> str:
     """Regenerate ``RUN_DIR/report/`` from the store alone and publish the summary as
     Prefect artifacts (markdown and table) under stable keys ``<run name>-summary`` and
@@ -539,6 +560,7 @@ def render_report(run_dir: str | Path) -> Path:
         if "preview" in ds:
             figures["neuron_boxes"] = _save(plots.plot_neuron_boxes(ds), out, "neuron_boxes",
                                             "Receptive boxes of the selected neurons")
+    fault_point("report.after_figures")
     (out / "index.html").write_text(render_run_html(ds, figures, family_figures, plots.family_palette(ds)))
     listed = [(f"{f.name}.png", f.caption) for f in [*figures.values(), *family_figures.values()]]
     summary = out / "summary.md"

@@ -329,6 +329,16 @@ def read_records(path: Path) -> dict[str, np.ndarray]:
 _HELD: set[str] = set()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunLockedError(RuntimeError):
     """Another process holds the run directory."""
 
@@ -336,6 +346,10 @@ class RunLockedError(RuntimeError):
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the block (``flock``: released on death).
+
+    A lock file left by a process that died is taken over safely: the kernel released its
+    flock, so acquiring it proves nobody holds the directory; the dead holder's pid is
+    reported in a warning. A live holder makes this fail at once.
 
     Raises
     ------
@@ -360,6 +374,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 f"run directory {str(run_dir)!r} is in use by another attriflow process "
                 f"(pid {holder}); wait for it to finish or use another --run-dir"
             ) from None
+        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if previous.isdigit() and int(previous) != os.getpid() and not _alive(int(previous)):
+            warnings.warn(f"run directory {str(run_dir)!r}: taking over the lock left by process {previous}, "
+                          "which is gone (its finished shards are kept; unfinished ones are redone)", stacklevel=3)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         _HELD.add(key)

@@ -18,50 +18,12 @@ import xarray as xr
 import yaml
 
 from tasks.config import parse_config
+from tests.flows.helpers import SMALL
+from tests.flows.helpers import cli as _cli
+from tests.flows.helpers import files as _files
+from tests.flows.helpers import run as _run
 
 pytestmark = pytest.mark.slow
-
-SMALL = {
-    "name": "small",
-    "shard_size": 8,
-    "data": {"n_samples": 24},
-    "explain": {"batch_size": 8, "explainers": [{"method": "saliency"}, {"method": "grad_cam"}]},
-    "evaluate": {"steps": 8, "batch_size": 64},
-}
-
-
-def _files(store: Path, reproducible: bool = False) -> dict[str, tuple[bytes, int]]:
-    """Relative path -> (content, mtime_ns) of every file in a store (``reproducible``:
-    without the wall-clock variables, the only ones two identical runs may differ in)."""
-    from tasks.storage import NONDETERMINISTIC
-
-    files = {
-        str(p.relative_to(store)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(store.rglob("*")) if p.is_file()
-    }
-    if reproducible:
-        files = {k: v for k, v in files.items() if k.split("/")[0] not in NONDETERMINISTIC}
-    return files
-
-
-def _run(cfg: dict, run_dir: Path) -> dict:
-    from flows.run import run_experiment
-
-    return run_experiment(parse_config(cfg), str(run_dir))
-
-
-def _cli(args: list[str], env_extra: dict[str, str], server: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_API_URL": server, **env_extra}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=Path(__file__).resolve().parents[2])
-
-
-@pytest.fixture(scope="module")
-def reference_run(prefect_server, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    result = _run(SMALL, run_dir)
-    assert result["counts"]["explain"] == {"computed": 6, "reused": 0, "failed": 0}
-    return run_dir
 
 
 def test_store_schema_manifest_and_report(reference_run) -> None:

@@ -1,0 +1,102 @@
+"""Scale-out and faults: the Dask runner, kills at several points, retries, failing shards,
+stale locks. Every interrupted or failing run is finished by a plain rerun into a store
+equal to the uninterrupted reference run (wall-clock timings aside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.flows.helpers import ROOT, SMALL, cli, files, run
+
+pytestmark = pytest.mark.slow
+
+
+def _same_store(a: Path, b: Path) -> None:
+    ours = {k: v[0] for k, v in files(a / "store.zarr", reproducible=True).items()}
+    ref = {k: v[0] for k, v in files(b / "store.zarr", reproducible=True).items()}
+    assert ours.keys() == ref.keys()
+    assert [k for k in ours if ours[k] != ref[k]] == []
+
+
+def test_dask_local_cluster_gives_the_local_runners_store(reference_run, tmp_path) -> None:
+    result = run({**SMALL, "runner": {"kind": "dask", "workers": 2}}, tmp_path / "dask")
+    assert result["counts"]["explain"] == {"computed": 6, "reused": 0, "failed": 0}
+    _same_store(tmp_path / "dask", reference_run)
+    manifest = json.loads((tmp_path / "dask" / "manifest.json").read_text())
+    assert "runner" not in manifest["config"]  # execution settings are not provenance
+
+
+@pytest.mark.parametrize("point", ["evaluate.after_write:3", "report.after_figures:1"])
+def test_killed_during_analysis_or_report_resumes_to_the_same_store(point, reference_run, prefect_server,
+                                                                    tmp_path) -> None:
+    """(The kill during explanation is ``test_sigkill_then_resume_equals_uninterrupted``.)"""
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    run_dir = tmp_path / "run"
+    killed = cli(["run", str(cfg), "--run-dir", str(run_dir)], {"ATTRIFLOW_FAULT": point}, prefect_server)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = cli(["run", str(cfg), "--run-dir", str(run_dir)], {}, prefect_server)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "explain: 0 computed, 6 reused" in resumed.stdout
+    if point.startswith("evaluate"):
+        assert "evaluate: 4 computed, 2 reused" in resumed.stdout  # the 3rd write's record never landed
+    else:
+        assert "evaluate: 0 computed, 6 reused" in resumed.stdout
+    _same_store(run_dir, reference_run)
+    assert (run_dir / "report" / "index.html").stat().st_size > 100_000
+
+
+def test_a_failing_shard_is_retried(reference_run, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ATTRIFLOW_RAISE", "explain-grad_cam-1:1")
+    result = run({**SMALL, "runner": {"retries": 1}}, tmp_path / "run")
+    assert result["counts"]["explain"] == {"computed": 6, "reused": 0, "failed": 0}
+    assert (tmp_path / "run" / ".faults" / "explain-grad_cam-1").read_bytes() == b".."  # failed, then passed
+    _same_store(tmp_path / "run", reference_run)
+
+
+def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path, monkeypatch, prefect_server) -> None:
+    from flows.run import RunFailedError
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("ATTRIFLOW_RAISE", "explain-grad_cam-1:always")
+    with pytest.raises(RunFailedError) as err:
+        run({**SMALL, "runner": {"retries": 2}}, run_dir)
+    message = str(err.value)
+    assert "explain grad_cam shard 1 (Failed" in message and "InjectedFault" in message
+    assert (run_dir / ".faults" / "explain-grad_cam-1").read_bytes() == b"..."  # 1 try + 2 retries
+    status = json.loads(cli(["status", str(run_dir), "--json"], {}, prefect_server).stdout)["stages"]
+    assert status["explain"]["saliency"]["done"] == 3 and status["explain"]["grad_cam"]["done"] == 2
+    assert status["evaluate"]["grad_cam"]["done"] == 2 and status["neurons"]["done"] == 3
+    assert status["sanity"] == {"saliency": {"done": 1, "total": 1}, "grad_cam": {"done": 0, "total": 1}}
+    monkeypatch.delenv("ATTRIFLOW_RAISE")
+    result = run(SMALL, run_dir)
+    assert result["counts"]["explain"] == {"computed": 1, "reused": 5, "failed": 0}
+    assert result["counts"]["evaluate"] == {"computed": 1, "reused": 5, "failed": 0}
+    assert result["counts"]["sanity"] == {"computed": 1, "reused": 1, "failed": 0}
+    _same_store(run_dir, reference_run)
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path) -> None:
+    from tasks.storage import run_lock
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from tasks.storage import run_lock\n"
+         "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "locked"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (run_dir / ".attriflow.lock").read_text() == str(holder.pid)  # left behind
+    with pytest.warns(UserWarning, match=f"left by process {holder.pid}, which is gone"):
+        with run_lock(run_dir):
+            assert (run_dir / ".attriflow.lock").read_text() == str(os.getpid())
