@@ -23,6 +23,7 @@ from analysis.report import (
     ReportOptions,
     cost_table,
     family_order,
+    flagged_note,
     fmt,
     manifest_of,
     metric_summary,
@@ -153,6 +154,8 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
                "explainer per metric and the best family sub-total (<i>all &lt;family&gt;</i> pools the family's "
                "explainers' samples).</p>")
     out.append(metric_table_html(summary))
+    if flagged_note(ds):
+        out.append(f"<p class='warn'><b>{escape(flagged_note(ds))}</b></p>")
     if "distributions" in figures:
         out.append(img(figures["distributions"]))
     out.append("<h2 id='families'>Families</h2>")

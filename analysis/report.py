@@ -186,14 +186,13 @@ def cost_table(ds: xr.Dataset) -> pd.DataFrame:
 
 
 def sanity_curves(ds: xr.Dataset) -> pd.DataFrame | None:
-    """Mean similarity per (explainer, depth, similarity), or None without a sanity check.
-    A NaN Spearman (a constant randomised map: no rank information left) counts as 0."""
+    """Mean similarity per (explainer, depth, similarity) over the samples with finite maps
+    (the stage stores 0 for a constant map's Spearman), or None without a sanity check."""
     if "sanity" not in ds:
         return None
     values = np.asarray(ds["sanity"].values, dtype=np.float64)  # (E, S, D, 3)
     if not np.isfinite(values).any():
         return None
-    values = np.nan_to_num(values, nan=0.0)
     rows = []
     units = [str(u) for u in ds["randomised"].values]
     for i in explainer_order(ds):
@@ -201,7 +200,7 @@ def sanity_curves(ds: xr.Dataset) -> pd.DataFrame | None:
             for s, sim in enumerate(SIMILARITIES):
                 rows.append({"family": str(ds["family"].values[i]), "explainer": str(ds["explainer"].values[i]),
                              "depth": d + 1, "randomised": unit, "similarity": sim,
-                             "value": float(values[i, :, d, s].mean())})
+                             "value": _nanmean(values[i, :, d, s])})
     return pd.DataFrame(rows)
 
 
@@ -222,6 +221,25 @@ def sanity_table(ds: xr.Dataset, threshold: float = 0.5) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
+def flagged_counts(ds: xr.Dataset) -> dict[str, int]:
+    """Per explainer, the maps flagged non-finite (map or model output NaN/inf): they are
+    kept in the store as computed and left out of every mean."""
+    if "flagged" not in ds:
+        return {}
+    flags = np.asarray(ds["flagged"].values, dtype=bool)
+    return {str(e): int(flags[i].sum()) for i, e in enumerate(ds["explainer"].values) if flags[i].any()}
+
+
+def flagged_note(ds: xr.Dataset) -> str:
+    """One sentence on flagged maps, or an empty string when there are none."""
+    counts = flagged_counts(ds)
+    if not counts:
+        return ""
+    parts = ", ".join(f"{e}: {k}" for e, k in counts.items())
+    return (f"Non-finite maps (the model's output or the map is NaN/inf) are flagged and left out of "
+            f"every mean: {parts}.")
+
+
 def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
     """(field, value) pairs describing where the numbers come from."""
     m = manifest_of(ds)
@@ -229,6 +247,8 @@ def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
     acc = float("nan")
     if "prediction" in ds and "label" in ds:
         acc = float((ds["prediction"].values == ds["label"].values).mean())
+    classes = [str(c) for c in m.get("classes", [])]
+    shown = ", ".join(classes[:20]) + (f", … ({len(classes)} in all)" if len(classes) > 20 else "")
     return [
         ("run", str(m.get("name", "?"))),
         ("config hash", str(m.get("config_hash", "?"))),
@@ -237,6 +257,7 @@ def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
         ("model weights sha256", str(m.get("model_digest", "?"))),
         ("model accuracy on these samples", f"{acc:.4f}" if np.isfinite(acc) else "n/a"),
         ("data", f"{m.get('data', '?')} ({ds.sizes['sample']} samples)"),
+        ("classes", shown or "?"),
         ("device", str(m.get("device", "?"))),
         ("git commit", str(m.get("git_commit", "?"))),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))),
@@ -274,6 +295,8 @@ def render_markdown(ds: xr.Dataset, figures: list[tuple[str, str]] = ()) -> str:
     lines += markdown_metric_table(summary)
     lines += ["", "↑ higher is better, ↓ lower is better; best explainer per metric and best family "
               "sub-total in bold; `all <family>` pools the family's explainers' samples.", ""]
+    if flagged_note(ds):
+        lines += [f"**{flagged_note(ds)}**", ""]
     cost = cost_table(ds)
     lines += ["## Cost per image", "", "| family | explainer | seconds | forward passes | backward passes |",
               "|---|---|---|---|---|"]

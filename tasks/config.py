@@ -34,6 +34,7 @@ class DataConfig(_Strict):
     root: str | None = None
     annotations: str | None = None
     classes: list[str] | None = None
+    max_pixels: int = Field(89_478_485, ge=1)  # larger files are skipped as "huge" (Pillow's bomb limit)
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:

@@ -4,8 +4,10 @@ Every source yields images as float32 RGB in [0, 1], shape (N, 3, S, S): files a
 with Pillow, converted to RGB (grey, palette and RGBA images are converted; RGBA is
 composited on black; 16-bit images are scaled to 8 bits by Pillow's conversion) and resized
 to ``image_size`` x ``image_size`` (bilinear, antialiased, aspect ratio not kept).
-Undecodable files are found when the run is planned, listed in the manifest and skipped:
-never replaced by zeros.
+Undecodable files (corrupt, truncated, empty) and files over ``data.max_pixels`` pixels
+(default: Pillow's decompression-bomb limit, 89.5 Mpx) are found when the run is planned,
+listed in the manifest, the store's attrs and the report, and skipped: never replaced by
+zeros.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class EmbeddedSource(DatasetSource):
 def _decode(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = None  # the size limit is ``data.max_pixels``, checked when planning
     with Image.open(path) as img:
         img.load()
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -92,14 +95,18 @@ def _decode(path: Path, size: int) -> np.ndarray:
     return t[0].clamp(0, 1).numpy()
 
 
-def _check(path: Path) -> str | None:
+def _check(path: Path, max_pixels: int) -> str | None:
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below replaces Pillow's bomb check
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.width == 0 or img.height == 0:
+        with Image.open(path) as img:  # reads the header only
+            w, h = img.size
+            if w == 0 or h == 0:
                 return "empty image"
+            if w * h > max_pixels:
+                return f"huge image: {w}x{h} = {w * h} pixels > data.max_pixels = {max_pixels}"
+            img.load()
     except Exception as err:  # noqa: BLE001  (any decoder failure means: skip and report)
         return f"{type(err).__name__}: {err}"
     return None
@@ -165,7 +172,7 @@ class FileSource(DatasetSource):
 def _finish(cfg: DataConfig, desc: str, classes: tuple[str, ...], entries: list[tuple[Path, int, Path | None]], has_box: bool) -> FileSource:
     skipped, kept = [], []
     for path, label, xml in entries:
-        problem = _check(path)
+        problem = _check(path, cfg.max_pixels)
         if problem is None:
             kept.append((path, label, xml))
         else:

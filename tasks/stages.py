@@ -186,19 +186,22 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     if storage.get_record(path, "load", shard.index) == expected:
         return _receipt("load", shard, True, t0)
     fault_raise(run_dir, f"load-{shard.index}")
-    preds, probs = [], []
+    preds, probs, finite = [], [], []
     with torch.inference_mode():
         for s in range(0, len(batch.images), rt.config.explain.batch_size):
             x = rt.model.normalize(torch.from_numpy(batch.images[s : s + rt.config.explain.batch_size]).to(rt.device))
-            p = torch.softmax(rt.module(x).float(), dim=1)
+            logits = rt.module(x).float()
+            p = torch.softmax(logits, dim=1)
             conf, cls = p.max(dim=1)
             preds.append(cls.cpu().numpy())
             probs.append(conf.cpu().numpy())
+            finite.append(torch.isfinite(logits).all(dim=1).cpu().numpy())
     region = {"sample": slice(shard.start, shard.stop)}
     variables: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
         "label": (("sample",), batch.labels.astype(np.int64)),
         "prediction": (("sample",), np.concatenate(preds).astype(np.int64)),
         "probability": (("sample",), np.concatenate(probs).astype(np.float32)),
+        "finite_output": (("sample",), np.concatenate(finite).astype(bool)),
     }
     if batch.masks is not None:
         variables["gt_mask"] = (("sample", "y", "x"), batch.masks.astype(bool))
@@ -271,9 +274,14 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     _sync(rt.device)
     seconds = np.array([[time.perf_counter() - started]])
     forward, backward = _passes(exp, len(ids))
+    maps_np = maps.cpu().numpy()
+    group = zarr.open_group(str(path), mode="r")
+    finite_output = np.asarray(group["finite_output"][shard.start : shard.stop], dtype=bool)
+    flagged = ~np.isfinite(maps_np).reshape(len(maps_np), -1).all(axis=1) | ~finite_output
     storage.write_region(
         path,
-        {"attribution": (("explainer", "sample", "y", "x"), maps.cpu().numpy()[None]),
+        {"attribution": (("explainer", "sample", "y", "x"), maps_np[None]),
+         "flagged": (("explainer", "sample"), flagged[None]),
          "forward_passes": (("explainer", "sample"), forward[None]),
          "backward_passes": (("explainer", "sample"), backward[None])},
         {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)},
@@ -337,6 +345,9 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
     all_curves = np.full((n, len(names_m), curves.shape[-1]), np.nan, dtype=np.float32)
     for c, name in enumerate(storage.CURVE_METRICS):
         all_curves[:, names_m.index(name)] = curves[:, c].numpy()
+    flagged = np.asarray(group["flagged"][k, shard.start : shard.stop], dtype=bool)
+    scores[flagged] = np.nan  # a non-finite map or model output is reported, never averaged in
+    all_curves[flagged] = np.nan
     region = {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)}
     storage.write_region(
         path,
@@ -478,6 +489,7 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
         exp = rt.build_explainer(explainer, model)
         maps = exp.attribute(inputs, targets, batch_size=rt.config.explain.batch_size, seeds=seeds)
         out[0, :, depth - 1] = similarities(trained, maps.double().cpu().numpy())
+    out[0, np.asarray(group["flagged"][k, :n], dtype=bool)] = np.nan  # non-finite model output
     storage.write_region(path, {"sanity": (("explainer", "sanity_sample", "depth", "similarity"), out)},
                          {"explainer": slice(k, k + 1)})
     fault_point("sanity.after_write")

@@ -5,6 +5,9 @@ Layout (dims ``explainer, sample, y, x, metric, point, shard, corner``):
 - ``attribution(explainer, sample, y, x)`` float32, chunks ``(1, shard_size, H, W)``;
 - ``label``, ``prediction`` (int64), ``probability`` (float32) per ``sample``;
   ``gt_mask(sample, y, x)`` and ``gt_box(sample, corner)`` where the dataset has them;
+- ``finite_output(sample)``: the model's logits on the clean image are all finite;
+  ``flagged(explainer, sample)``: the map (or the model output it explains) is not finite:
+  its scores are NaN and it is left out of every mean;
 - ``forward_passes(explainer, sample)`` and ``backward_passes(explainer, sample)``: model
   evaluations and backward passes each map cost (-1 when the method cannot say);
   ``explain_seconds(explainer, shard)``: wall time of each shard's attribution (the one
@@ -186,6 +189,8 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
         "label": (("sample",), _lazy((n,), (s,), np.int64)),
         "prediction": (("sample",), _lazy((n,), (s,), np.int64)),
         "probability": (("sample",), _lazy((n,), (s,), np.float32)),
+        "finite_output": (("sample",), _lazy((n,), (s,), bool)),
+        "flagged": (("explainer", "sample"), _lazy((e, n), (1, s), bool)),
         "forward_passes": (("explainer", "sample"), _lazy((e, n), (1, s), np.int64)),
         "backward_passes": (("explainer", "sample"), _lazy((e, n), (1, s), np.int64)),
         "explain_seconds": (("explainer", "shard"), _lazy((e, k), (1, 1), np.float64)),

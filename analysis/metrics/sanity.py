@@ -155,12 +155,21 @@ def ssim(a: np.ndarray, b: np.ndarray, win: int = 7, data_range: float = 1.0) ->
 
 
 def similarities(trained: np.ndarray, randomised: np.ndarray) -> np.ndarray:
-    """The three similarities of :data:`SIMILARITIES`, shape (N, 3)."""
-    return np.stack([
-        spearman(np.abs(trained), np.abs(randomised)),
-        spearman(trained, randomised),
-        ssim(minmax(trained), minmax(randomised)),
+    """The three similarities of :data:`SIMILARITIES`, shape (N, 3).
+
+    A constant map has no ranks: its Spearman correlation is undefined and counted as 0
+    (no similarity left). Pairs with a non-finite map give NaN (left out of means)."""
+    finite = (np.isfinite(trained).reshape(len(trained), -1).all(axis=1)
+              & np.isfinite(randomised).reshape(len(randomised), -1).all(axis=1))
+    t = np.where(finite[:, None, None], trained, 0.0)
+    r = np.where(finite[:, None, None], randomised, 0.0)
+    out = np.stack([
+        np.nan_to_num(spearman(np.abs(t), np.abs(r)), nan=0.0),
+        np.nan_to_num(spearman(t, r), nan=0.0),
+        ssim(minmax(t), minmax(r)),
     ], axis=1)
+    out[~finite] = np.nan
+    return out
 
 
 def collapse_depth(mean_similarity: np.ndarray, threshold: float = 0.5) -> int | None:

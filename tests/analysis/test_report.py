@@ -37,7 +37,8 @@ def _store(n: int = 40) -> xr.Dataset:
     sanity = np.ones((4, 5, 3, 3))
     sanity[1, :, 1:] = 0.2  # gc collapses at depth 2
     sanity[2, :, 2, 2] = 0.1  # sal's SSIM collapses at depth 3
-    sanity[2, :, :, :2] = np.nan  # a constant randomised map: no ranks, counts as 0
+    sanity[2, :, :, :2] = 0.0  # constant randomised maps: the stage stores Spearman 0
+    sanity[0, :2] = np.nan  # flagged (non-finite) samples are left out, not counted as 0
     manifest = {"name": "t<b>", "seed": 7, "taxonomy": TAXONOMY,
                 "config": {"shard_size": 16, "report": {"bootstrap": 500, "confidence": 0.9},
                            "sanity": {"threshold": 0.5}},
@@ -106,7 +107,8 @@ def test_sanity_collapse_depths() -> None:
     assert table.loc["occ", "ssim"] == "never"
     assert table.loc["gc", "spearman_abs"] == "2 (block2)"
     assert table.loc["sal", "ssim"] == "3 (block1)"
-    assert table.loc["sal", "spearman"] == "1 (fc)"  # NaN counts as no similarity
+    assert table.loc["sal", "spearman"] == "1 (fc)"
+    assert table.loc["occ", "spearman"] == "never"
 
 
 def test_html_page_has_family_sections_figures_and_escapes() -> None:

@@ -52,6 +52,18 @@ def test_similarities_of_identical_and_inverted_maps() -> None:
     np.testing.assert_allclose(inv[:, 1], -1.0, atol=1e-12)  # signed ranks reversed
 
 
+def test_constant_maps_count_as_dissimilar_and_non_finite_ones_are_left_out() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.random((3, 12, 12))
+    b = a.copy()
+    b[0] = 0.0  # constant: no ranks left
+    b[1, 0, 0] = np.nan  # a non-finite map
+    out = similarities(a, b)
+    assert out[0, 0] == 0 and out[0, 1] == 0
+    assert np.isnan(out[1]).all()
+    np.testing.assert_allclose(out[2], 1.0)
+
+
 def test_units_top_down_with_norm_layers_attached() -> None:
     assert [u for u, _ in randomisation_units(ReferenceCNN())] == ["fc", "block4", "block3", "block2", "block1"]
     layers = randomisation_units(ReferenceCNN(), "layer")

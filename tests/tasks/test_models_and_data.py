@@ -75,14 +75,21 @@ def test_imagefolder_converts_and_skips(tmp_path) -> None:
     _save(root / "dog" / "deep.png", rng.integers(0, 65535, (16, 16), dtype=np.uint16))
     (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     (root / "dog" / "empty.png").write_bytes(b"")
-    src = open_source(DataConfig(kind="imagefolder", root=str(root), image_size=24, n_samples=None))
+    _save(root / "dog" / "whole.png", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    full = (root / "dog" / "whole.png").read_bytes()
+    (root / "dog" / "truncated.png").write_bytes(full[: len(full) // 2])
+    _save(root / "dog" / "huge.png", np.zeros((120, 120), dtype=np.uint8))  # over max_pixels below
+    src = open_source(DataConfig(kind="imagefolder", root=str(root), image_size=24, n_samples=None,
+                                 max_pixels=100 * 100))
     assert src.classes == ("cat", "dog")
-    assert len(src) == 4
-    assert sorted(s["file"].rsplit("/", 1)[-1] for s in src.skipped) == ["broken.jpg", "empty.png"]
-    batch = src.load(0, 4)
-    assert batch.images.shape == (4, 3, 24, 24)
+    assert len(src) == 5
+    reasons = {s["file"].rsplit("/", 1)[-1]: s["reason"] for s in src.skipped}
+    assert sorted(reasons) == ["broken.jpg", "empty.png", "huge.png", "truncated.png"]
+    assert "huge image: 120x120" in reasons["huge.png"] and "truncated" in reasons["truncated.png"]
+    batch = src.load(0, 5)
+    assert batch.images.shape == (5, 3, 24, 24)
     assert batch.images.min() >= 0 and batch.images.max() <= 1
-    assert batch.labels.tolist() == [0, 0, 1, 1]
+    assert batch.labels.tolist() == [0, 0, 1, 1, 1]
     grey = batch.images[src.sample_names.index("cat/grey.png")]
     assert np.allclose(grey[0], grey[1]) and np.allclose(grey[1], grey[2])
     deep = batch.images[src.sample_names.index("dog/deep.png")]
