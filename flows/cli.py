@@ -75,8 +75,10 @@ def status_of(run_dir: Path) -> dict[str, Any]:
     from tasks.stages import store_path
     from tasks.storage import open_dataset, read_records
 
+    from tasks.storage import exists
+
     path = store_path(run_dir)
-    if not path.exists():
+    if not exists(path):
         raise FileNotFoundError(f"no store at {str(path)!r}")
     ds = open_dataset(path)
     records = read_records(path)
@@ -186,9 +188,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from tasks.stages import render_comparison, render_report, store_path
+    from tasks.storage import exists
 
     for run_dir in args.run_dirs:
-        if not store_path(run_dir).exists():
+        if not exists(store_path(run_dir)):
             return _fail(f"no store at {str(store_path(run_dir))!r}")
     if len(args.run_dirs) == 1:
         if args.out:

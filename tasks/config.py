@@ -192,6 +192,10 @@ class RunnerConfig(_Strict):
         return self
 
 
+#: Where and how a run executes, not what it computes: left out of the hash and manifest.
+EXECUTION_ONLY = {"runner", "store"}
+
+
 class RunConfig(_Strict):
     """A whole run: ``attriflow run CONFIG.yaml``."""
 
@@ -207,14 +211,22 @@ class RunConfig(_Strict):
     sanity: SanityConfig = Field(default_factory=SanityConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    store: str | None = None  # fsspec URL of the store (default: RUN_DIR/store.zarr); not provenance
+
+    @model_validator(mode="after")
+    def _memory_store_is_local(self) -> RunConfig:
+        if self.store and self.store.startswith("memory://") and self.runner.kind == "dask":
+            raise ValueError("store: a memory:// store lives in one process; Dask workers cannot share it "
+                             "(use runner.kind: local, or a file or object-store URL)")
+        return self
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of the resolved config (without ``runner``)."""
+        """sha256 of the canonical JSON of the resolved config (without ``runner``, ``store``)."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
     def canonical_json(self) -> str:
-        """Resolved config as sorted, compact JSON, without the execution-only ``runner``."""
-        return json.dumps(self.model_dump(mode="json", exclude={"runner"}), sort_keys=True, separators=(",", ":"))
+        """Resolved config as sorted, compact JSON, without the execution-only fields."""
+        return json.dumps(self.model_dump(mode="json", exclude=EXECUTION_ONLY), sort_keys=True, separators=(",", ":"))
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

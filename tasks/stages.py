@@ -62,8 +62,15 @@ def shard_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     return wrap
 
 
-def store_path(run_dir: str | Path) -> Path:
-    """``RUN_DIR/store.zarr``."""
+STORE_POINTER = "store-url"
+
+
+def store_path(run_dir: str | Path) -> storage.StoreRef:
+    """The run's store: the URL recorded in ``RUN_DIR/store-url`` when the config named
+    one (``store:``), else ``RUN_DIR/store.zarr``."""
+    pointer = Path(run_dir) / STORE_POINTER
+    if pointer.exists():
+        return storage.store_ref(pointer.read_text().strip())
     return Path(run_dir) / storage.STORE_NAME
 
 
@@ -142,11 +149,18 @@ def prepare_run(config_json: str, run_dir: str) -> dict[str, Any]:
     """
     rt = get_runtime(config_json)
     layout = _layout(config_json)
-    path = store_path(run_dir)
     manifest = _manifest(config_json, layout)
     attrs = {"manifest": json.dumps(manifest, sort_keys=True), "layout": json.dumps(layout.key(), sort_keys=True)}
     params = [json.dumps(rt.explainers[n].params(), sort_keys=True) for n in layout.explainers]
-    if path.exists():
+    pointer = Path(run_dir) / STORE_POINTER
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if rt.config.store:
+        if not pointer.exists() or pointer.read_text().strip() != rt.config.store:
+            pointer.write_text(rt.config.store + "\n")
+    elif pointer.exists():
+        pointer.unlink()
+    path = store_path(run_dir)
+    if storage.exists(path):
         old = storage.read_layout_key(path)
         if old != layout.key():
             diff = sorted(k for k in set(old) | set(layout.key()) if old.get(k) != layout.key().get(k))

@@ -53,6 +53,8 @@ import zarr
 
 from analysis.metrics.sanity import SIMILARITIES
 SCHEMA_VERSION = 2
+#: A store: a local path, or an fsspec URL (``memory://``, ``s3://`` ... with its backend installed).
+StoreRef = Path | str
 STORE_NAME = "store.zarr"
 METRICS: dict[str, dict[str, Any]] = {
     "deletion_auc": {"higher_is_better": False, "category": "faithfulness"},
@@ -156,18 +158,36 @@ def _lazy(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any) -> da.Arr
     return da.zeros(shape, chunks=chunks, dtype=dtype)
 
 
-def _open_group(path: Path, mode: str = "r+") -> zarr.Group:
+def store_ref(location: str | Path) -> StoreRef:
+    """A local ``Path`` for paths and ``file://`` URLs, else the URL itself."""
+    text = str(location)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return text if "://" in text else Path(text)
+
+
+def exists(path: StoreRef) -> bool:
+    """Whether a store has been initialised at ``path`` (its root metadata exists)."""
+    if isinstance(path, Path):
+        return path.exists()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
+
+
+def _open_group(path: StoreRef, mode: str = "r+") -> zarr.Group:
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
 
 
-def consolidate(path: Path) -> None:
+def consolidate(path: StoreRef) -> None:
     """Refresh consolidated metadata so that a bare ``xarray.open_zarr(path)`` reads it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(path))
 
 
-def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: dict[str, str]) -> None:
+def init_store(path: StoreRef, layout: StoreLayout, params: Sequence[str], attrs: dict[str, str]) -> None:
     """Create the store's metadata and coordinates (no data chunk is written).
 
     Parameters
@@ -254,6 +274,10 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
         elif var.dtype.kind == "f":
             enc["fill_value"] = np.nan
         encoding[name] = enc
+    if not isinstance(path, Path):  # a URL: no atomic rename; the root metadata is written last
+        ds.to_zarr(path, mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3)
+        consolidate(path)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".init")
     ds.to_zarr(str(tmp), mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3)
@@ -261,12 +285,12 @@ def init_store(path: Path, layout: StoreLayout, params: Sequence[str], attrs: di
     os.replace(tmp, path)  # a store either exists with all its metadata or not at all
 
 
-def read_layout_key(path: Path) -> dict[str, Any]:
+def read_layout_key(path: StoreRef) -> dict[str, Any]:
     """The layout key recorded when the store was created."""
     return json.loads(_open_group(path, "r").attrs["layout"])
 
 
-def set_attrs(path: Path, attrs: dict[str, str]) -> bool:
+def set_attrs(path: StoreRef, attrs: dict[str, str]) -> bool:
     """Update group attributes when they differ; returns whether anything was written."""
     group = _open_group(path)
     changed = {k: v for k, v in attrs.items() if group.attrs.get(k) != v}
@@ -276,7 +300,7 @@ def set_attrs(path: Path, attrs: dict[str, str]) -> bool:
     return bool(changed)
 
 
-def set_params(path: Path, params: Sequence[str]) -> bool:
+def set_params(path: StoreRef, params: Sequence[str]) -> bool:
     """Record each explainer's resolved parameters (JSON) when they changed."""
     arr = _open_group(path)["params"]
     current = [str(v) for v in arr[:]]
@@ -286,14 +310,14 @@ def set_params(path: Path, params: Sequence[str]) -> bool:
     return True
 
 
-def open_dataset(path: Path) -> xr.Dataset:
+def open_dataset(path: StoreRef) -> xr.Dataset:
     """Open the store with xarray: data variables lazy, coordinates loaded (so that
     ``ds.groupby("family")`` works; a bare ``xr.open_zarr`` leaves them as dask arrays)."""
     ds = xr.open_zarr(str(path), consolidated=True)
     return ds.assign_coords({name: ds[name].load() for name in ds.coords})
 
 
-def write_region(path: Path, variables: dict[str, tuple[tuple[str, ...], np.ndarray]],
+def write_region(path: StoreRef, variables: dict[str, tuple[tuple[str, ...], np.ndarray]],
                  region: dict[str, slice]) -> None:
     """Write whole-chunk regions of data variables through xarray.
 
@@ -310,13 +334,13 @@ def write_region(path: Path, variables: dict[str, tuple[tuple[str, ...], np.ndar
     ds.to_zarr(str(path), region=region, mode="r+", consolidated=False)
 
 
-def get_record(path: Path, stage: str, shard: int, explainer: int | None = None) -> int:
+def get_record(path: StoreRef, stage: str, shard: int, explainer: int | None = None) -> int:
     """Stored provenance digest of a (stage, explainer, shard) record; 0 if not done."""
     arr = _open_group(path, "r")[f"record_{stage}"]
     return int(arr[shard] if explainer is None else arr[explainer, shard])
 
 
-def set_record(path: Path, stage: str, shard: int, digest: int, explainer: int | None = None) -> None:
+def set_record(path: StoreRef, stage: str, shard: int, digest: int, explainer: int | None = None) -> None:
     """Write a completion record (after the data it covers has been written)."""
     arr = _open_group(path)[f"record_{stage}"]
     if explainer is None:
@@ -325,7 +349,7 @@ def set_record(path: Path, stage: str, shard: int, digest: int, explainer: int |
         arr[explainer, shard] = np.uint64(digest)
 
 
-def read_records(path: Path) -> dict[str, np.ndarray]:
+def read_records(path: StoreRef) -> dict[str, np.ndarray]:
     """All completion records as arrays (``load``: (shard,), others: (explainer, shard))."""
     group = _open_group(path, "r")
     return {stage: np.asarray(group[f"record_{stage}"][:]) for stage in STAGES if f"record_{stage}" in group}
@@ -390,5 +414,6 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             _HELD.discard(key)
+            os.ftruncate(fd, 0)  # a clean exit leaves no pid: a pid left behind means a death
     finally:
         os.close(fd)  # closing the descriptor releases the flock

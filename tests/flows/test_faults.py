@@ -100,3 +100,31 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path) -> None:
     with pytest.warns(UserWarning, match=f"left by process {holder.pid}, which is gone"):
         with run_lock(run_dir):
             assert (run_dir / ".attriflow.lock").read_text() == str(os.getpid())
+
+
+@pytest.mark.parametrize("url", ["memory://attriflow-tests/small.zarr", "file://{tmp}/elsewhere/small.zarr"])
+def test_store_at_an_fsspec_url_equals_the_local_store(url, reference_run, tmp_path) -> None:
+    import xarray as xr
+
+    from tasks.stages import store_path
+    from tasks.storage import NONDETERMINISTIC, open_dataset
+
+    url = url.format(tmp=tmp_path)
+    run_dir = tmp_path / "run"
+    result = run({**SMALL, "store": url}, run_dir)
+    assert result["counts"]["explain"]["computed"] == 6
+    assert not (run_dir / "store.zarr").exists() and (run_dir / "store-url").read_text().strip() == url
+    again = run({**SMALL, "store": url}, run_dir)
+    assert all(c["computed"] == 0 for c in again["counts"].values())
+    ours = open_dataset(store_path(run_dir)).drop_vars(NONDETERMINISTIC).load()
+    ref = open_dataset(reference_run / "store.zarr").drop_vars(NONDETERMINISTIC).load()
+    xr.testing.assert_equal(ours, ref)
+    assert ours.attrs["manifest"] == ref.attrs["manifest"]
+    assert (run_dir / "report" / "index.html").exists()
+
+
+def test_a_memory_store_cannot_go_to_dask_workers() -> None:
+    from tasks.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="memory:// store lives in one process"):
+        parse_config({"store": "memory://x", "runner": {"kind": "dask"}})
