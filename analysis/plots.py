@@ -262,11 +262,18 @@ def neuron_frame(ds: xr.Dataset) -> pd.DataFrame:
     })
 
 
-def plot_neuron_scatter(ds: xr.Dataset) -> Figure:
+def plot_neuron_scatter(ds: xr.Dataset, max_points: int = 60_000) -> Figure:
     """Per layer: |correlation| against log10 precision of every channel and sample, coloured
-    by the metric that selected it (channels without a finite score are left out)."""
+    by the metric that selected it (channels without a finite score are left out). Beyond
+    ``max_points`` a seeded random subset of the unselected points is drawn (every selected
+    point is kept), so memory and time stay bounded as the number of images grows."""
     df = neuron_frame(ds)
     df = df[np.isfinite(df["correlation"]) & np.isfinite(df["log10 precision"])]
+    if len(df) > max_points:
+        chosen = df["selected by"] != "neither"
+        rest = df[~chosen]
+        keep = max(0, max_points - int(chosen.sum()))
+        df = pd.concat([df[chosen], rest.sample(n=min(keep, len(rest)), random_state=0)])
     layers = [str(v) for v in ds["layer"].values]
     cols = min(4, len(layers))
     rows = -(-len(layers) // cols)
