@@ -154,6 +154,11 @@ def test_locked_run_dir_is_refused_at_once(reference_run, prefect_server) -> Non
     finally:
         holder.kill()
         holder.wait()
+    from tasks.storage import run_lock
+
+    with pytest.warns(UserWarning, match=f"left by process {holder.pid}, which is gone"):
+        with run_lock(reference_run):  # the killed holder's lock is taken over (and left clean)
+            pass
 
 
 def test_bad_config_fails_before_any_work(tmp_path, prefect_server) -> None:
