@@ -377,3 +377,30 @@ def test_report_renders_in_headless_chromium(reference_run, tmp_path) -> None:
     assert pixels.std() > 0.05, "blank screenshot"
     non_white = (pixels < 0.9).any(axis=-1).mean()
     assert non_white > 0.05, f"only {non_white:.1%} of the screenshot is not white"
+
+
+def test_cli_reexecutes_with_the_tuned_allocator(reference_run) -> None:
+    from flows.cli import GLIBC_TUNABLES, allocator_env
+
+    assert allocator_env({}, "linux", "glibc") == {"GLIBC_TUNABLES": GLIBC_TUNABLES}
+    assert allocator_env({"GLIBC_TUNABLES": "x"}, "linux", "glibc") is None  # the user's own settings win
+    assert allocator_env({}, "darwin", "") is None
+    assert allocator_env({"ATTRIFLOW_ALLOCATOR": "default"}, "linux", "glibc") is None
+    # the real command: the same process (pid) continues with the settings in its environment
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "ATTRIFLOW_ALLOCATOR")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "report", str(reference_run)], env=env,
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = ""
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and "GLIBC_TUNABLES=" not in seen:
+        try:
+            seen = Path(f"/proc/{proc.pid}/environ").read_bytes().decode(errors="replace")
+        except OSError:
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    # (glibc splits the value in place at its ':' when it parses it at start-up)
+    assert f"GLIBC_TUNABLES={GLIBC_TUNABLES}".replace(":", "\x00") in seen
