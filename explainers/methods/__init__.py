@@ -1,6 +1,7 @@
 """One import line per method: importing this package registers every explainer."""
 
 from explainers.methods import (  # noqa: F401
+    ablation_cam,
     cam,
     deconvnet,
     deeplift,

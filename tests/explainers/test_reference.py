@@ -366,3 +366,30 @@ def test_deeplift_equals_captum(which, baseline, models64) -> None:
     with torch.no_grad():
         delta = (model(x) - model(torch.full_like(x, baseline))).gather(1, t[:, None])[:, 0]
     torch.testing.assert_close(ours.double().sum(dim=(1, 2)), delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["reference", "resnet18"])  # (grad-cam's side is slow: a full pass per channel)
+def test_ablation_cam_equals_pytorch_grad_cam(which, models64) -> None:
+    """Ours runs only the layers after the target layer per ablation (torch.fx cut);
+    pytorch-grad-cam re-runs the network: same maps. Also the whole-network fallback."""
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model, x, t = models64[which]
+    layer = {"reference": "block3", "resnet18": "layer2"}[which]
+    x, t = x[:2], t[:2]
+    exp = get_explainer("ablation_cam")(model, layer=layer)
+    full = exp.attribute(x, t, batch_size=64)
+    low = exp.layer_map(x, t)
+    torch.testing.assert_close(full, F.interpolate(low[:, None], size=x.shape[-2:], mode="bilinear",
+                                                   align_corners=False)[:, 0].to(full.dtype))
+    assert exp.__dict__["_suffixes"][layer] is not None  # the fast path was taken
+    module = dict(model.named_modules())[layer]
+    with AblationCAM(model=model, target_layers=[module]) as cam:
+        cam.batch_size = 64
+        ref = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(c)) for c in t])
+    np.testing.assert_allclose(_gradcam_postprocess(low, tuple(x.shape[-2:])).numpy(), ref, atol=2e-5)
+    slow = get_explainer("ablation_cam")(model, layer=layer)
+    slow.__dict__["_suffixes"] = {layer: None}  # as for a model torch.fx cannot trace
+    slow.attribute(x[:1], t[:1], batch_size=64)
+    torch.testing.assert_close(slow.layer_map(x, t), low, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,108 @@
+"""Ablation-CAM (Desai & Ramaswamy 2020), with the layers before the target layer run once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+from explainers._cam import CAMExplainer, CAMParams
+from explainers._hooks import capture_outputs
+from explainers._scores import target_scores
+from explainers._suffix import LayerSuffix, SuffixUnavailable, expand_values
+from explainers.base import ExplainerSpec, Family
+from explainers.registry import register
+
+
+class AblationCAMParams(CAMParams):
+    """Parameters of :class:`AblationCAM`."""
+
+
+@register
+class AblationCAM(CAMExplainer):
+    """Channel weights from the drop of the target score when each channel is ablated:
+    ``w_k = (y - y_k) / y``, map ``ReLU(sum_k w_k A_k)``.
+
+    The ablated channel is set to 0 when the image's activations have minimum 0 (after a
+    ReLU), else to ``min - 1e7`` (pytorch-grad-cam's rule for signed activations). Unlike
+    pytorch-grad-cam, which re-runs the whole network for every batch of ablations, the
+    network is cut after the target layer (``torch.fx``): the layers before it run once per
+    image and each ablation runs only the layers after it, ``batch_size`` ablations per
+    call. Models that ``torch.fx`` cannot trace fall back to whole-network passes (same
+    maps, slower).
+
+    References
+    ----------
+    S. Desai, H. G. Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional
+    Network via Gradient-free Localization", WACV 2020.
+    """
+
+    spec = ExplainerSpec(
+        name="ablation_cam",
+        family=Family.CAM,
+        access=("activations", "forward"),
+        batches_evaluations=True,
+        summary="activations weighted by the score drop when each channel is ablated",
+        references=("desai2020",),
+    )
+    Params = AblationCAMParams
+    uses_gradients = False
+
+    @classmethod
+    def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
+        return {"forward": "1 + channels(layer) passes of the layers after it", "backward": 0}
+
+    def _suffix(self, name: str) -> LayerSuffix | None:
+        cache: dict[str, Any] = self.__dict__.setdefault("_suffixes", {})
+        if name not in cache:
+            try:
+                cache[name] = LayerSuffix(self.model, name)
+            except SuffixUnavailable:
+                cache[name] = None
+        return cache[name]
+
+    def layer_map(self, inputs: Tensor, targets: Tensor) -> Tensor:  # noqa: D102
+        name = self.layer_name(inputs)
+        suffix = self._suffix(name)
+        with torch.no_grad():
+            if suffix is not None:
+                values = suffix.prefix(inputs)
+                acts = values[suffix.layer_index]
+                logits = suffix.suffix(values)
+            else:
+                with capture_outputs(self.model, [name]) as captured:
+                    logits = self.model(inputs)
+                acts = captured[name]
+                values = []
+            y = target_scores(logits, targets, self.p.score)
+            n, c = acts.shape[:2]
+            ablated = torch.empty((n, c), dtype=y.dtype, device=y.device)
+            step = max(1, self.batch_size)
+            for i in range(n):
+                value = 0.0 if acts[i].min() == 0 else float(acts[i].min()) - 1e7
+                for s in range(0, c, step):
+                    k = torch.arange(s, min(s + step, c), device=acts.device)
+                    batch = acts[i : i + 1].repeat(len(k), 1, 1, 1)
+                    batch[torch.arange(len(k)), k] = value
+                    if suffix is not None:
+                        cut = expand_values(values, i, len(k))
+                        cut[suffix.layer_index] = batch
+                        out = suffix.suffix(cut)
+                    else:
+                        out = self._replaced(name, inputs[i : i + 1].expand(len(k), -1, -1, -1), batch)
+                    ablated[i, s : s + len(k)] = target_scores(out, targets[i].expand(len(k)), self.p.score)
+            weights = (y[:, None] - ablated) / y[:, None]
+            self.last_forward_passes = torch.full((n,), 1 + c, dtype=torch.int64)
+            cam = (weights[:, :, None, None].to(acts.dtype) * acts).sum(dim=1)
+        return cam.clamp_min(0) if self.p.relu else cam
+
+    def _replaced(self, name: str, inputs: Tensor, output: Tensor) -> Tensor:
+        """Whole-network fallback: the layer's output replaced by ``output``."""
+        module = dict(self.model.named_modules())[name]
+        handle = module.register_forward_hook(lambda m, i, o: output)
+        try:
+            return self.model(inputs)
+        finally:
+            handle.remove()
