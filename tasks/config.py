@@ -106,11 +106,16 @@ def _default_explainers() -> list[ExplainerEntry]:
 
 
 class ExplainConfig(_Strict):
-    """The explain stage."""
+    """The explain stage. ``precision``: ``bf16`` / ``fp16`` run the explainers under
+    ``torch.autocast`` (maps are stored as float32); ``channels_last`` converts the model
+    and inputs to the channels-last memory format. Both are part of each shard's provenance
+    and of the manifest."""
 
     explainers: list[ExplainerEntry] = Field(default_factory=_default_explainers, min_length=1)
     target: Literal["prediction", "label"] = "prediction"
     batch_size: int = Field(64, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
 
     @field_validator("explainers")
     @classmethod

@@ -6,6 +6,9 @@ objects once per worker process (``functools.lru_cache``) instead of pickling th
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import functools
 import hashlib
 import os
@@ -81,6 +84,19 @@ class Runtime:
         size = self.source.image_size
         return torch.zeros((1, 3, size, size), device=self.device)
 
+    def precision(self) -> contextlib.AbstractContextManager[object]:
+        """The explain stage's numeric context: ``torch.autocast`` for bf16 / fp16."""
+        p = self.config.explain.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def prepare_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Inputs in the configured memory format."""
+        if self.config.explain.channels_last:
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
     def build_explainer(self, name: str, module: torch.nn.Module) -> Explainer:
         """The run's explainer ``name`` (same method and parameters) bound to ``module``
         (used by the sanity check for the randomised copies of the model)."""
@@ -104,6 +120,8 @@ def get_runtime(config_json: str) -> Runtime:
     loaded = cached_model(cfg.model.model_dump_json())
     device = pick_device(cfg.device)
     loaded.module.to(device)
+    if cfg.explain.channels_last:  # a private copy: the cached model stays as loaded
+        loaded = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module).to(memory_format=torch.channels_last))
     explainers = {}
     size = source.image_size
     example = torch.zeros((1, 3, size, size), device=device)

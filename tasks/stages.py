@@ -239,6 +239,13 @@ def _targets(path: Path, rt: Any, shard: Shard) -> torch.Tensor:
     return torch.from_numpy(np.asarray(group[name][shard.start : shard.stop], dtype=np.int64))
 
 
+def _numerics(rt: Any) -> tuple[Any, ...]:
+    """The numeric settings that enter a map's provenance (fp32 row-major adds nothing, so
+    stores made before these options keep their records)."""
+    e = rt.config.explain
+    return () if (e.precision, e.channels_last) == ("fp32", False) else (e.precision, e.channels_last)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -272,7 +279,8 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     if load_record == 0:
         raise RuntimeError(f"explain {explainer} shard {shard.index}: its load shard is not done")
     expected = storage.digest64(
-        "explain", load_record, exp.digest(), rt.config.seed, rt.config.explain.target
+        "explain", load_record, exp.digest(), rt.config.seed, rt.config.explain.target,
+        *_numerics(rt),
     )
     if storage.get_record(path, "explain", shard.index, k) == expected:
         return _receipt("explain", shard, True, t0, explainer=explainer)
@@ -284,7 +292,9 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     seeds = torch.tensor([derive_seed(rt.config.seed, i, explainer) for i in ids], dtype=torch.int64)
     _sync(rt.device)
     started = time.perf_counter()
-    maps = exp.attribute(inputs, targets, batch_size=rt.config.explain.batch_size, seeds=seeds)
+    with rt.precision():
+        maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.config.explain.batch_size,
+                             seeds=seeds).float()
     _sync(rt.device)
     seconds = np.array([[time.perf_counter() - started]])
     forward, backward = _passes(exp, len(ids))
@@ -501,7 +511,9 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     out = np.full((1, n, len(units), 3), np.nan, dtype=np.float32)
     for depth, _unit, model in cascading_randomisation(rt.module, units, rt.config.seed):
         exp = rt.build_explainer(explainer, model)
-        maps = exp.attribute(inputs, targets, batch_size=rt.config.explain.batch_size, seeds=seeds)
+        with rt.precision():
+            maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.config.explain.batch_size,
+                                 seeds=seeds).float()
         out[0, :, depth - 1] = similarities(trained, maps.double().cpu().numpy())
     out[0, np.asarray(group["flagged"][k, :n], dtype=bool)] = np.nan  # non-finite model output
     storage.write_region(path, {"sanity": (("explainer", "sanity_sample", "depth", "similarity"), out)},

@@ -404,3 +404,23 @@ def test_cli_reexecutes_with_the_tuned_allocator(reference_run) -> None:
     assert proc.returncode == 0, err[-2000:]
     # (glibc splits the value in place at its ':' when it parses it at start-up)
     assert f"GLIBC_TUNABLES={GLIBC_TUNABLES}".replace(":", "\x00") in seen
+
+
+def test_bf16_and_channels_last_are_provenance(reference_run, tmp_path) -> None:
+    import shutil
+
+    from analysis.metrics.sanity import spearman
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    cfg = json.loads(json.dumps(SMALL))
+    cfg["explain"].update(precision="bf16", channels_last=True)
+    result = _run(cfg, run_dir)
+    assert result["counts"]["load"]["computed"] == 0
+    assert result["counts"]["explain"] == {"computed": 6, "reused": 0, "failed": 0}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["explain"]["precision"] == "bf16" and manifest["config"]["explain"]["channels_last"]
+    ours = xr.open_zarr(run_dir / "store.zarr")["attribution"].values
+    ref = xr.open_zarr(reference_run / "store.zarr")["attribution"].values
+    assert not np.array_equal(ours, ref) and ours.dtype == np.float32
+    assert spearman(ours[1].astype(np.float64), ref[1].astype(np.float64)).mean() > 0.99  # grad_cam
