@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,7 +276,7 @@ def _interval(row: pd.Series) -> str:
     return f"{row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
 
 
-def render_markdown(ds: xr.Dataset, figures: list[tuple[str, str]] = ()) -> str:  # type: ignore[assignment]
+def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = ()) -> str:
     """The Markdown summary of a run.
 
     Parameters

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, fx, nn
 
 
@@ -89,8 +88,3 @@ def expand_values(values: list[Tensor], index: int, batch: int) -> list[Tensor]:
     return [v[index : index + 1].expand(batch, *v.shape[1:]) if isinstance(v, Tensor) and v.dim() else v
             for v in values]
 
-
-@torch.no_grad()
-def full_output(model: nn.Module, inputs: Tensor) -> Tensor:
-    """The plain forward (for checks)."""
-    return model(inputs)
