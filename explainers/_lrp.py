@@ -1,6 +1,6 @@
 """Layer-wise relevance propagation as a modified gradient, with BatchNorm folded on the fly.
 
-Every Conv/Linear layer's forward hook replaces its output ``z`` by
+Every Conv/Linear layer's forward is replaced (for the call) by one that returns
 
     carrier = sum_i  c_i * z_i * (z / stab(z_i)).detach()
     out = carrier + (z - carrier).detach()          (value z, gradient of the carrier)
@@ -18,13 +18,14 @@ stabiliser. Unlike zennit, no layer's forward is run again inside the backward p
 forward, one backward.
 
 BatchNorm is folded into the preceding Conv/Linear (found by tracing which module's output
-each BatchNorm reads): that layer computes with the folded weights and the BatchNorm's hook
+each BatchNorm reads): that layer computes with the folded weights and the BatchNorm
 passes its input through, so the model is never modified. The first layer can take the
 flat or the z-box rule, which are computed explicitly from the relevance at its output.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -57,6 +58,10 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     return z + ((z == 0).to(z) + z.sign()) * eps
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def _apply(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if isinstance(module, nn.Linear):
         return F.linear(x, weight, bias)
@@ -80,13 +85,20 @@ def rule_output(rule: Rule, module: nn.Module, x: Tensor, w: Tensor, b: Tensor |
     if rule.name == "epsilon":
         carrier = z * (z / stabilize(z, rule.epsilon)).detach()
     else:
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        zpos = _apply(module, xp, wp, _pos(b)) + _apply(module, xn, wn, _zeros_like(b))
+        # after a ReLU or a max-pool of ReLUs the input is non-negative: its negative part
+        # contributes nothing, and skipping it saves one convolution (forward and backward)
+        signed = bool((x.detach() < 0).any())
+        xp, xn = (x.clamp(min=0), x.clamp(max=0)) if signed else (x, None)
+        zpos = _apply(module, xp, wp, _pos(b))
+        if xn is not None:
+            zpos = zpos + _apply(module, xn, wn, _zeros_like(b))
         if rule.name == "zplus":
             carrier = zpos * (z / stabilize(zpos, rule.epsilon)).detach()
         elif rule.name == "alpha_beta":
-            zneg = _apply(module, xp, wn, _neg(b)) + _apply(module, xn, wp, _zeros_like(b))
+            zneg = _apply(module, xp, wn, _neg(b))
+            if xn is not None:
+                zneg = zneg + _apply(module, xn, wp, _zeros_like(b))
             carrier = (rule.alpha * zpos * (z / stabilize(zpos, rule.epsilon)).detach()
                        - rule.beta * zneg * (z / stabilize(zneg, rule.epsilon)).detach())
         else:
@@ -177,7 +189,8 @@ def folded_params(layer: nn.Module, bn: nn.Module | None) -> tuple[Tensor, Tenso
     return w * scale.view(shape), (bias - bn.running_mean) * scale + bn.bias  # type: ignore[operator]
 
 
-def lrp(model: nn.Module, inputs: Tensor, targets: Tensor, rule_for: Callable[[nn.Module, bool], Rule]) -> Tensor:
+def lrp(model: nn.Module, inputs: Tensor, targets: Tensor, rule_for: Callable[[nn.Module, bool], Rule],
+        traced: tuple[list[nn.Module], dict[nn.Module, nn.Module]] | None = None) -> Tensor:
     """LRP relevance of the target logit at the input, shape (N, C, H, W).
 
     Parameters
@@ -190,22 +203,24 @@ def lrp(model: nn.Module, inputs: Tensor, targets: Tensor, rule_for: Callable[[n
         Classes whose logit is decomposed (initial relevance: the logit itself).
     rule_for : callable
         ``(layer, is_first) -> Rule``.
+    traced : tuple or None
+        :func:`trace_layers` of the model for inputs of this size, when the caller kept it
+        (the trace costs one forward pass of one image).
 
     Returns
     -------
     Tensor, shape (N, C, H, W)
         Relevance per input element.
     """
-    layers, folded = trace_layers(model, inputs[:1])
+    layers, folded = traced if traced is not None else trace_layers(model, inputs[:1])
     first = layers[0] if layers else None
     first_rule = rule_for(first, True) if first is not None else None
     explicit_first = first_rule is not None and first_rule.name in ("flat", "box")
     state: dict[str, Tensor] = {}
     handles = []
 
-    def layer_hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+    def layer_forward(m: nn.Module, x: Tensor) -> Tensor:
         w, b = folded_params(m, folded.get(m))
-        x = inp[0]
         z = _apply(m, x, w, b)
         if m is first and explicit_first:
             state["x"] = x.detach()
@@ -216,10 +231,12 @@ def lrp(model: nn.Module, inputs: Tensor, targets: Tensor, rule_for: Callable[[n
     norm_eps = (first_rule.epsilon if first_rule is not None and first_rule.name != "epsilon" else 1e-6)
     blocks = _residual_blocks(model)
     try:
+        # instance attributes shadow the classes' forwards until removed: a layer computes
+        # only its folded, rule-carrying output and a folded BatchNorm passes its input on
         for m in layers:
-            handles.append(m.register_forward_hook(layer_hook))
+            m.forward = functools.partial(layer_forward, m)  # type: ignore[method-assign]
         for bn in folded.values():
-            handles.append(bn.register_forward_hook(lambda _m, inp, _out: inp[0]))
+            bn.forward = _identity  # type: ignore[method-assign]
         for m in model.modules():
             if isinstance(m, AVGPOOL_TYPES):
                 handles.append(m.register_forward_hook(lambda _m, _i, out: norm_output(out, norm_eps)))
@@ -238,8 +255,9 @@ def lrp(model: nn.Module, inputs: Tensor, targets: Tensor, rule_for: Callable[[n
     finally:
         for h in handles:
             h.remove()
-        for block in blocks:
-            del block.forward
+        for m in [*blocks, *layers, *folded.values()]:
+            if "forward" in m.__dict__:
+                del m.forward
     if not explicit_first:
         return x.detach() * g
     assert first is not None and first_rule is not None

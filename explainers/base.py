@@ -18,10 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from explainers._batching import auto_batch_size
 from explainers._typing import JSONValue
 
 
-#: Evaluations per pass of multi-evaluation methods when no ``batch_size`` is given.
+#: Evaluations per pass before ``attribute`` has chosen one (see ``auto_batch_size``).
 DEFAULT_EVAL_BATCH = 64
 
 
@@ -178,8 +179,9 @@ class Explainer(ABC):
         batch_size : int or None
             Model evaluations per forward (and backward) pass. Single-pass methods see
             chunks of ``batch_size`` images; multi-evaluation methods pack their
-            evaluations of all images into passes of this size (None: 64). None means all
-            images at once for single-pass methods. Results do not depend on it.
+            evaluations of all images into passes of this size. None chooses it from the
+            model's activation footprint (:func:`explainers._batching.auto_batch_size`: 16
+            for ResNet-50 at 224x224). Results do not depend on it.
         seeds : Tensor or None, shape (N,)
             Per-sample seeds for stochastic methods (derived from run seed, sample id and
             method by the caller), so a sample's map does not depend on its batch.
@@ -204,8 +206,10 @@ class Explainer(ABC):
         outputs: list[Tensor] = []
         passes: list[Tensor] = []
         try:
-            self.batch_size = batch_size or DEFAULT_EVAL_BATCH
-            step = n if batch_size is None or self.spec.batches_evaluations else batch_size
+            if batch_size is None:
+                batch_size = auto_batch_size(self.model, inputs) if n else DEFAULT_EVAL_BATCH
+            self.batch_size = batch_size
+            step = n if self.spec.batches_evaluations else batch_size
             for start in range(0, n, max(step, 1)):
                 sl = slice(start, start + step)
                 gens = None

@@ -24,6 +24,7 @@ import torch
 from analysis.metrics.sanity import randomisation_units
 from explainers import Explainer, get_explainer
 from explainers._hooks import capture_outputs
+from explainers._batching import auto_batch_size
 from tasks.neurons import check_layers, conv_activation_layers
 from tasks.config import RunConfig
 from tasks.datasets import DatasetSource, open_source
@@ -83,6 +84,19 @@ class Runtime:
         """A zero input of the dataset's size on the run's device."""
         size = self.source.image_size
         return torch.zeros((1, 3, size, size), device=self.device)
+
+    @property
+    def explain_batch(self) -> int | None:
+        """``explain.batch_size`` for ``Explainer.attribute`` (None: automatic)."""
+        size = self.config.explain.batch_size
+        return None if size == "auto" else int(size)
+
+    def batch_size(self) -> int:
+        """Images per forward pass of plain predictions: the configured size, or the
+        automatic one for the run's input size."""
+        if self.explain_batch is not None:
+            return self.explain_batch
+        return auto_batch_size(self.module, self.example())
 
     def precision(self) -> contextlib.AbstractContextManager[object]:
         """The explain stage's numeric context: ``torch.autocast`` for bf16 / fp16."""

@@ -201,9 +201,10 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
         return _receipt("load", shard, True, t0)
     fault_raise(run_dir, f"load-{shard.index}")
     preds, probs, finite = [], [], []
+    step = rt.batch_size()
     with torch.inference_mode():
-        for s in range(0, len(batch.images), rt.config.explain.batch_size):
-            x = rt.model.normalize(torch.from_numpy(batch.images[s : s + rt.config.explain.batch_size]).to(rt.device))
+        for s in range(0, len(batch.images), step):
+            x = rt.model.normalize(torch.from_numpy(batch.images[s : s + step]).to(rt.device))
             logits = rt.module(x).float()
             p = torch.softmax(logits, dim=1)
             conf, cls = p.max(dim=1)
@@ -293,7 +294,7 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     _sync(rt.device)
     started = time.perf_counter()
     with rt.precision():
-        maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.config.explain.batch_size,
+        maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.explain_batch,
                              seeds=seeds).float()
     _sync(rt.device)
     seconds = np.array([[time.perf_counter() - started]])
@@ -512,7 +513,7 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     for depth, _unit, model in cascading_randomisation(rt.module, units, rt.config.seed):
         exp = rt.build_explainer(explainer, model)
         with rt.precision():
-            maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.config.explain.batch_size,
+            maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.explain_batch,
                                  seeds=seeds).float()
         out[0, :, depth - 1] = similarities(trained, maps.double().cpu().numpy())
     out[0, np.asarray(group["flagged"][k, :n], dtype=bool)] = np.nan  # non-finite model output

@@ -15,7 +15,9 @@ class EigenCAM(CAMExplainer):
     """Projection of the layer's activations on their first principal component.
 
     Per image, the (h*w, C) activation matrix is centred over positions and projected on
-    its first right singular vector (reduced SVD: the C x C matrix is never formed). The
+    its first right singular vector, found as the top eigenvector of the smaller of its
+    Gram and covariance matrices (49 x 49 on ResNet-50's last block, where pytorch-grad-cam
+    builds a full 2048 x 2048 SVD basis). The
     singular vector's sign is arbitrary; we orient it so that the projection correlates
     positively with the channel-summed activation (our choice, stated because it decides
     what the ReLU keeps). Class-agnostic: ``targets`` are ignored; no gradient is taken.
@@ -39,8 +41,16 @@ class EigenCAM(CAMExplainer):
         n, c, h, w = acts.shape
         mats = acts.reshape(n, c, h * w).transpose(1, 2)  # (N, hw, C)
         centred = mats - mats.mean(dim=1, keepdim=True)
-        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        proj = torch.einsum("npc,nc->np", centred, vh[:, 0])
+        # The projection on the first right singular vector is the first left singular
+        # vector times its singular value: the top eigenpair of the smaller of the Gram
+        # (hw x hw) and covariance (C x C) matrices, formed in float64.
+        d = centred.to(torch.float64)
+        if h * w <= c:
+            evals, evecs = torch.linalg.eigh(d @ d.transpose(1, 2))
+            proj = (evecs[..., -1] * evals[..., -1:].clamp_min(0).sqrt()).to(acts.dtype)
+        else:
+            _, evecs = torch.linalg.eigh(d.transpose(1, 2) @ d)
+            proj = (d @ evecs[..., -1:])[..., 0].to(acts.dtype)
         total = mats.sum(dim=2)
         corr = ((proj - proj.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
         proj = proj * torch.where(corr < 0, -1.0, 1.0).to(proj.dtype)[:, None]

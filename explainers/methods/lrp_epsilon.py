@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from explainers._gradients import Reduce, reduce_channels
-from explainers._lrp import Rule, lrp
+from explainers._lrp import Rule, lrp, trace_layers
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
 
@@ -50,4 +50,8 @@ class LRPEpsilon(Explainer):
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
-        return reduce_channels(lrp(self.model, inputs, targets, self.rule_for), self.p.reduce)
+        key = (tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
+        if getattr(self, "_traced_key", None) != key:  # the layer order and BatchNorm folds
+            self._traced = trace_layers(self.model, inputs[:1])
+            self._traced_key = key
+        return reduce_channels(lrp(self.model, inputs, targets, self.rule_for, self._traced), self.p.reduce)
