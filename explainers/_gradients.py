@@ -46,7 +46,7 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (out,) = ctx.saved_tensors
-        return grad.clamp_min(0) * (out > 0).to(grad.dtype)
+        return grad.clamp_min(0).masked_fill_(out <= 0, 0)
 
 
 class _DeconvReLU(torch.autograd.Function):
@@ -59,28 +59,56 @@ class _DeconvReLU(torch.autograd.Function):
         return grad.clamp_min(0)
 
 
+class ReluMode:
+    """The backward rule of :func:`relu_backward`'s ReLUs, read when the backward runs, so
+    one forward pass can serve a plain and a guided gradient (Guided Grad-CAM)."""
+
+    def __init__(self, mode: Literal["plain", "guided", "deconv"]) -> None:
+        self.mode = mode
+
+
+class _SwitchReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, state: ReluMode) -> Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        ctx.state = state
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        mode = ctx.state.mode
+        if mode == "deconv":
+            return grad.clamp_min(0), None
+        g = grad.clamp_min(0) if mode == "guided" else grad.clone()
+        return g.masked_fill_(out <= 0, 0), None
+
+
 @contextmanager
-def relu_backward(model: nn.Module, mode: Literal["guided", "deconv"]) -> Iterator[None]:
+def relu_backward(model: nn.Module, mode: Literal["guided", "deconv"] | ReluMode) -> Iterator[None]:
     """Override the backward pass of every ``nn.ReLU`` module inside the block.
 
     ``guided``: pass only positive gradients where the input was positive (Springenberg et
-    al.); ``deconv``: pass positive gradients regardless of the input (Zeiler & Fergus).
-    The ReLU's output is recomputed from its input by a custom function, which works for a
-    module called several times per forward pass; in-place ReLUs are switched to
-    out-of-place for the duration (and restored), so their input is still available.
+    al.); ``deconv``: pass positive gradients regardless of the input (Zeiler & Fergus); a
+    :class:`ReluMode`: whichever rule (or ``plain``) it holds when the backward runs.
+    Each ReLU module's forward is replaced, for the duration, by a custom autograd function
+    (out of place, computed once), which works for a module called several times per
+    forward pass.
     Functional ``F.relu`` calls are not seen, as in Captum.
     """
-    fn = _GuidedReLU if mode == "guided" else _DeconvReLU
-    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    inplace = [m.inplace for m in relus]
-    handles = []
+    if isinstance(mode, ReluMode):
+        state = mode
+
+        def apply(x: Tensor) -> Tensor:
+            return _SwitchReLU.apply(x, state)
+    else:
+        apply = (_GuidedReLU if mode == "guided" else _DeconvReLU).apply
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and "forward" not in m.__dict__]
     try:
-        for m in relus:
-            m.inplace = False
-            handles.append(m.register_forward_hook(lambda _m, inp, _out: fn.apply(inp[0])))
+        for m in relus:  # an instance attribute shadows ReLU.forward until removed
+            m.forward = apply  # type: ignore[method-assign]
         yield
     finally:
-        for h in handles:
-            h.remove()
-        for m, flag in zip(relus, inplace):
-            m.inplace = flag
+        for m in relus:
+            m.__dict__.pop("forward", None)

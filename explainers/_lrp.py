@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,84 @@ def rule_output(rule: Rule, module: nn.Module, x: Tensor, w: Tensor, b: Tensor |
             raise ValueError(f"rule {rule.name!r} applies to the first layer only")
     # the carrier's value is only close to z (stabilisers); keep the forward pass exact
     return carrier + (z - carrier).detach()
+
+
+_CONV_INPUT_GRAD = {nn.Conv1d: torch.nn.grad.conv1d_input, nn.Conv2d: torch.nn.grad.conv2d_input,
+                    nn.Conv3d: torch.nn.grad.conv3d_input}
+
+
+def _fusable(module: nn.Module) -> bool:
+    """Whether :class:`_RuleLayer` can compute the layer's input gradient directly."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (type(module) in _CONV_INPUT_GRAD and module.padding_mode == "zeros"  # type: ignore[attr-defined]
+            and not isinstance(module.padding, str))  # type: ignore[attr-defined]
+
+
+def _input_grad(module: nn.Module, shape: torch.Size, weight: Tensor, grad: Tensor) -> Tensor:
+    """Gradient at the input of ``module`` computed with ``weight``, for output gradient ``grad``."""
+    if isinstance(module, nn.Linear):
+        return grad @ weight
+    m: nn.Conv2d = module  # type: ignore[assignment]
+    return _CONV_INPUT_GRAD[type(m)](shape, weight, grad, m.stride, m.padding, m.dilation, m.groups)
+
+
+class _RuleLayer(torch.autograd.Function):
+    """A Conv/Linear layer whose forward is exact and whose backward is the rule's: the
+    carrier formulation of the module docstring, with the carrier's gradient computed
+    directly (one input-gradient convolution per rule term; no extra elementwise passes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.Module, rule: Rule, w: Tensor, b: Tensor | None) -> Tensor:
+        z = _apply(module, x, w, b)
+        terms: list[tuple[float, Tensor, Tensor | None, Tensor]] = []  # (coeff, weight, mask, scale)
+        if rule.name == "epsilon":
+            terms.append((1.0, w, None, z / stabilize(z, rule.epsilon)))
+        elif rule.name in ("zplus", "alpha_beta"):
+            wp, wn = w.clamp(min=0), w.clamp(max=0)
+            signed = bool((x < 0).any())
+            xp, xn = (x.clamp(min=0), x.clamp(max=0)) if signed else (x, None)
+            mp, mn = (x >= 0, x <= 0) if signed else (None, None)
+            zpos = _apply(module, xp, wp, _pos(b))
+            if xn is not None:
+                zpos = zpos + _apply(module, xn, wn, _zeros_like(b))
+            alpha = 1.0 if rule.name == "zplus" else rule.alpha
+            cp = z / stabilize(zpos, rule.epsilon)
+            terms.append((alpha, wp, mp, cp))
+            if xn is not None:
+                terms.append((alpha, wn, mn, cp))
+            if rule.name == "alpha_beta":
+                zneg = _apply(module, xp, wn, _neg(b))
+                if xn is not None:
+                    zneg = zneg + _apply(module, xn, wp, _zeros_like(b))
+                cn = z / stabilize(zneg, rule.epsilon)
+                terms.append((-rule.beta, wn, mp, cn))
+                if xn is not None:
+                    terms.append((-rule.beta, wp, mn, cn))
+        else:
+            raise ValueError(f"rule {rule.name!r} applies to the first layer only")
+        ctx.module, ctx.shape, ctx.coeffs = module, x.shape, [t[0] for t in terms]
+        ctx.has_mask = [t[2] is not None for t in terms]
+        ctx.save_for_backward(*[t[1] for t in terms], *[t[2] for t in terms if t[2] is not None],
+                              *[t[3] for t in terms])
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        k = len(ctx.coeffs)
+        saved = ctx.saved_tensors
+        weights, rest = saved[:k], saved[k:]
+        n_masks = sum(ctx.has_mask)
+        masks_iter, scales = iter(rest[:n_masks]), rest[n_masks:]
+        total: Tensor | None = None
+        for coeff, weight, has_mask, scale in zip(ctx.coeffs, weights, ctx.has_mask, scales):
+            g = _input_grad(ctx.module, ctx.shape, weight, grad * scale)
+            if has_mask:
+                g = g * next(masks_iter)
+            if coeff != 1.0:
+                g = g * coeff
+            total = g if total is None else total + g
+        return total, None, None, None, None
 
 
 def first_layer_relevance(rule: Rule, module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None,
@@ -221,6 +299,8 @@ def lrp(model: nn.Module, inputs: Tensor, targets: Tensor, rule_for: Callable[[n
 
     def layer_forward(m: nn.Module, x: Tensor) -> Tensor:
         w, b = folded_params(m, folded.get(m))
+        if not (m is first and explicit_first) and _fusable(m):
+            return _RuleLayer.apply(x, m, rule_for(m, m is first), w, b)
         z = _apply(m, x, w, b)
         if m is first and explicit_first:
             state["x"] = x.detach()

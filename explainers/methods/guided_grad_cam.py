@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from explainers._gradients import Reduce, input_gradient, reduce_channels, relu_backward
-from explainers._scores import ScoreKind
+from explainers._gradients import Reduce, ReluMode, reduce_channels, relu_backward
+from explainers._hooks import capture_outputs
+from explainers._scores import ScoreKind, target_scores
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.methods.grad_cam import GradCAM
 from explainers.registry import register
@@ -53,7 +54,7 @@ class GuidedGradCAM(Explainer):
 
     @classmethod
     def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
-        return {"forward": 2, "backward": 2}
+        return {"forward": 1, "backward": 2}
 
     def resolve(self, example: Tensor) -> None:
         """Fix the automatically found Grad-CAM layer (recorded in ``params()``)."""
@@ -63,9 +64,20 @@ class GuidedGradCAM(Explainer):
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
-        low = self.cam.layer_map(inputs, targets)[:, None]
+        # one forward pass: the plain gradient at the layer (Grad-CAM), then, with the
+        # ReLUs switched to the guided rule, the guided gradient at the input
+        name = self.cam.layer_name(inputs)
+        rule = ReluMode("plain")
+        with relu_backward(self.model, rule), capture_outputs(self.model, [name]) as acts, torch.enable_grad():
+            for p in self.model.parameters():
+                p.requires_grad_(False)  # restored by attribute(); no weight gradients
+            x = inputs.detach().clone().requires_grad_(True)
+            score = target_scores(self.model(x), targets, self.p.score).sum()
+            act = acts[name]
+            (grad,) = torch.autograd.grad(score, act, retain_graph=True)
+            rule.mode = "guided"
+            (guided,) = torch.autograd.grad(score, x)
+        low = self.cam.combine(inputs, targets, act.detach(), grad).clamp_min(0)[:, None]
         kwargs = {"align_corners": False} if self.p.upsample == "bilinear" else {}
         cam = F.interpolate(low, size=inputs.shape[-2:], mode=self.p.upsample, **kwargs)
-        with relu_backward(self.model, "guided"):
-            guided = input_gradient(self.model, inputs, targets, self.p.score)
         return reduce_channels(guided * cam, self.p.reduce)
