@@ -1,0 +1,123 @@
+"""The default pipeline end to end: wall time per stage and the share outside model evaluation.
+
+Runs ``flows.run.execute`` on the default config (``configs/default.yaml``) in this process
+(re-executed once with the CLI's allocator settings) into a fresh run directory and records:
+
+* per stage, the summed seconds of its tasks (from each task's receipt; tasks of one stage
+  may overlap in the local runner's threads);
+* the time inside model evaluation: the union of the intervals spent in a forward call of
+  the model (the root module) or in an autograd backward (``torch.autograd.grad``,
+  ``Tensor.backward``), whatever thread made them;
+* the total wall time of the flow (after the temporary Prefect server is up).
+
+Usage: ``.venv/bin/python benchmarks/pipeline.py [--out benchmarks/results/pipeline.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
+    args = ap.parse_args()
+    from flows.cli import allocator_env
+
+    env = allocator_env(dict(os.environ), sys.platform, platform.libc_ver()[0])
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attriflow-bench-prefect-"))
+
+    import torch
+    from prefect.testing.utilities import prefect_test_harness
+
+    import tasks.stages as stages
+    from data.reference_cnn import ReferenceCNN
+    from flows.run import execute
+    from tasks.config import load_config
+
+    intervals: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    local = threading.local()
+
+    def pre(module, _inp):
+        if isinstance(module, ReferenceCNN) and not getattr(local, "depth", 0):
+            local.t0 = time.perf_counter()
+        if isinstance(module, ReferenceCNN):
+            local.depth = getattr(local, "depth", 0) + 1
+
+    def post(module, _inp, _out):
+        if isinstance(module, ReferenceCNN):
+            local.depth -= 1
+            if not local.depth:
+                with lock:
+                    intervals.append((local.t0, time.perf_counter()))
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                with lock:
+                    intervals.append((t0, time.perf_counter()))
+        return wrapper
+
+    stage_seconds: dict[str, float] = defaultdict(float)
+    receipt = stages._receipt
+
+    def logging_receipt(stage, shard, skipped, t0, **extra):
+        r = receipt(stage, shard, skipped, t0, **extra)
+        with lock:
+            stage_seconds[stage] += r["seconds"]
+        return r
+
+    stages._receipt = logging_receipt
+    torch.autograd.grad = timed(torch.autograd.grad)
+    torch.Tensor.backward = timed(torch.Tensor.backward)
+    torch.nn.modules.module.register_module_forward_pre_hook(pre)
+    torch.nn.modules.module.register_module_forward_hook(post)
+
+    config = load_config(ROOT / "configs" / "default.yaml")
+    run_dir = tempfile.mkdtemp(prefix="attriflow-bench-run-")
+    with prefect_test_harness():
+        t0 = time.perf_counter()
+        execute(config, run_dir)
+        wall = time.perf_counter() - t0
+    model = union_seconds(intervals)
+    result = {
+        "config": "configs/default.yaml", "wall_seconds": wall, "model_evaluation_seconds": model,
+        "outside_model_share": 1 - model / wall, "stage_task_seconds": dict(stage_seconds),
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
