@@ -403,7 +403,7 @@ def cases(model_name: str, model: torch.nn.Module, layers: dict[str, str], chann
              lambda m, l, x, t: frozen(captum_call("Saliency", m, x, t, wrap="noise_tunnel", nt_type="smoothgrad",
                                                    nt_samples=25, stdevs=0.5, nt_samples_batch_size=16), m),
              images=few, sampling=True),
-        Case("SISE", "sise", {}, "(no peer)", ("fwd", 0), None, images=few, sampling=True),
+        Case("SISE", "sise", {}, "(no peer)", ("fwd", 0), None, images=score_imgs, sampling=True),
         Case("LRP EpsilonPlusFlat", "lrp_composite", {}, "zennit EpsilonPlusFlat", ("fwd+bwd", 1),
              lambda m, l, x, t: zennit_call(m, x, t, "EpsilonPlusFlat"),
              lambda m, l, x, t: frozen(zennit_call(m, x, t, "EpsilonPlusFlat"), m),
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     ac = autocast()
     if bf16:
         ac.channels_last = True  # type: ignore[attr-defined]
-    batches = (1, 8, 16, 32, 64) if args.model != "reference" else (8, 32, 64, 128, 256, 512)
+    batches = {"resnet50": (1, 8, 16, 32, 64), "vgg16": (1, 8, 16)}.get(args.model, (8, 32, 64, 128, 256, 512))
     limit_reps = 3
     limits = [measure_limit(ours_model, x_all, limit_reps, batches, ac if bf16 else None)]
     print(json.dumps(limits[0]))

@@ -55,7 +55,8 @@ class Rule:
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
     """zennit's stabiliser: add ``eps`` with the sign of each entry (+ for zeros)."""
-    return z + ((z == 0).to(z) + z.sign()) * eps
+    e = z.new_tensor(eps)
+    return z + torch.where(z >= 0, e, -e)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -133,13 +134,14 @@ class _RuleLayer(torch.autograd.Function):
     directly (one input-gradient convolution per rule term; no extra elementwise passes)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: nn.Module, rule: Rule, w: Tensor, b: Tensor | None) -> Tensor:
+    def forward(ctx: Any, x: Tensor, module: nn.Module, rule: Rule, params: Folded) -> Tensor:
+        w, b = params.weight, params.bias
         z = _apply(module, x, w, b)
         terms: list[tuple[float, Tensor, Tensor | None, Tensor]] = []  # (coeff, weight, mask, scale)
         if rule.name == "epsilon":
             terms.append((1.0, w, None, z / stabilize(z, rule.epsilon)))
         elif rule.name in ("zplus", "alpha_beta"):
-            wp, wn = w.clamp(min=0), w.clamp(max=0)
+            wp, wn = params.positive, params.negative
             signed = bool((x < 0).any())
             xp, xn = (x.clamp(min=0), x.clamp(max=0)) if signed else (x, None)
             mp, mn = (x >= 0, x <= 0) if signed else (None, None)
@@ -182,7 +184,7 @@ class _RuleLayer(torch.autograd.Function):
             if coeff != 1.0:
                 g = g * coeff
             total = g if total is None else total + g
-        return total, None, None, None, None
+        return total, None, None, None
 
 
 def first_layer_relevance(rule: Rule, module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None,
@@ -212,11 +214,26 @@ AVGPOOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by a fixed ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return z.clone()  # a new tensor: an in-place ReLU may follow
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
 def norm_output(z: Tensor, eps: float) -> Tensor:
     """zennit's Norm rule for parameter-free linear maps (pools, sums): value ``z``,
     gradient scaled by ``z / stab(z)``."""
-    carrier = z * (z / stabilize(z, eps)).detach()
-    return carrier + (z - carrier).detach()
+    with torch.no_grad():
+        scale = z / stabilize(z, eps)
+    return _ScaleGrad.apply(z, scale)
 
 
 def _residual_forward(block: nn.Module, eps: float) -> Callable[[Tensor], Tensor]:
@@ -254,6 +271,40 @@ def trace_layers(model: nn.Module, example: Tensor) -> tuple[list[nn.Module], di
             folded[source] = c.module
     order = list(dict.fromkeys(c.module for c in calls if isinstance(c.module, LINEAR_TYPES)))
     return order, folded
+
+
+@dataclass
+class Folded:
+    """A layer's weight and bias with its BatchNorm folded in, and the weight's positive and
+    negative parts (computed when first asked for)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    _pos: Tensor | None = None
+    _neg: Tensor | None = None
+
+    @property
+    def positive(self) -> Tensor:
+        if self._pos is None:
+            self._pos = self.weight.clamp(min=0)
+        return self._pos
+
+    @property
+    def negative(self) -> Tensor:
+        if self._neg is None:
+            self._neg = self.weight.clamp(max=0)
+        return self._neg
+
+    @staticmethod
+    def of(layer: nn.Module, bn: nn.Module | None, cache: dict[int, Folded]) -> Folded:
+        """The folded parameters of ``layer``, computed once per ``cache`` (one LRP call:
+        a layer called several times per forward pass folds once)."""
+        hit = cache.get(id(layer))
+        if hit is None:
+            with torch.no_grad():
+                w, b = folded_params(layer, bn)
+            hit = cache[id(layer)] = Folded(w, b)
+        return hit
 
 
 def folded_params(layer: nn.Module, bn: nn.Module | None) -> tuple[Tensor, Tensor | None]:
@@ -295,12 +346,14 @@ def lrp(model: nn.Module, inputs: Tensor, targets: Tensor, rule_for: Callable[[n
     first_rule = rule_for(first, True) if first is not None else None
     explicit_first = first_rule is not None and first_rule.name in ("flat", "box")
     state: dict[str, Tensor] = {}
+    cache: dict[int, Folded] = {}  # folded weights, once per layer and call
     handles = []
 
     def layer_forward(m: nn.Module, x: Tensor) -> Tensor:
-        w, b = folded_params(m, folded.get(m))
+        params = Folded.of(m, folded.get(m), cache)
+        w, b = params.weight, params.bias
         if not (m is first and explicit_first) and _fusable(m):
-            return _RuleLayer.apply(x, m, rule_for(m, m is first), w, b)
+            return _RuleLayer.apply(x, m, rule_for(m, m is first), params)
         z = _apply(m, x, w, b)
         if m is first and explicit_first:
             state["x"] = x.detach()

@@ -54,4 +54,5 @@ class LRPEpsilon(Explainer):
         if getattr(self, "_traced_key", None) != key:  # the layer order and BatchNorm folds
             self._traced = trace_layers(self.model, inputs[:1])
             self._traced_key = key
-        return reduce_channels(lrp(self.model, inputs, targets, self.rule_for, self._traced), self.p.reduce)
+        return reduce_channels(lrp(self.model, inputs, targets, self.rule_for, self._traced),
+                               self.p.reduce)
