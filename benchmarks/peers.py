@@ -435,11 +435,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-peers", action="store_true", help="ours and the limit only")
+    ap.add_argument("--peer-defaults-only", action="store_true",
+                    help="the peers at their defaults only (with --allocator default: as users run them)")
+    ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                    help="tuned: re-execute with the CLI's glibc tunables; default: glibc's defaults")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    env = allocator_env(dict(os.environ), sys.platform, platform.libc_ver()[0])
-    if env is not None:
+    if args.allocator == "tuned":
+        env = allocator_env(dict(os.environ), sys.platform, platform.libc_ver()[0])
+        if env is not None:
+            os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    elif "GLIBC_TUNABLES" in os.environ:
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     from explainers import get_explainer
@@ -489,12 +497,17 @@ def main(argv: list[str] | None = None) -> None:
             with autocast():
                 return exp.attribute(xo, t, seeds=seeds)
 
-        contenders: dict[str, Callable[[], object]] = {"ours": ours_fn}
+        contenders: dict[str, Callable[[], object]] = {} if args.peer_defaults_only else {"ours": ours_fn}
         errors: dict[str, str] = {}
         if not args.no_peers:
-            for label, make in (("peer", case.peer_default), ("peer best", case.peer_best)):
+            makers = [("peer", case.peer_default)]
+            if not args.peer_defaults_only:
+                makers.append(("peer best", case.peer_best))
+            for label, make in makers:
                 if make is not None:
                     contenders[label] = make(model, layer_module, x, t)
+        if not contenders:
+            continue
         # warm-up (lazy initialisation, shapes); a peer that fails is recorded, not timed
         heavy = case.sampling and args.model != "reference"
         for label, fn in list(contenders.items()):
@@ -520,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[label].append(s / n)
                 mems[label].append(mib)
         passes = case.passes
-        if exp.last_forward_passes is not None and case.passes[0] == "fwd":  # the method's own count
+        if "ours" in contenders and exp.last_forward_passes is not None and case.passes[0] == "fwd":  # the method's own count
             passes = ("fwd", float(exp.last_forward_passes.float().mean()))
         row = {
             "case": case.name, "ours": case.ours, "params": case.params, "peer": case.peer,
@@ -536,13 +549,14 @@ def main(argv: list[str] | None = None) -> None:
     limit = {k: (min if "peak" not in k else max)(d[k] for d in limits) for k in limits[0]}
     result = {
         "model": args.model, "precision": args.precision, "images": args.images,
-        "input": list(x_all.shape[1:]), "channels_at_cam_layer": channels,
+        "input": list(x_all.shape[1:]), "allocator": args.allocator, "peer_defaults_only": args.peer_defaults_only, "channels_at_cam_layer": channels,
         "limit_seconds_per_image": limit, "limit_runs": limits,
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                     "python": platform.python_version(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
     }
-    out = args.out or OUT_DIR / f"{args.model}-{args.precision}{'-' + '_'.join(args.only) if args.only else ''}.json"
+    suffix = "-peer-defaults-glibc" if args.peer_defaults_only and args.allocator == "default" else ""
+    out = args.out or OUT_DIR / f"{args.model}-{args.precision}{suffix}{'-' + '_'.join(args.only) if args.only else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -46,7 +46,7 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (out,) = ctx.saved_tensors
-        return grad.clamp_min(0).masked_fill_(out <= 0, 0)
+        return torch.ops.aten.threshold_backward(grad.clamp_min(0), out, 0)  # where out > 0
 
 
 class _DeconvReLU(torch.autograd.Function):
@@ -81,8 +81,7 @@ class _SwitchReLU(torch.autograd.Function):
         mode = ctx.state.mode
         if mode == "deconv":
             return grad.clamp_min(0), None
-        g = grad.clamp_min(0) if mode == "guided" else grad.clone()
-        return g.masked_fill_(out <= 0, 0), None
+        return torch.ops.aten.threshold_backward(grad.clamp_min(0) if mode == "guided" else grad, out, 0), None
 
 
 @contextmanager

@@ -136,13 +136,13 @@ class _RuleLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, module: nn.Module, rule: Rule, params: Folded) -> Tensor:
         w, b = params.weight, params.bias
-        z = _apply(module, x, w, b)
         terms: list[tuple[float, Tensor, Tensor | None, Tensor]] = []  # (coeff, weight, mask, scale)
+        signed = rule.name != "epsilon" and bool((x < 0).any())
+        z = _apply(module, x, w, b)
         if rule.name == "epsilon":
             terms.append((1.0, w, None, z / stabilize(z, rule.epsilon)))
         elif rule.name in ("zplus", "alpha_beta"):
             wp, wn = params.positive, params.negative
-            signed = bool((x < 0).any())
             xp, xn = (x.clamp(min=0), x.clamp(max=0)) if signed else (x, None)
             mp, mn = (x >= 0, x <= 0) if signed else (None, None)
             zpos = _apply(module, xp, wp, _pos(b))
