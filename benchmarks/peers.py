@@ -519,6 +519,12 @@ def main(argv: list[str] | None = None) -> None:
                 errors[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 contenders.pop(label)
         reps = 1 if heavy else args.reps
+        if not contenders:  # every contender failed in the warm-up
+            rows.append({"case": case.name, "ours": case.ours, "params": case.params, "peer": case.peer,
+                         "images": n, "reps": 0, "sampling": case.sampling, "note": case.note,
+                         "passes": list(case.passes), "batch_size": None, "seconds": {}, "peak_mib": {},
+                         "errors": errors})
+            continue
         times: dict[str, list[float]] = {k: [] for k in contenders}
         mems: dict[str, list[float]] = {k: [] for k in contenders}
         order = list(contenders)

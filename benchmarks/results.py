@@ -48,11 +48,12 @@ def targets(row: dict, model: str) -> list[tuple[str, float | None, float, str]]
         out.append(("ours/limit", lim, 1.3, "<="))
         if row["ours"] in GRAD_CAMS and row["peer"].startswith("grad-cam") and default:
             out.append(("grad-cam/ours", default / ours, 2.3, ">="))
-    if row["ours"] in LRP:
+    big = model in ("resnet50", "vgg16")  # the LRP and Ablation-CAM targets name these models
+    if row["ours"] in LRP and big:
         out.append(("ours/limit", lim, 1.5, "<="))
         if default:
             out.append(("zennit/ours", default / ours, 3.0, ">="))
-    if row["ours"] == "ablation_cam" and default:
+    if row["ours"] == "ablation_cam" and default and big:
         out.append(("grad-cam/ours", default / ours, 100.0, ">="))
     if row["sampling"]:
         out.append(("ours/limit", lim, 1.1, "<="))
@@ -70,8 +71,8 @@ def verdict(checks: list[tuple[str, float | None, float, str]]) -> str:
 
 def annotate(result: dict) -> None:
     """Add ``ours_limit`` and ``mem_ratio`` to every row."""
-    limit = result["limit_seconds_per_image"]
     for row in result["rows"]:
+        limit = row.get("limit") or result["limit_seconds_per_image"]  # the row's own run
         kind, n = passes_of(row)
         ours = row["seconds"].get("ours")
         row["ours_limit"] = ours / (n * limit[kind]) if ours and n else None
@@ -80,11 +81,40 @@ def annotate(result: dict) -> None:
         row["mem_ratio"] = peak / need if need and peak is not None and row["sampling"] else None
 
 
+def merge(runs: dict[str, dict]) -> None:
+    """Fold ``<model>-fp32-rerun*`` rows (measured again after a change) into ``<model>-fp32``
+    and the peers' defaults under glibc's default allocator (``-peer-defaults-glibc``) into
+    each row as ``peer glibc``; the merged-in runs are dropped from ``runs``."""
+    for key in sorted(k for k in runs if "-rerun" in k):  # later reruns override earlier ones
+        base, rerun = runs.get(key.split("-rerun")[0]), runs.pop(key)
+        if base is None:
+            continue
+        fresh = {r["case"]: r for r in rerun["rows"]}
+        base["rows"] = [dict(fresh[r["case"]], limit=rerun["limit_seconds_per_image"],
+                             note=(r.get("note") + "; " if r.get("note") else "")
+                             + f"measured again {rerun['date']} (limit of that run: forward "
+                               f"{rerun['limit_seconds_per_image']['fwd'] * 1e3:.2f} ms, forward + input gradient "
+                               f"{rerun['limit_seconds_per_image']['fwd+bwd'] * 1e3:.2f} ms per image)")
+                        if r["case"] in fresh else r for r in base["rows"]]
+    for key in [k for k in runs if k.endswith("-peer-defaults-glibc")]:
+        glibc = runs.pop(key)
+        base = runs.get(key[: -len("-peer-defaults-glibc")])
+        if base is None:
+            continue
+        by_case = {r["case"]: r for r in glibc["rows"]}
+        for row in base["rows"]:
+            other = by_case.get(row["case"])
+            if other is not None and "peer" in other["seconds"]:
+                row["seconds"]["peer glibc"] = other["seconds"]["peer"]
+                row["peak_mib"]["peer glibc"] = other["peak_mib"]["peer"]
+
+
 def fp32_table(result: dict) -> list[str]:
     lines = [
-        "| explainer | peer | images | ours | peer (defaults) | peer (best) | peer/ours defaults | "
-        "peer/ours best | ours/limit | peak MiB ours / peer / best | targets |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| explainer | peer | images | ours | peer (defaults, glibc malloc) | peer (defaults) | peer (best) | "
+        "peer/ours defaults, glibc malloc | peer/ours defaults | peer/ours best | ours/limit | "
+        "peak MiB ours / peer / best | ours peak / one batch | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         s, m = row["seconds"], row["peak_mib"]
@@ -94,27 +124,33 @@ def fp32_table(result: dict) -> list[str]:
         errs = row.get("errors", {})
         d_txt = secs(d) if d is not None else ("fails" if "peer" in errs else "—")
         mem = " / ".join("—" if m.get(k) is None else f"{m[k]:.0f}" for k in ("ours", "peer", "peer best"))
+        g = s.get("peer glibc")
         lines.append(
-            f"| {row['case']} | {row['peer']} | {row['images']} | {secs(ours)} | {d_txt} | {secs(b)} | "
+            f"| {row['case']} | {row['peer']} | {row['images']} | {secs(ours)} | {secs(g)} | {d_txt} | {secs(b)} | "
+            f"{ratio(g / ours if g and ours else None)} | "
             f"{ratio(d / ours if d and ours else None)} | {ratio(b / ours if b and ours else None)} | "
-            f"{ratio(row['ours_limit'])} | {mem} | {verdict(targets(row, result['model']))} |")
+            f"{ratio(row['ours_limit'])} | {mem} | {ratio(row['mem_ratio'])} | {verdict(targets(row, result['model']))} |")
     return lines
 
 
 def bf16_table(bf16: dict, fp32: dict | None) -> list[str]:
     peers = {r["case"]: r for r in fp32["rows"]} if fp32 else {}
-    lines = ["| explainer | images | ours bf16 | ours bf16/limit bf16 | peer fp32 defaults | peer fp32 defaults / ours bf16 (target >= 2.5) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| explainer | images | ours bf16 | ours bf16/limit bf16 | peer fp32 defaults, glibc malloc | "
+             "peer fp32 defaults, tuned malloc | peer fp32 defaults (glibc) / ours bf16 (target >= 2.5) | "
+             "same, tuned malloc |", "|---|---|---|---|---|---|---|---|"]
     for row in bf16["rows"]:
         ours = row["seconds"].get("ours")
-        ref = peers.get(row["case"], {}).get("seconds", {}).get("peer")
-        lines.append(f"| {row['case']} | {row['images']} | {secs(ours)} | {ratio(row['ours_limit'])} | {secs(ref)} | "
+        fp = peers.get(row["case"], {}).get("seconds", {})
+        g, ref = fp.get("peer glibc"), fp.get("peer")
+        lines.append(f"| {row['case']} | {row['images']} | {secs(ours)} | {ratio(row['ours_limit'])} | {secs(g)} | "
+                     f"{secs(ref)} | {ratio(g / ours if g and ours else None)} | "
                      f"{ratio(ref / ours if ref and ours else None)} |")
     return lines
 
 
 def main() -> None:
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    merge(runs)
     peer_runs = {k: v for k, v in runs.items() if "rows" in v}
     for r in peer_runs.values():
         annotate(r)

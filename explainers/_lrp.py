@@ -26,6 +26,7 @@ flat or the z-box rule, which are computed explicitly from the relevance at its 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -137,7 +138,7 @@ class _RuleLayer(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, module: nn.Module, rule: Rule, params: Folded) -> Tensor:
         w, b = params.weight, params.bias
         terms: list[tuple[float, Tensor, Tensor | None, Tensor]] = []  # (coeff, weight, mask, scale)
-        signed = rule.name != "epsilon" and bool((x < 0).any())
+        signed = rule.name != "epsilon" and bool(x.detach().amin() < 0)
         z = _apply(module, x, w, b)
         if rule.name == "epsilon":
             terms.append((1.0, w, None, z / stabilize(z, rule.epsilon)))
@@ -149,7 +150,10 @@ class _RuleLayer(torch.autograd.Function):
             if xn is not None:
                 zpos = zpos + _apply(module, xn, wn, _zeros_like(b))
             alpha = 1.0 if rule.name == "zplus" else rule.alpha
-            cp = z / stabilize(zpos, rule.epsilon)
+            if signed:
+                cp = z / stabilize(zpos, rule.epsilon)
+            else:  # x >= 0 with w+ >= 0 and b+ >= 0: z+ >= 0, so the stabiliser adds +eps
+                cp = torch.div(z, zpos.add_(rule.epsilon), out=zpos)
             terms.append((alpha, wp, mp, cp))
             if xn is not None:
                 terms.append((alpha, wn, mn, cp))
@@ -253,11 +257,10 @@ def _residual_forward(block: nn.Module, eps: float) -> Callable[[Tensor], Tensor
 
 
 def _residual_blocks(model: nn.Module) -> list[nn.Module]:
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return []
-    return [m for m in model.modules() if type(m) in (BasicBlock, Bottleneck)]
+    resnet = sys.modules.get("torchvision.models.resnet")
+    if resnet is None:  # not imported: the model holds none of its blocks (and importing
+        return []       # torchvision here would cost a second and a half on the first call)
+    return [m for m in model.modules() if type(m) in (resnet.BasicBlock, resnet.Bottleneck)]
 
 
 def trace_layers(model: nn.Module, example: Tensor) -> tuple[list[nn.Module], dict[nn.Module, nn.Module]]:
