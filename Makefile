@@ -2,13 +2,15 @@
 #   make run    creates .venv when missing, then runs the default pipeline end to end
 #   make test   creates .venv when missing (and installs Debian's chromium for the report's
 #               browser test when missing), then runs the test suite
+#   make bench  the performance comparison of issue #8 (about 40 minutes on two cores):
+#               benchmarks/results/*.json, rendered as benchmarks/RESULTS.md
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 RUN_DIR ?= runs/default
 CONFIG ?=
 
-.PHONY: run test env
+.PHONY: run test env bench
 
 env: $(STAMP)
 
@@ -24,3 +26,14 @@ run: $(STAMP)
 test: $(STAMP)
 	@tools/ensure-chromium $(VENV)/chromium-install.log
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	rm -f benchmarks/results/*-rerun*.json
+	$(VENV)/bin/python benchmarks/peers.py --model resnet50
+	$(VENV)/bin/python benchmarks/peers.py --model reference
+	$(VENV)/bin/python benchmarks/peers.py --model vgg16 --reps 2
+	$(VENV)/bin/python benchmarks/peers.py --model resnet50 --precision bf16 --reps 1 --no-peers
+	$(VENV)/bin/python benchmarks/peers.py --model reference --precision bf16 --no-peers
+	ATTRIFLOW_ALLOCATOR=default $(VENV)/bin/python benchmarks/peers.py --model resnet50 --peer-defaults-only --allocator default
+	$(VENV)/bin/python benchmarks/pipeline.py
+	$(VENV)/bin/python benchmarks/results.py

@@ -16,7 +16,8 @@ memory is the largest growth of malloc's bytes in use during one call (sampled e
 The script re-executes itself once with the CLI's glibc tunables (see ``flows/cli.py``), so
 "peer defaults" are measured with our allocator too: the real defaults, under glibc's
 defaults, are slower still (``benchmarks/PERF.md``), and peer/ours against them is a lower
-bound. Usage::
+bound. ``make bench`` runs every configuration below and renders ``benchmarks/RESULTS.md``;
+one configuration::
 
     .venv/bin/python benchmarks/peers.py --model resnet50 [--only NAME ...] [--reps 3]
     .venv/bin/python benchmarks/peers.py --model reference --precision bf16
