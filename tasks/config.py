@@ -119,6 +119,13 @@ class ExplainConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be a positive integer or 'auto', got {value!r}")
+
     @field_validator("explainers")
     @classmethod
     def _unique(cls, value: list[ExplainerEntry]) -> list[ExplainerEntry]:
