@@ -42,7 +42,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -265,8 +265,7 @@ def zennit_call(model, x, t, composite: str) -> Callable[[], object]:
     """zennit's ``Gradient`` attributor with a named composite (ResNetCanonizer on ResNets,
     ZBox bounds at the normalised image range)."""
     from zennit.attribution import Gradient
-    from zennit.composites import (EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite,
-                                   SpecialFirstLayerMapComposite, layer_map_base)
+    from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, SpecialFirstLayerMapComposite, layer_map_base
     from zennit.rules import Epsilon, ZBox, ZPlus
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
     from zennit.types import Convolution, Linear
@@ -283,7 +282,6 @@ def zennit_call(model, x, t, composite: str) -> Callable[[], object]:
         layer_map = layer_map_base() + [(Convolution, ZPlus()), (Linear, Epsilon(1e-6))]
         return SpecialFirstLayerMapComposite(layer_map=layer_map, first_map=[(Convolution, ZBox(lo, hi))],
                                              canonizers=canon)
-    del LayerMapComposite
 
     def run() -> object:
         with Gradient(model=model, composite=make()) as attributor:
@@ -333,10 +331,9 @@ class Case:
     models: tuple[str, ...] = ("resnet50", "reference")
     sampling: bool = False
     note: str = ""
-    peer_error: str = field(default="", init=False)
 
 
-def cases(model_name: str, model: torch.nn.Module, layers: dict[str, str], channels: int, reps_scale: float) -> list[Case]:
+def cases(model_name: str, layers: dict[str, str], channels: int) -> list[Case]:
     """The comparison table for one model (functions of (model, layer module, x, t))."""
     big = model_name != "reference"
     few = 2 if big else None  # images for sampling explainers on the ImageNet models
@@ -388,7 +385,7 @@ def cases(model_name: str, model: torch.nn.Module, layers: dict[str, str], chann
              lambda m, l, x, t: rise_reference(m, x, t, rise_masks, batch=16),
              images=few, sampling=True, note="reference batch: 100 (the authors' code), best 16"),
         Case("Occlusion", "occlusion", {"window": 32 if big else 16, "stride": 16 if big else 8}, "captum Occlusion",
-             ("fwd", 0), 
+             ("fwd", 0),
              lambda m, l, x, t: captum_call("Occlusion", m, x, t, **_occl_kwargs(big)),
              lambda m, l, x, t: captum_call("Occlusion", m, x, t, perturbations_per_eval=16, **_occl_kwargs(big)),
              images=few, sampling=True),
@@ -411,14 +408,11 @@ def cases(model_name: str, model: torch.nn.Module, layers: dict[str, str], chann
              models=("resnet50", "reference")),
         Case("LRP EpsilonPlusBox", "lrp_composite", {"preset": "epsilon_plus_box"}, "zennit (same rules)",
              ("fwd+bwd", 1),
-             lambda m, l, x, t: zennit_call(m, x, t, "EpsilonPlusBox"),
+             lambda m, l, x, t: zennit_call(m, x, t, "EpsilonGammaBox"),
              lambda m, l, x, t: frozen(zennit_call(m, x, t, "EpsilonPlusBox"), m),
              images=few, models=("vgg16",),
              note="zennit's EpsilonGammaBox (Gamma for convolutions) is timed as `peer`"),
     ]
-    for c in C:
-        if c.name == "LRP EpsilonPlusBox":
-            c.peer_default = lambda m, l, x, t: zennit_call(m, x, t, "EpsilonGammaBox")
     return [c for c in C if model_name in c.models]
 
 
@@ -453,7 +447,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from explainers import get_explainer
 
-    torch.set_num_threads(torch.get_num_threads())
     model, x_all, layers = load_model(args.model, args.images)
     with torch.no_grad():
         t_all = model(x_all).argmax(1)
@@ -482,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
           f"fwd+bwd {limits[0]['fwd+bwd'] * 1e3:.2f} ms/img", flush=True)
 
     rows = []
-    for case in cases(args.model, model, layers, channels, 1.0):
+    for case in cases(args.model, layers, channels):
         if args.only and not any(o.lower() in case.name.lower() for o in args.only):
             continue
         if bf16 and not case.sampling:
