@@ -36,29 +36,6 @@ def input_gradient(model: nn.Module, inputs: Tensor, targets: Tensor, score: Sco
     return grad
 
 
-class _GuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        out = x.clamp_min(0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(grad.clamp_min(0), out, 0)  # where out > 0
-
-
-class _DeconvReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad.clamp_min(0)
-
-
 class ReluMode:
     """The backward rule of :func:`relu_backward`'s ReLUs, read when the backward runs, so
     one forward pass can serve a plain and a guided gradient (Guided Grad-CAM)."""
@@ -96,13 +73,11 @@ def relu_backward(model: nn.Module, mode: Literal["guided", "deconv"] | ReluMode
     forward pass.
     Functional ``F.relu`` calls are not seen, as in Captum.
     """
-    if isinstance(mode, ReluMode):
-        state = mode
+    state = mode if isinstance(mode, ReluMode) else ReluMode(mode)
 
-        def apply(x: Tensor) -> Tensor:
-            return _SwitchReLU.apply(x, state)
-    else:
-        apply = (_GuidedReLU if mode == "guided" else _DeconvReLU).apply
+    def apply(x: Tensor) -> Tensor:
+        return _SwitchReLU.apply(x, state)
+
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and "forward" not in m.__dict__]
     try:
         for m in relus:  # an instance attribute shadows ReLU.forward until removed
