@@ -111,8 +111,10 @@ def plot_map_grid(ds: xr.Dataset, n_samples: int = 6) -> Figure:
                       fontsize=6)
         for c, k in enumerate(order, start=1):
             a = maps[k, r]
-            lim = np.nanmax(np.abs(a)) or 1.0
-            signed = np.nanmin(a) < 0
+            finite = a[np.isfinite(a)]  # a flagged map may have no finite value at all
+            lim = float(np.abs(finite).max()) if finite.size else 0.0
+            lim = lim or 1.0  # an all-zero map is drawn as zeros, not scaled by 0
+            signed = bool(finite.size) and float(finite.min()) < 0
             axes[r, c].imshow(a, cmap="RdBu_r" if signed else "inferno", vmin=-lim if signed else 0, vmax=lim)
             _outline(axes[r, c], ds, r)
             if r == 0:

@@ -15,11 +15,19 @@ it (an edge detector) stays at 1. ``collapse_depth`` is the first depth whose me
 similarity is below a threshold (0.5).
 
 Choices where the paper leaves room (documented, see ``../shared/research/metrics.md`` §7):
-a *unit* of randomisation is a layer with parameters (``granularity="layer"``) or a
-top-level child module of the network (``"block"``, the default: it keeps the number of
-depths small for deep networks); a normalisation layer (BatchNorm, GroupNorm, LayerNorm)
-is randomised together with the layer registered just before it, as Adebayo et al. did
-for Inception's conv+BN units. Ties in Spearman ranks get their average rank (as
+a *unit* of randomisation is a layer with parameters (``granularity="layer"``) or a block
+of the network (``"block"``, the default: it keeps the number of depths small for deep
+networks; see :func:`randomisation_units` for how blocks are found); a normalisation layer
+(BatchNorm, GroupNorm, LayerNorm) is randomised together with the layer registered just
+before it, as Adebayo et al. did for Inception's conv+BN units. A module without a
+``reset_parameters`` (ConvNeXt's ``CNBlock`` with its ``layer_scale``) is randomised
+through its submodules that have one, and its own parameters are re-drawn from
+``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default for a weight
+(``kaiming_uniform_(a=sqrt(5))``), where ``fan_in`` is the number of elements per output
+slice (1 for a 1-d tensor or a ``(C, 1, 1)`` scale: ``layer_scale`` is drawn from
+``U(-1, 1)``). It is drawn at random, not reset to its initial constant (torchvision's
+1e-6): the constant would switch the residual branches off rather than randomise them, and
+would leave an untrained copy unchanged. Ties in Spearman ranks get their average rank (as
 ``scipy.stats.spearmanr``). SSIM uses the 7x7 uniform window, ``K1=0.01, K2=0.03``, the
 sample covariance and the mean over the valid (un-padded) window positions, exactly
 ``skimage.metrics.structural_similarity(a, b, data_range=1)``.
@@ -45,15 +53,44 @@ def _has_own_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
-def randomisation_units(model: nn.Module, granularity: str = "block") -> list[tuple[str, list[str]]]:
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _split(module: nn.Module, name: str) -> list[tuple[str, nn.Module]] | None:
+    """The children with parameters of a module that can stand for it, or None."""
+    if _has_own_params(module):
+        return None  # its own parameters would belong to no unit
+    children = [(f"{name}.{c}", m) for c, m in module.named_children() if any(True for _ in m.parameters())]
+    return children or None
+
+
+def randomisation_units(
+    model: nn.Module, granularity: str = "block", min_units: int = 5
+) -> list[tuple[str, list[str]]]:
     """Units of the cascade, top (output side) first.
+
+    ``"block"`` starts from the model's top-level children with parameters. While there
+    are fewer than ``min_units`` of them, the block with the most parameters that can be
+    split is replaced, in place, by its own children with parameters. A block can be split
+    when it has such children and no parameters of its own. The rule does not look at
+    module names. A ResNet (conv1+bn1, layer1..4, fc: 6 units) is left as it is. A network
+    built as ``features`` + ``classifier`` is split into the blocks of ``features``:
+    torchvision's MobileNetV3-small gives 14 units, EfficientNet-B0 10 (its stages),
+    DenseNet-121 9 (dense blocks and transitions) and ConvNeXt-tiny 9 (stem, stages and
+    downsampling layers). VGG-11 gives 11: its classifier holds most of the parameters
+    and is split first into its three linear layers, then ``features`` into its eight
+    convolutions. The units cover every parameter exactly once.
 
     Parameters
     ----------
     model : nn.Module
         The network (modules registered in execution order, as torchvision's are).
     granularity : {"block", "layer"}
-        Top-level children with parameters, or single layers with parameters.
+        Blocks as above, or single modules with parameters of their own.
+    min_units : int
+        Smallest number of blocks worth a cascade (``"block"`` only); the result has fewer
+        only when nothing more can be split.
 
     Returns
     -------
@@ -69,6 +106,13 @@ def randomisation_units(model: nn.Module, granularity: str = "block") -> list[tu
         candidates = [(n, m) for n, m in model.named_modules() if n and _has_own_params(m)]
     elif granularity == "block":
         candidates = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+        while len(candidates) < min_units:
+            splittable = [(i, _split(m, n)) for i, (n, m) in enumerate(candidates)]
+            splittable = [(i, c) for i, c in splittable if c is not None]
+            if not splittable:
+                break
+            i, children = max(splittable, key=lambda ic: _n_params(candidates[ic[0]][1]))
+            candidates[i : i + 1] = children
     else:
         raise ValueError(f"granularity must be 'block' or 'layer', got {granularity!r}")
     units: list[tuple[str, list[str]]] = []
@@ -82,16 +126,56 @@ def randomisation_units(model: nn.Module, granularity: str = "block") -> list[tu
     return units[::-1]
 
 
-def _reset(module: nn.Module, seed: int) -> None:
-    resettable = [m for m in module.modules() if _has_own_params(m)]
-    missing = [type(m).__name__ for m in resettable if not hasattr(m, "reset_parameters")]
-    if missing:
-        raise ValueError(f"cannot re-initialise {', '.join(sorted(set(missing)))}: no reset_parameters()")
+def unit_modules(model: nn.Module, name: str, others: set[str]) -> list[tuple[str, nn.Module]]:
+    """The modules with parameters of their own that re-initialising ``name`` touches.
+
+    This is the subtree of ``name``, minus the subtrees of the other unit modules inside it.
+    Such nesting happens with ``granularity="layer"``, e.g. a ConvNeXt ``CNBlock`` and its
+    layers, and every parameter still goes to exactly one unit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    name : str
+        A module name from :func:`randomisation_units`.
+    others : set of str
+        The module names of all units.
+
+    Returns
+    -------
+    list of (str, nn.Module)
+        Qualified name and module, in registration order.
+    """
+    root = model.get_submodule(name) if name else model
+    inner = sorted(o for o in others if o != name and (not name or o.startswith(name + ".")))
+    out = []
+    for sub, m in root.named_modules(prefix=name):
+        if any(sub == o or sub.startswith(o + ".") for o in inner):
+            continue
+        if _has_own_params(m):
+            out.append((sub, m))
+    return out
+
+
+def _redraw(param: nn.Parameter) -> None:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` in place; ``fan_in`` = elements per output slice."""
+    fan_in = param[0].numel() if param.dim() > 1 else 1
+    bound = 1.0 / float(np.sqrt(fan_in))
+    with torch.no_grad():
+        param.uniform_(-bound, bound)
+
+
+def _reset(modules: list[tuple[str, nn.Module]], seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for m in resettable:
-            m.reset_parameters()  # type: ignore[operator]
-        for m in module.modules():  # running statistics of normalisation layers
+        for _, m in modules:
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            else:  # e.g. ConvNeXt's layer_scale: its children are in ``modules`` too
+                for p in m.parameters(recurse=False):
+                    _redraw(p)
+        for _, m in modules:  # running statistics of normalisation layers
             if hasattr(m, "reset_running_stats"):
                 m.reset_running_stats()
 
@@ -111,10 +195,10 @@ def cascading_randomisation(
     is never touched); consume each yielded model before advancing.
     """
     work = copy.deepcopy(model).eval()
-    modules = dict(work.named_modules())
+    others = {name for _, names in units for name in names}
     for depth, (unit, names) in enumerate(units, start=1):
         for name in names:
-            _reset(modules[name], unit_seed(seed, name))
+            _reset(unit_modules(work, name, others), unit_seed(seed, name))
         yield depth, unit, work
 
 
