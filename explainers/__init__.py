@@ -8,6 +8,7 @@ from explainers.base import (
     ExplainerParamError,
     ExplainerSpec,
     Family,
+    UnsupportedModelError,
     validate_params,
 )
 from explainers.registry import REGISTRY, get_explainer, list_explainers, register
@@ -19,6 +20,7 @@ __all__ = [
     "ExplainerParamError",
     "ExplainerSpec",
     "Family",
+    "UnsupportedModelError",
     "LayerNotFoundError",
     "default_cam_layer",
     "get_explainer",

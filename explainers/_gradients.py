@@ -9,7 +9,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from explainers._functional import Call, hardtanh_bounds, intercept, scan
 from explainers._scores import ScoreKind, target_scores
+from explainers.base import UnsupportedModelError
 
 Reduce = Literal["sum", "sum_abs", "max_abs", "l2"]
 
@@ -45,44 +47,75 @@ class ReluMode:
 
 
 class _SwitchReLU(torch.autograd.Function):
+    """clamp(x, 0, high) forward; backward by the :class:`ReluMode` read when it runs."""
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, state: ReluMode) -> Tensor:
-        out = x.clamp_min(0)
-        ctx.save_for_backward(out)
-        ctx.state = state
+    def forward(ctx: Any, x: Tensor, state: ReluMode, high: float | None) -> Tensor:
+        out = x.clamp_min(0) if high is None else x.clamp(0, high)
+        ctx.save_for_backward(out if high is None else x)
+        ctx.state, ctx.high = state, high
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (out,) = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (saved,) = ctx.saved_tensors
         mode = ctx.state.mode
         if mode == "deconv":
-            return grad.clamp_min(0), None
-        return torch.ops.aten.threshold_backward(grad.clamp_min(0) if mode == "guided" else grad, out, 0), None
+            return grad.clamp_min(0), None, None
+        g = grad.clamp_min(0) if mode == "guided" else grad
+        if ctx.high is None:  # ReLU: one fused kernel, zero where the output is zero
+            return torch.ops.aten.threshold_backward(g, saved, 0), None, None
+        inside = (saved > 0) & (saved < ctx.high)
+        return g * inside.to(g.dtype), None, None
+
+
+#: kinds of :mod:`explainers._functional` that have no guided / deconv rule
+UNGUIDED_KINDS = {"activation"}
+
+
+def refuse_unguided(name: str, model: nn.Module, example: Tensor) -> None:
+    """Raise when ``model`` applies element-wise non-linearities other than ReLU / ReLU6.
+
+    Guided Backprop and DeconvNet define a backward rule for rectifiers only; on a SiLU,
+    GELU or Hardswish network they would return the plain gradient there (Captum and
+    zennit do so silently).
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming the functions and the modules that call them.
+    """
+    found = scan(model, example)
+    bad = found.kinds() & UNGUIDED_KINDS
+    if bad:
+        raise UnsupportedModelError(
+            f"{name}: the guided/deconv rule is defined for ReLU (and ReLU6) only, and this model "
+            f"also applies {found.describe(bad)}; use saliency, integrated_gradients or smooth_grad "
+            "(or grad_cam-type maps) for it")
 
 
 @contextmanager
 def relu_backward(model: nn.Module, mode: Literal["guided", "deconv"] | ReluMode) -> Iterator[None]:
-    """Override the backward pass of every ``nn.ReLU`` module inside the block.
+    """Override the backward pass of every rectifier the model applies inside the block.
 
     ``guided``: pass only positive gradients where the input was positive (Springenberg et
     al.); ``deconv``: pass positive gradients regardless of the input (Zeiler & Fergus); a
     :class:`ReluMode`: whichever rule (or ``plain``) it holds when the backward runs.
-    Each ReLU module's forward is replaced, for the duration, by a custom autograd function
-    (out of place, computed once), which works for a module called several times per
-    forward pass.
-    Functional ``F.relu`` calls are not seen, as in Captum.
+    Every ReLU is seen, whoever applies it: ``nn.ReLU`` modules, ``F.relu`` / ``torch.relu``
+    / ``Tensor.relu`` calls in a ``forward`` (in place or not), and ReLU6 (``F.hardtanh``
+    with ``min_val=0``, guided inside (0, 6)), through :class:`explainers._functional.Intercept`.
+    Each is computed once, out of place, by a custom autograd function. (Captum's module
+    hooks miss functional calls.) ``model`` is unused; kept for the call sites' symmetry.
     """
     state = mode if isinstance(mode, ReluMode) else ReluMode(mode)
 
-    def apply(x: Tensor) -> Tensor:
-        return _SwitchReLU.apply(x, state)
+    def handler(call: Call) -> Any:
+        if call.kind == "relu":
+            return _SwitchReLU.apply(call.input, state, None)
+        low, high = hardtanh_bounds(call)
+        if low == 0:
+            return _SwitchReLU.apply(call.input, state, high)
+        return NotImplemented
 
-    relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and "forward" not in m.__dict__]
-    try:
-        for m in relus:  # an instance attribute shadows ReLU.forward until removed
-            m.forward = apply  # type: ignore[method-assign]
+    with intercept(handler, {"relu", "relu6"}):
         yield
-    finally:
-        for m in relus:
-            m.__dict__.pop("forward", None)

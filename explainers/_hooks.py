@@ -54,7 +54,9 @@ def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Te
     """Record the output of each named module during forward passes inside the block.
 
     A module called several times in one forward (a reused ReLU) keeps its last output;
-    ``"name#k"`` records its k-th call (from 0) of each forward pass instead.
+    ``"name#k"`` records its k-th call (from 0) of each forward pass instead. The recorded
+    tensor is the module's own output even when the network modifies it in place later
+    (an in-place activation after the layer): the network continues on a copy.
 
     Parameters
     ----------
@@ -80,12 +82,19 @@ def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Te
         for base, keys in wanted.items():
 
             def hook(_m: nn.Module, _i: object, out: Tensor, base: str = base,
-                     keys: list[tuple[str, str]] = keys) -> None:
+                     keys: list[tuple[str, str]] = keys) -> Tensor | None:
                 k = calls.get(base, 0)
                 calls[base] = k + 1
+                hit = False
                 for key, index in keys:
                     if not index or int(index) == k:
                         store[key] = out
+                        hit = True
+                # the rest of the network gets a copy: an in-place op after the layer
+                # (ReLU(inplace=True), DenseNet's F.relu(norm5(x), inplace=True)) then
+                # changes the copy, and the recorded tensor stays the layer's own output,
+                # with the gradient taken with respect to it
+                return out.clone() if hit and isinstance(out, Tensor) else None
 
             handles.append(get_layer(model, base).register_forward_hook(hook))
         yield store

@@ -68,6 +68,11 @@ class LayerSuffix:
             else:
                 env[n] = g.node_copy(n, lambda a: env[a])
         self.suffix_module = fx.GraphModule(tracer.root, g)
+        modules = dict(tracer.root.named_modules())
+        #: the suffix writes into some tensor in place (ReLU(inplace=True) right after the
+        #: layer, ``out += identity``): it then runs on copies, so the cut values (the
+        #: layer's activations, the skip tensors) stay as computed for the next batch
+        self.mutates = any(_in_place(n, modules) for n in suffix_nodes)
 
     def prefix(self, inputs: Tensor) -> list[Tensor]:
         """The cut values for a batch (index ``layer_index`` is the layer's output)."""
@@ -79,8 +84,21 @@ class LayerSuffix:
         return [interp.env[n] for n in self.live]
 
     def suffix(self, values: list[Any]) -> Tensor:
-        """The model's output from cut values (batched along dim 0)."""
+        """The model's output from cut values (batched along dim 0); ``values`` are left
+        unchanged also when the network computes in place."""
+        if self.mutates:
+            values = [v.clone() if isinstance(v, Tensor) else v for v in values]
         return self.suffix_module(*values)
+
+
+def _in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a traced node may write into one of its inputs."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_") or name.startswith("__i")
 
 
 def expand_values(values: list[Tensor], index: int, batch: int) -> list[Tensor]:

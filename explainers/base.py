@@ -130,6 +130,128 @@ def validate_params(cls: type[Explainer], params: dict[str, Any]) -> BaseModel:
         raise ExplainerParamError(f"explainer {cls.spec.name!r}: {problems}") from None
 
 
+class UnsupportedModelError(ValueError):
+    """The explainer's assumptions do not hold for this model or setting.
+
+    Raised instead of returning a map that would look right and not be: activations a
+    method has no rule for, layers it cannot see, outputs that are not (N, K) logits, a
+    dtype whose guards underflow. The message names the explainer, the module(s) or setting
+    and, where there is one, what to do instead.
+    """
+
+
+def describe_output(out: object) -> str:
+    """A short structural description of a model output, for error messages
+    (``"tuple(Tensor(1, 10), Tensor(1, 512))"``)."""
+    if isinstance(out, Tensor):
+        return f"Tensor{tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return f"{type(out).__name__}({', '.join(describe_output(o) for o in out)})"
+    if isinstance(out, dict):
+        return "dict(" + ", ".join(f"{k!r}: {describe_output(v)}" for k, v in out.items()) + ")"
+    fields = {k: v for k, v in vars(out).items() if isinstance(v, Tensor)} if hasattr(out, "__dict__") else {}
+    inner = ", ".join(f".{k}: {describe_output(v)}" for k, v in fields.items())
+    return f"{type(out).__name__}({inner})"
+
+
+def _bad_output(out: object, batch: int) -> str | None:
+    """Why ``out`` is not the (batch, K) logits of a batch of ``batch`` inputs, or None."""
+    if isinstance(out, Tensor) and out.ndim == 2 and out.shape[0] == batch and out.shape[1] >= 1:
+        return None
+    return (f"the model's output is {describe_output(out)}; explainers need one (N, K) tensor of "
+            f"class scores for N = {batch} inputs. Wrap the model so that forward returns the "
+            "logits (for example the first element of a tuple, or out['logits'])")
+
+
+def check_output(model: nn.Module, example: Tensor) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model(example)`` is (N, K) logits.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier (evaluated once under ``torch.no_grad``).
+    example : Tensor, shape (N, C, H, W)
+        An input batch.
+
+    Raises
+    ------
+    UnsupportedModelError
+        The output is a tuple, dict, object or a tensor of another shape; the message
+        shows its structure.
+    """
+    with torch.no_grad():
+        out = model(example)
+    problem = _bad_output(out, example.shape[0])
+    if problem is not None:
+        raise UnsupportedModelError(problem)
+
+
+class ModelState:
+    """Everything ``attribute`` promises to leave as it found it, captured on entry.
+
+    Per module: the training flag, the buffers (objects and values), the instance
+    attributes (a method's forward override, an ``inplace`` flag) and the hooks; per
+    parameter: ``requires_grad`` and ``.grad``. :meth:`restore` puts back whatever
+    differs, also after an exception.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = list(model.modules())
+        self.training = [m.training for m in self.modules]
+        self.attrs = [{k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+                      for m in self.modules]
+        self.buffers = [{k: (b, b.detach().clone()) for k, b in m._buffers.items() if b is not None}
+                        for m in self.modules]
+        self.hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+                      for m in self.modules]
+        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+        self._watch: Any = None
+
+    def watch_outputs(self) -> None:
+        """Until :meth:`restore`, check every forward pass of the model (a forward hook on
+        the root): an output that is not (N, K) logits raises :class:`UnsupportedModelError`."""
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], out: object) -> None:
+            batch = args[0].shape[0] if args and isinstance(args[0], Tensor) else -1
+            problem = _bad_output(out, batch)
+            if problem is not None:
+                raise UnsupportedModelError(problem)
+
+        self._watch = self.model.register_forward_hook(hook)
+
+    def restore(self) -> None:
+        """Put the captured state back."""
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+        for m, training, attrs, buffers, hooks in zip(self.modules, self.training, self.attrs,
+                                                      self.buffers, self.hooks):
+            m.training = training
+            for k in [k for k in vars(m) if not k.startswith("_") and k != "training" and k not in attrs]:
+                delattr(m, k)  # e.g. a forward override left behind
+            for k, v in attrs.items():
+                if getattr(m, k, None) is not v:
+                    object.__setattr__(m, k, v)
+            for k, (obj, values) in buffers.items():
+                if m._buffers.get(k) is not obj:
+                    m._buffers[k] = obj
+                if not torch.equal(obj, values):
+                    with torch.no_grad():
+                        obj.copy_(values)
+            for live, saved in zip((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks), hooks):
+                for key in [key for key in live if key not in saved]:
+                    del live[key]
+        for p, flag, grad in self.params:
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
 class Explainer(ABC):
     """Base class of every attribution method.
 
@@ -200,12 +322,14 @@ class Explainer(ABC):
         n = inputs.shape[0]
         if seeds is None:
             seeds = torch.zeros(n, dtype=torch.int64)
-        was_training = self.model.training
-        flags = [p.requires_grad for p in self.model.parameters()]
-        self.model.eval()
+        state = ModelState(self.model)
         outputs: list[Tensor] = []
         passes: list[Tensor] = []
         try:
+            self.model.eval()
+            if n:
+                self.check(inputs[:1])
+            state.watch_outputs()
             if batch_size is None:
                 batch_size = auto_batch_size(self.model, inputs) if n else DEFAULT_EVAL_BATCH
             self.batch_size = batch_size
@@ -221,9 +345,7 @@ class Explainer(ABC):
                 if self.last_forward_passes is not None:
                     passes.append(self.last_forward_passes.cpu())
         finally:
-            self.model.train(was_training)
-            for p, flag in zip(self.model.parameters(), flags):
-                p.requires_grad_(flag)
+            state.restore()
         self.last_forward_passes = torch.cat(passes) if passes and len(passes) == len(outputs) else None
         result = torch.cat(outputs) if outputs else inputs.new_zeros((0, *inputs.shape[2:]))
         if result.shape != (n, *inputs.shape[2:]):
@@ -240,6 +362,49 @@ class Explainer(ABC):
         if self.resolved:
             out["resolved"] = dict(self.resolved)
         return out
+
+    @final
+    def check(self, example: Tensor) -> None:
+        """Refuse a model this explainer cannot explain faithfully, before any work.
+
+        Checks once per model, input shape and dtype that the model maps (1, C, H, W)
+        inputs to (1, K) logits, then runs the method's own :meth:`refuse`. ``attribute``
+        calls it; the pipeline calls it when it builds the explainer, so a refusal comes
+        before the first shard.
+
+        Parameters
+        ----------
+        example : Tensor, shape (1, C, H, W)
+            An input like the ones explained.
+
+        Raises
+        ------
+        UnsupportedModelError
+            The model's output is not an (N, K) tensor, or the method refuses the model
+            (the message names the modules or setting).
+        """
+        key = (id(self.model), tuple(example.shape[1:]), example.dtype, torch.is_autocast_enabled())
+        checked: set[tuple[Any, ...]] = self.__dict__.setdefault("_checked", set())
+        if key in checked:
+            return
+        state = ModelState(self.model)
+        try:
+            self.model.eval()
+            check_output(self.model, example[:1])
+            self.refuse(example[:1])
+        finally:
+            state.restore()
+        checked.add(key)
+
+    def refuse(self, example: Tensor) -> None:
+        """Raise :class:`UnsupportedModelError` when the method's assumptions do not hold
+        for this model (override; the default accepts every model).
+
+        Parameters
+        ----------
+        example : Tensor, shape (1, C, H, W)
+            An input like the ones explained.
+        """
 
     def resolve(self, example: Tensor) -> None:
         """Make the model-dependent choices (automatic layers) for inputs like ``example``.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -12,32 +12,39 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from explainers._functional import Call, intercept, scan
 from explainers._gradients import Reduce, reduce_channels
 from explainers._scores import ScoreKind, target_scores
-from explainers.base import Explainer, ExplainerSpec, Family
+from explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
 from explainers.registry import register
 
 EPS = 1e-10
-NONLINEAR = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh)
+#: kinds of :mod:`explainers._functional` that DeepLIFT's rescale rule handles
+RESCALED = {"relu", "relu6", "activation"}
+#: kinds it has no rule for: summation to delta would silently fail there
+UNRULED = {"norm", "softmax", "product", "other"}
 
 
 class _Rescale(torch.autograd.Function):
     """y = f(x) for the inputs; backward: the rescale multiplier (f(x) - f(r)) / (x - r)
     against the reference's input ``r`` at this call, or the plain derivative where
-    ``|x - r|`` is below 1e-10."""
+    ``|x - r|`` is below 1e-10. The multiplier is computed in float32 at least, so half
+    precision inputs do not round the guard to zero (``1e-10`` is 0 in float16)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, ref: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        ctx.fn = fn
+    def forward(ctx: Any, x: Tensor, ref: Tensor, fn: Callable[[Tensor], Tensor], relu: bool) -> Tensor:
+        ctx.fn, ctx.relu = fn, relu
         ctx.save_for_backward(x, ref)
         return fn(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         x, ref = ctx.saved_tensors
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x, ref = x.to(wide), ref.to(wide)
         delta_in = x - ref
         small = delta_in.abs() < EPS
-        if ctx.fn is F.relu:  # closed form: no re-run of the function
+        if ctx.relu:  # closed form: no re-run of the function
             plain = (x > 0).to(x.dtype)
             delta_out = x.clamp_min(0) - ref.clamp_min(0)
         else:
@@ -47,7 +54,21 @@ class _Rescale(torch.autograd.Function):
                 (plain,) = torch.autograd.grad(y, xx, torch.ones_like(y))
             delta_out = y.detach() - ctx.fn(ref)
         ratio = delta_out.div_(delta_in.masked_fill(small, 1.0))
-        return grad * torch.where(small, plain, ratio), None, None
+        return (grad * torch.where(small, plain, ratio).to(grad.dtype)), None, None, None
+
+
+_POOL_ARGS = inspect.signature(F.max_pool2d_with_indices)
+
+
+def _pool_params(call: Call) -> dict[str, Any]:
+    bound = _POOL_ARGS.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    params = dict(bound.arguments)
+    params.pop("input")
+    params.pop("return_indices", None)
+    if params.get("stride") in (None, []):
+        params["stride"] = params["kernel_size"]
+    return params
 
 
 class _MaxPoolRescale(torch.autograd.Function):
@@ -55,11 +76,10 @@ class _MaxPoolRescale(torch.autograd.Function):
     reference's pool input, output and argmax at this call."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, ref: tuple[Tensor, Tensor, Tensor], pool: nn.MaxPool2d,
+    def forward(ctx: Any, x: Tensor, ref: tuple[Tensor, Tensor, Tensor], params: dict[str, Any],
                 overlap: str) -> Tensor:
-        out, idx = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                pool.ceil_mode, return_indices=True)
-        ctx.pool, ctx.overlap, ctx.ref = pool, overlap, ref
+        out, idx = F.max_pool2d_with_indices(x, **params)
+        ctx.overlap, ctx.ref = overlap, ref
         ctx.save_for_backward(x, out, idx)
         return out
 
@@ -70,7 +90,8 @@ class _MaxPoolRescale(torch.autograd.Function):
         top = torch.max(out, o_ref)
 
         def unpool(values: Tensor, indices: Tensor, overlap: str = ctx.overlap) -> Tensor:
-            flat = torch.zeros(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], dtype=x.dtype, device=x.device)
+            flat = torch.zeros(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], dtype=values.dtype,
+                               device=x.device)
             if overlap == "accumulate":  # every window that picked a position contributes
                 flat.scatter_add_(2, indices.flatten(2), values.flatten(2))
                 return flat.view_as(x)
@@ -83,69 +104,91 @@ class _MaxPoolRescale(torch.autograd.Function):
             picked = values.flatten(2).gather(2, last.clamp_min(0))
             return picked.masked_fill_(last < 0, 0).view_as(x)
 
-        plain = unpool(grad, idx, "accumulate")  # the max-pool's own gradient
-        spread = unpool(grad * (top - o_ref), idx) + unpool(grad * (out - top), i_ref)
-        delta_in = x - x_ref
+        wide = torch.promote_types(x.dtype, torch.float32)
+        g = grad.to(wide)
+        plain = unpool(g, idx, "accumulate")  # the max-pool's own gradient
+        spread = unpool(g * (top - o_ref).to(wide), idx) + unpool(g * (out - top).to(wide), i_ref)
+        delta_in = x.to(wide) - x_ref.to(wide)
         small = delta_in.abs() < EPS
-        return torch.where(small, plain, spread / delta_in.masked_fill(small, 1.0)), None, None, None
+        mult = torch.where(small, plain, spread / delta_in.masked_fill(small, 1.0))
+        return mult.to(grad.dtype), None, None, None
+
+
+def refuse_unruled(name: str, model: nn.Module, example: Tensor) -> None:
+    """Raise when ``model`` applies operations DeepLIFT's rescale rule does not cover.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For normalisations computed from the activations (LayerNorm, GroupNorm), softmax,
+        products of two activations (squeeze-excitation gates, attention), other
+        non-linear functions of activations, and max-pools other than 2-D; the message
+        names the functions and modules.
+    """
+    found = scan(model, example)
+    bad = found.kinds() & UNRULED
+    pools = {f for f in found.seen.get("max_pool", {}) if f not in ("max_pool2d", "max_pool2d_with_indices")}
+    if bad or pools:
+        what = found.describe(bad)
+        if pools:
+            what = "; ".join(filter(None, [what, ", ".join(sorted(pools)) + " (max_pool)"]))
+        raise UnsupportedModelError(
+            f"{name}: the rescale rule covers element-wise activations and 2-D max-pools, "
+            f"not {what}; summation to delta would not hold. Use integrated_gradients for this model")
 
 
 @contextmanager
 def deeplift_hooks(model: nn.Module, reference: Tensor, overlap: str = "accumulate") -> Iterator[None]:
-    """Route every non-linearity and max-pool module through the rescale multipliers.
+    """Route every element-wise non-linearity and max-pool through the rescale multipliers.
 
-    First one forward pass of the (single, constant) ``reference`` records, call by call,
-    the input of every non-linearity and the input, output and argmax of every max-pool;
-    inside the block each such module's forward is replaced (an instance attribute) by the
-    rescale function against the recorded reference values of the same call. So the
-    reference costs one forward pass per batch instead of doubling the batch, and modules
-    called several times per forward pass (torchvision ResNets reuse one ReLU per block,
-    where Captum's module hooks fail) are handled.
+    Non-linearities are seen wherever they are applied (``nn.ReLU`` modules, ``F.relu`` in
+    a ``forward``, in place or not, SiLU, GELU, sigmoid, ...) through
+    :class:`explainers._functional.Intercept`. First one forward pass of the (single,
+    constant) ``reference`` records, call by call, the input of every non-linearity and
+    the input, output and argmax of every max-pool; inside the block the k-th such call
+    of each forward pass runs the rescale function against the k-th recorded reference
+    call. So the reference costs one forward pass per batch instead of doubling the
+    batch, and functions called several times per forward pass are handled.
+
+    Raises
+    ------
+    RuntimeError
+        If a forward pass inside the block makes other calls than the reference's (data-
+        dependent control flow).
     """
-    modules = [m for m in model.modules()
-               if isinstance(m, (*NONLINEAR, nn.MaxPool2d)) and "forward" not in m.__dict__]
-    records: dict[nn.Module, list[Any]] = {m: [] for m in modules}
+    records: list[Any] = []
 
-    def record(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        if isinstance(m, nn.MaxPool2d):
-            _, idx = F.max_pool2d(inp[0], m.kernel_size, m.stride, m.padding, m.dilation,
-                                  m.ceil_mode, return_indices=True)
-            records[m].append((inp[0].clone(), out.clone(), idx))
-        else:
-            records[m].append(inp[0].clone())
+    def record(call: Call) -> Any:
+        if call.kind == "max_pool":
+            params = _pool_params(call)
+            out, idx = F.max_pool2d_with_indices(call.input, **params)
+            records.append((call.input.clone(), out, idx))
+            return NotImplemented
+        records.append(call.input.clone())  # before an in-place call changes it
+        return NotImplemented
 
-    handles = [m.register_forward_pre_hook(lambda m, inp: records[m].append(inp[0].clone()))
-               if isinstance(m, NONLINEAR) else m.register_forward_hook(record) for m in modules]
-    try:
-        with torch.no_grad():
-            model(reference)
-    finally:
-        for h in handles:
-            h.remove()
-    calls = {m: iter(r) for m, r in records.items()}
-    inplace = [m for m in modules if getattr(m, "inplace", False)]
+    kinds = RESCALED | {"max_pool"}
+    with torch.no_grad(), intercept(record, kinds):
+        model(reference)
+    position = [0]
 
-    def nonlinear(x: Tensor, m: nn.Module, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        return _Rescale.apply(x, next(calls[m]), fn)
+    def rescale(call: Call) -> Any:
+        k = position[0] % max(len(records), 1)
+        if not records:
+            raise RuntimeError("deeplift: the forward pass makes other calls than the reference's")
+        position[0] += 1
+        ref = records[k]
+        x = call.input
+        expected = ref[0] if isinstance(ref, tuple) else ref
+        if (call.kind == "max_pool") != isinstance(ref, tuple) or expected.shape[1:] != x.shape[1:]:
+            raise RuntimeError("deeplift: the forward pass makes other calls than the reference's "
+                               "(data-dependent control flow); DeepLIFT needs one graph for both")
+        if call.kind == "max_pool":
+            return _MaxPoolRescale.apply(x, ref, _pool_params(call), overlap)
+        return _Rescale.apply(x, ref, call.unary(), call.kind == "relu")
 
-    def pool(x: Tensor, m: nn.MaxPool2d) -> Tensor:
-        return _MaxPoolRescale.apply(x, next(calls[m]), m, overlap)
-
-    try:
-        for m in inplace:
-            m.inplace = False  # type: ignore[union-attr]
-        for m in modules:
-            if isinstance(m, nn.MaxPool2d):
-                m.forward = functools.partial(pool, m=m)  # type: ignore[method-assign]
-            else:
-                fn = F.relu if isinstance(m, nn.ReLU) else functools.partial(type(m).forward, m)
-                m.forward = functools.partial(nonlinear, m=m, fn=fn)  # type: ignore[method-assign]
+    with intercept(rescale, kinds):
         yield
-    finally:
-        for m in modules:
-            m.__dict__.pop("forward", None)
-        for m in inplace:
-            m.inplace = True  # type: ignore[union-attr]
 
 
 class DeepLIFTParams(BaseModel):
@@ -165,8 +208,11 @@ class DeepLIFT(Explainer):
     The reference is a constant ``baseline`` in model-input space (0 is the mean colour),
     the same for every image: it goes through the model once per batch, and its activations
     at every non-linearity and max-pool are broadcast against the inputs' (Captum stacks
-    inputs and references into a batch twice the size). Each ReLU/ELU/LeakyReLU/Sigmoid/Tanh
-    module multiplies the gradient by ``delta out / delta in``, and max-pools use Captum's
+    inputs and references into a batch twice the size). Every element-wise non-linearity
+    (ReLU, ReLU6, SiLU, GELU, Hardswish, ELU, LeakyReLU, sigmoid, tanh, ...), whether a
+    module or a functional call in ``forward``, multiplies the gradient by
+    ``delta out / delta in`` (Captum sees modules only and silently returns gradient x
+    input for functional ones), and 2-D max-pools use Captum's
     rule (multipliers through the larger of the input's and the reference's maxima), so
     maps equal Captum's ``DeepLift``. Linear layers, BatchNorm, average pools and additions
     pass gradients unchanged. The map is ``(x - baseline) * multiplier``, summed over
@@ -180,6 +226,13 @@ class DeepLIFT(Explainer):
     "accumulate"``, default); ``"overwrite"`` reproduces Captum. Both agree when windows do
     not overlap. Captum also mis-orders its hooks when a ReLU feeds a max-pool directly
     (its maps then stop summing to delta); ours do not depend on module adjacency.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For models with operations the rescale rule does not cover (LayerNorm / GroupNorm,
+        softmax, products of activations such as squeeze-excitation gates, other
+        non-linear functions, non-2-D max-pools), naming them and their modules.
 
     References
     ----------
@@ -198,6 +251,9 @@ class DeepLIFT(Explainer):
     @classmethod
     def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
         return {"forward": "1 + 1 per batch (the reference)", "backward": 1}
+
+    def refuse(self, example: Tensor) -> None:  # noqa: D102
+        refuse_unruled(self.spec.name, self.model, example)
 
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None

@@ -6,7 +6,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from explainers._gradients import Reduce, input_gradient, reduce_channels, relu_backward
+from explainers._gradients import Reduce, input_gradient, reduce_channels, refuse_unguided, relu_backward
 from explainers._scores import ScoreKind
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
@@ -26,7 +26,16 @@ class GuidedBackprop(Explainer):
 
     Notes
     -----
-    Acts on ``nn.ReLU`` modules; a model applying ``F.relu`` functionally is not guided there.
+    Every rectifier is guided, module or functional call (``F.relu(x, inplace=True)`` in
+    DenseNet's and Inception's ``forward`` included; ReLU6 inside (0, 6)); Captum's module
+    hooks miss the functional ones and return the plain gradient there.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When the model applies other element-wise non-linearities (SiLU, GELU, Hardswish,
+        sigmoid gates, ...), for which the guided rule is not defined: the map would be
+        the plain gradient there. The message names the functions and modules.
 
     References
     ----------
@@ -41,6 +50,9 @@ class GuidedBackprop(Explainer):
     )
     Params = GuidedBackpropParams
     mode = "guided"
+
+    def refuse(self, example: Tensor) -> None:  # noqa: D102
+        refuse_unguided(self.spec.name, self.model, example)
 
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from explainers._gradients import Reduce, ReluMode, reduce_channels, relu_backward
+from explainers._gradients import Reduce, ReluMode, reduce_channels, refuse_unguided, relu_backward
 from explainers._hooks import capture_outputs
 from explainers._scores import ScoreKind, target_scores
 from explainers.base import Explainer, ExplainerSpec, Family
@@ -60,6 +60,10 @@ class GuidedGradCAM(Explainer):
         """Fix the automatically found Grad-CAM layer (recorded in ``params()``)."""
         self.cam.resolve(example)
         self.resolved.update(self.cam.resolved)
+
+    def refuse(self, example: Tensor) -> None:
+        """Refuse models with non-rectifier activations (see :class:`GuidedBackprop`)."""
+        refuse_unguided(self.spec.name, self.model, example)
 
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None

@@ -1,0 +1,235 @@
+"""Models that used to get silently wrong maps (issue #13): in-place ops after the target
+layer, activations applied functionally, outputs that are not logits, mixed module state.
+
+Each test compares with the right value (the same network written without the trait that
+fooled the method) or asserts the method refuses with a message naming the cause.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explainers import REGISTRY, UnsupportedModelError, get_explainer
+
+CAMS = ["grad_cam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "eigen_cam", "fem", "score_cam",
+        "ablation_cam", "guided_grad_cam"]
+FAST = {"neuromask": {"iterations": 5}, "rise": {"masks": 16}, "smooth_grad": {"samples": 2},
+        "integrated_gradients": {"steps": 4}}
+
+
+def _seq(inplace: bool) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.Conv2d(4, 5, 3, padding=1),
+                         nn.ReLU(inplace=inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+
+
+@pytest.fixture(scope="module")
+def inplace_pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    a = _seq(True).double().eval()
+    b = _seq(False).double().eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def x_t() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(3, 3, 10, 10, generator=g, dtype=torch.float64), torch.tensor([0, 2, 1])
+
+
+@pytest.mark.parametrize("name", CAMS)
+def test_cam_of_a_layer_followed_by_an_inplace_relu_is_the_layers_own_output(name, inplace_pair, x_t) -> None:
+    """Sequential(Conv, ReLU(inplace), Conv, ReLU(inplace), ...) with layer "2": the map is
+    the conv's, as on the same net with out-of-place ReLUs (before: relu(conv)'s)."""
+    inplace, plain = inplace_pair
+    x, t = x_t
+    ours = get_explainer(name)(inplace, layer="2").attribute(x, t)
+    right = get_explainer(name)(plain, layer="2").attribute(x, t)
+    assert right.abs().amax() > 0
+    torch.testing.assert_close(ours, right, rtol=1e-6, atol=1e-9)
+
+
+class FunctionalNet(nn.Module):
+    """ReLUs applied as ``F.relu`` (in place) and as a module created inside ``forward``."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.functional:
+            x = self.pool(F.relu(self.conv1(x), inplace=True))
+            x = nn.ReLU()(self.conv2(x))
+        else:
+            x = self.pool(self.relu1(self.conv1(x)))
+            x = self.relu2(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def functional_pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(1)
+    a = FunctionalNet(True).double().eval()
+    b = FunctionalNet(False).double().eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvnet", "guided_grad_cam", "deeplift"])
+def test_functional_activations_are_seen(name, functional_pair, x_t) -> None:
+    """F.relu and nn.ReLU() made in forward get the method's rule, as modules do (before:
+    the plain gradient, i.e. saliency / gradient x input)."""
+    functional, modules = functional_pair
+    x, t = x_t
+    params = {"layer": "conv2"} if name == "guided_grad_cam" else {}
+    ours = get_explainer(name)(functional, **params).attribute(x, t)
+    right = get_explainer(name)(modules, **params).attribute(x, t)
+    torch.testing.assert_close(ours, right, rtol=1e-6, atol=1e-9)
+    if name == "guided_backprop":
+        assert not torch.allclose(ours, get_explainer("saliency")(functional).attribute(x, t))
+
+
+def test_guided_backprop_on_functional_relus_equals_captum_on_modules(functional_pair, x_t) -> None:
+    from captum.attr import GuidedBackprop
+
+    functional, modules = functional_pair
+    x, t = x_t
+    ours = get_explainer("guided_backprop")(functional, reduce="sum").attribute(x, t)
+    ref = GuidedBackprop(modules).attribute(x.clone().requires_grad_(), target=t).sum(1)
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+class ActNet(nn.Module):
+    """Conv - activation - [SE gate] - Conv - GAP - Linear, activations applied functionally."""
+
+    def __init__(self, act: str, gate: bool = False) -> None:
+        super().__init__()
+        self.act, self.gate = act, gate
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.se = nn.Conv2d(6, 6, 1)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = getattr(F, self.act)(self.conv1(x))
+        if self.gate:
+            x = x * torch.sigmoid(self.se(F.adaptive_avg_pool2d(x, 1)))
+        x = F.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "hardswish", "tanh", "relu6"])
+def test_deeplift_sums_to_delta_through_functional_activations(act, x_t) -> None:
+    torch.manual_seed(2)
+    net = ActNet(act).double().eval()
+    x, t = x_t
+    maps = get_explainer("deeplift")(net, baseline=0.0).attribute(x, t)
+    with torch.no_grad():
+        delta = net(x).gather(1, t[:, None])[:, 0] - net(torch.zeros_like(x[:1]))[0, t]
+    torch.testing.assert_close(maps.double().sum(dim=(1, 2)), delta, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvnet", "guided_grad_cam"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "hardswish"])
+def test_guided_rules_refuse_non_rectifier_networks(name, act, x_t) -> None:
+    net = ActNet(act).double().eval()
+    x, t = x_t
+    with pytest.raises(UnsupportedModelError, match=rf"{name}.*{act}.*conv1|{name}.*{act}.*\(model\)"):
+        get_explainer(name)(net).attribute(x, t)
+
+
+def test_deeplift_refuses_gates_naming_the_product(x_t) -> None:
+    net = ActNet("relu", gate=True).double().eval()
+    x, t = x_t
+    with pytest.raises(UnsupportedModelError, match=r"deeplift.*mul \(product\)"):
+        get_explainer("deeplift")(net).attribute(x, t)
+
+
+def test_refusal_comes_before_work_through_check(x_t) -> None:
+    """The pipeline calls ``check`` when it builds an explainer: no shard starts."""
+    net = ActNet("silu").double().eval()
+    exp = get_explainer("guided_backprop")(net)
+    with pytest.raises(UnsupportedModelError, match="silu"):
+        exp.check(x_t[0][:1])
+
+
+class Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module, how: str) -> None:
+        super().__init__()
+        self.inner, self.how = inner, how
+
+    def forward(self, x: torch.Tensor):  # noqa: ANN201
+        y = self.inner(x)
+        if self.how == "tuple":
+            return y, x.mean(dim=(2, 3))
+        if self.how == "dict":
+            return {"logits": y}
+        return y[:, :, None]
+
+
+@pytest.mark.parametrize("how", ["tuple", "dict", "nk1"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_outputs_that_are_not_logits_get_one_clear_error(name, how, tiny_cnn, tiny_inputs) -> None:
+    x, t = tiny_inputs
+    shown = {"tuple": r"tuple\(Tensor\(1, 3\), Tensor\(1, 3\)\)", "dict": r"dict\('logits': Tensor\(1, 3\)\)",
+             "nk1": r"Tensor\(1, 3, 1\)"}[how]
+    with pytest.raises(UnsupportedModelError, match=rf"output is {shown}.*\(N, K\)"):
+        get_explainer(name)(Wrapped(tiny_cnn, how), **FAST.get(name, {})).attribute(x, t)
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+        self.explode = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn(self.conv(x)))
+        if self.explode:
+            raise RuntimeError("boom")
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("explode", [False, True])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_submodule_state_is_restored(name, explode, tiny_inputs) -> None:
+    """Mixed training flags (a BN left in train mode under an eval root), buffers, frozen
+    parameters and instance attributes come back as they were, also after a raise."""
+    torch.manual_seed(0)
+    net = BNNet().double()
+    net.eval()
+    net.bn.train()
+    net.conv.weight.requires_grad_(False)
+    x, t = tiny_inputs
+    x = x[:2]
+    with torch.no_grad():  # non-trivial running statistics
+        net.bn.running_mean.uniform_(-1, 1)
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    exp = get_explainer(name)(net, **FAST.get(name, {}))
+    if explode:
+        exp.check(x[:1])  # refusals and output checks pass; then the forward raises mid-call
+        net.explode = True
+        with pytest.raises(RuntimeError, match="boom"):
+            exp.attribute(x, t[:2])
+    else:
+        exp.attribute(x, t[:2])
+    assert [m.training for m in net.modules()] == [False, False, True, False, False]
+    assert [p.requires_grad for p in net.parameters()] == [False, True, True, True, True, True]
+    for k, v in net.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    assert net.relu.inplace is True
+    for m in net.modules():
+        assert "forward" not in vars(m)
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    assert all(p.grad is None for p in net.parameters())
