@@ -51,7 +51,7 @@ def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
 
 
 def _run_flow(cfg: Any, run_dir: Path) -> int:
-    from explainers import ExplainerParamError, LayerNotFoundError
+    from explainers import ExplainerParamError, LayerNotFoundError, UnsupportedModelError
     from flows.run import RunFailedError, execute
     from tasks.datasets import DatasetError
     from tasks.models import ModelLoadError
@@ -60,7 +60,7 @@ def _run_flow(cfg: Any, run_dir: Path) -> int:
     try:
         result = execute(cfg, str(run_dir))
     except (RunFailedError, StoreLayoutError, ModelLoadError, DatasetError, LayerNotFoundError,
-            ExplainerParamError) as err:
+            ExplainerParamError, UnsupportedModelError) as err:
         return _fail(str(err), 1)
     print(f"store:   {result['store']}")
     print(f"report:  {Path(result['report']).with_name('index.html')} (self-contained, opens offline)")

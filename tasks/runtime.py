@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from analysis.metrics.sanity import randomisation_units
-from explainers import Explainer, get_explainer
+from explainers import Explainer, UnsupportedModelError, get_explainer
 from explainers._hooks import capture_outputs
 from explainers._batching import auto_batch_size
 from tasks.neurons import check_layers, conv_activation_layers
@@ -115,13 +115,17 @@ class Runtime:
         """The run's explainer ``name`` (same method and parameters) bound to ``module``
         (used by the sanity check for the randomised copies of the model)."""
         entry = next(e for e in self.config.explain.explainers if e.name == name)
-        return _make_explainer(entry.method, entry.params, module, self.model, self.example())
+        return _make_explainer(entry.method, entry.params, module, self.model, self.example(), name)
 
 
 def _make_explainer(method: str, params: dict, module: torch.nn.Module, loaded: LoadedModel,
-                    example: torch.Tensor) -> Explainer:
+                    example: torch.Tensor, name: str | None = None) -> Explainer:
     exp = get_explainer(method)(module, **params)
     exp.normalization = (tuple(loaded.mean), tuple(loaded.std))
+    try:
+        exp.check(example)  # a model the method cannot explain is refused before any work
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"explain.explainers[{name or method}]: {err}") from None
     exp.resolve(example)  # automatic layers are fixed once and recorded with the params
     return exp
 
@@ -140,7 +144,8 @@ def get_runtime(config_json: str) -> Runtime:
     size = source.image_size
     example = torch.zeros((1, 3, size, size), device=device)
     for entry in cfg.explain.explainers:
-        explainers[entry.name] = _make_explainer(entry.method, entry.params, loaded.module, loaded, example)
+        explainers[entry.name] = _make_explainer(entry.method, entry.params, loaded.module, loaded, example,
+                                                 entry.name)
     layers: tuple[tuple[str, int], ...] = ()
     if cfg.neurons.enabled:
         names = cfg.neurons.layers

@@ -233,3 +233,15 @@ def test_every_submodule_state_is_restored(name, explode, tiny_inputs) -> None:
         assert "forward" not in vars(m)
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_the_pipeline_refuses_when_it_builds_the_explainer_naming_the_entry(x_t) -> None:
+    """A refusal surfaces when the run builds its explainers, before any shard, prefixed
+    with the config entry's name."""
+    from types import SimpleNamespace
+
+    from tasks.runtime import _make_explainer
+
+    loaded = SimpleNamespace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    with pytest.raises(UnsupportedModelError, match=r"explain\.explainers\[gbp\]: guided_backprop.*silu"):
+        _make_explainer("guided_backprop", {}, ActNet("silu").double().eval(), loaded, x_t[0][:1], "gbp")
