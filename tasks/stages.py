@@ -22,6 +22,7 @@ import zarr
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from analysis.metrics import METRICS_VERSION
 from analysis.metrics.complexity import gini
 from analysis.metrics.faithfulness import auc, deletion_insertion_curves, drop_increase, pixels_per_step
 from analysis.metrics.localisation import (
@@ -331,7 +332,7 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
     if explain_record == 0:
         raise RuntimeError(f"evaluate {explainer} shard {shard.index}: its explain shard is not done")
     ev = rt.config.evaluate
-    expected = storage.digest64("evaluate", explain_record, ev.model_dump(mode="json"))
+    expected = storage.digest64("evaluate", explain_record, ev.model_dump(mode="json"), METRICS_VERSION)
     if storage.get_record(path, "evaluate", shard.index, k) == expected:
         return _receipt("evaluate", shard, True, t0, explainer=explainer)
     fault_raise(run_dir, f"evaluate-{explainer}-{shard.index}")
@@ -497,6 +498,7 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     if 0 in records:
         raise RuntimeError(f"sanity {explainer}: its explain shards {[s.index for s in shards]} are not all done")
     expected = storage.digest64("sanity", records, rt.config.sanity.model_dump(mode="json"), rt.config.seed,
+                                METRICS_VERSION,
                                 [[u, list(m)] for u, m in rt.sanity_units])
     whole = Shard(0, 0, n)
     if storage.get_record(path, "sanity", k) == expected:

@@ -7,8 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from explainers._gradients import Reduce, reduce_channels
-from explainers._lrp import Rule, lrp, trace_layers
-from explainers.base import Explainer, ExplainerSpec, Family
+from explainers._lrp import Rule, check_supported, low_precision, lrp, trace_layers
+from explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
 from explainers.registry import register
 
 
@@ -27,7 +27,20 @@ class LRPEpsilon(Explainer):
     ``epsilon = 0`` (with zennit's 1e-6 floor for zeros) is LRP-0. BatchNorm is folded into
     the preceding convolution. The initial relevance is the target logit, so the map sums
     to about that logit on bias-free ReLU networks (zennit's ``attr_output = one_hot *
-    output``). See :mod:`explainers._lrp` for the implementation and its assumptions.
+    output``). See :mod:`explainers._lrp` for the implementation, the rules for activations
+    other than ReLU (pass rule), squeeze-excitation gates (Arras et al.), LayerNorm (Ali et
+    al. 2022), sums and concatenation, and the computations that are refused.
+
+    Inputs are (N, C, H, W) float64, float32, or 16-bit for a ``model.half()`` model;
+    ``torch.autocast`` regions are honoured. Rule arithmetic runs in float32 for 16-bit
+    tensors.
+
+    Raises
+    ------
+    UnsupportedModelError
+        From :meth:`resolve` and ``attribute`` when the model computes something LRP has no
+        rule for (GroupNorm, softmax/attention, a product of two same-shape activations,
+        ...), naming it and its modules; and when a 16-bit run gives a non-finite map.
 
     References
     ----------
@@ -47,12 +60,39 @@ class LRPEpsilon(Explainer):
         """The rule of ``layer``."""
         return Rule("epsilon", epsilon=self.p.epsilon or 1e-6)
 
+    def resolve(self, example: Tensor) -> None:
+        """Check that LRP has a rule for every computation of the model.
+
+        Parameters
+        ----------
+        example : Tensor, shape (1, C, H, W)
+            An input of the run's size.
+
+        Raises
+        ------
+        UnsupportedModelError
+            Naming the function(s) without a rule and the modules that call them.
+        """
+        self._check(example)
+
+    def _check(self, example: Tensor) -> None:
+        key = (tuple(example.shape[1:]), example.dtype, example.device)
+        if getattr(self, "_checked_key", None) != key:  # one forward pass of one image
+            check_supported(self.model, example[:1], self.spec.name)
+            self._checked_key = key
+
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
+        self._check(inputs)
         key = (tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
         if getattr(self, "_traced_key", None) != key:  # the layer order and BatchNorm folds
             self._traced = trace_layers(self.model, inputs[:1])
             self._traced_key = key
-        return reduce_channels(lrp(self.model, inputs, targets, self.rule_for, self._traced),
-                               self.p.reduce)
+        relevance = lrp(self.model, inputs, targets, self.rule_for, self._traced)
+        low = low_precision(inputs)
+        if low is not None and not bool(torch.isfinite(relevance).all()):
+            raise UnsupportedModelError(
+                f"{self.spec.name}: relevance is not finite in {low} (a carried gradient left the "
+                f"range of {low}); run this model in float32 or bfloat16 instead of float16")
+        return reduce_channels(relevance, self.p.reduce)
