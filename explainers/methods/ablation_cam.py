@@ -10,6 +10,7 @@ from torch import Tensor
 
 from explainers._cam import CAMExplainer, CAMParams
 from explainers._hooks import capture_outputs
+from explainers._numerics import LOW_PRECISION, LowPrecisionError, as_working, working_dtype
 from explainers._scores import target_scores
 from explainers._suffix import LayerSuffix, SuffixUnavailable, expand_values
 from explainers.base import ExplainerSpec, Family
@@ -32,6 +33,16 @@ class AblationCAM(CAMExplainer):
     image and each ablation runs only the layers after it, ``batch_size`` ablations per
     call. Models that ``torch.fx`` cannot trace fall back to whole-network passes (same
     maps, slower).
+
+    In float16 (``model.half()`` or autocast) ``min - 1e7`` is not representable: the
+    dtype's lowest finite value is used, scores and weights are computed in float32, and
+    when an ablation still overflows in the layers after the target layer (scores not
+    finite) :class:`explainers._numerics.LowPrecisionError` is raised rather than a NaN map.
+
+    Raises
+    ------
+    LowPrecisionError
+        In float16 / bfloat16, when the ablated scores are not finite.
 
     References
     ----------
@@ -78,10 +89,13 @@ class AblationCAM(CAMExplainer):
                 values = []
             y = target_scores(logits, targets, self.p.score)
             n, c = acts.shape[:2]
-            ablated = torch.empty((n, c), dtype=y.dtype, device=y.device)
+            work = working_dtype(y.dtype)  # float32 scores and weights for float16 models
+            y = y.to(work)
+            ablated = torch.empty((n, c), dtype=work, device=y.device)
             step = max(1, self.batch_size)
+            lowest = torch.finfo(acts.dtype).min  # min - 1e7 is -inf in float16: use its lowest
             for i in range(n):
-                value = 0.0 if acts[i].min() == 0 else float(acts[i].min()) - 1e7
+                value = 0.0 if acts[i].min() == 0 else max(float(acts[i].min()) - 1e7, lowest)
                 for s in range(0, c, step):
                     k = torch.arange(s, min(s + step, c), device=acts.device)
                     batch = acts[i : i + 1].repeat(len(k), 1, 1, 1)
@@ -93,9 +107,15 @@ class AblationCAM(CAMExplainer):
                     else:
                         out = self._replaced(name, inputs[i : i + 1].expand(len(k), -1, -1, -1), batch)
                     ablated[i, s : s + len(k)] = target_scores(out, targets[i].expand(len(k)), self.p.score)
+            if acts.dtype in LOW_PRECISION and not torch.isfinite(ablated).all():
+                raise LowPrecisionError(
+                    f"ablation_cam: ablating a channel of layer {name!r} (set to min - 1e7, clipped "
+                    f"to {lowest:g}) overflows {acts.dtype} in the layers after it, so the ablated "
+                    "scores are not finite; explain this layer in float32 (fp16 is not supported "
+                    "here) or pick a layer whose activations are non-negative (after a ReLU)")
             weights = (y[:, None] - ablated) / y[:, None]
             self.last_forward_passes = torch.full((n,), 1 + c, dtype=torch.int64)
-            cam = (weights[:, :, None, None].to(acts.dtype) * acts).sum(dim=1)
+            cam = (weights[:, :, None, None].to(work) * as_working(acts)).sum(dim=1)
         return cam.clamp_min(0) if self.p.relu else cam
 
     def _replaced(self, name: str, inputs: Tensor, output: Tensor) -> Tensor:

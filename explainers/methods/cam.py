@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from explainers._cam import CAMExplainer, CAMParams
 from explainers._hooks import get_layer
+from explainers._numerics import as_working
 from explainers.base import ExplainerSpec, Family
 from explainers.registry import register
 
@@ -61,5 +62,6 @@ class CAM(CAMExplainer):
                 f"cam: layer has {acts.shape[1]} channels but the classifier takes "
                 f"{self.fc.in_features} inputs; CAM needs a GAP -> linear head"
             )
+        acts = as_working(acts)  # float32 sums for 16-bit activations
         weights = self.fc.weight.detach()[targets].to(acts.dtype)
         return (weights[:, :, None, None] * acts).sum(dim=1)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from explainers._cam import CAMExplainer
+from explainers._numerics import as_working
 from explainers.base import ExplainerSpec, Family
 from explainers.registry import register
 
@@ -39,6 +40,7 @@ class EigenCAM(CAMExplainer):
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         n, c, h, w = acts.shape
+        acts = as_working(acts)  # float32 for 16-bit activations (sums of products overflow)
         mats = acts.reshape(n, c, h * w).transpose(1, 2)  # (N, hw, C)
         centred = mats - mats.mean(dim=1, keepdim=True)
         # The projection on the first right singular vector is the first left singular

@@ -6,6 +6,7 @@ from pydantic import Field
 from torch import Tensor
 
 from explainers._cam import CAMExplainer, CAMParams
+from explainers._numerics import as_working
 from explainers.base import ExplainerSpec, Family
 from explainers.registry import register
 
@@ -41,6 +42,7 @@ class FEM(CAMExplainer):
     uses_gradients = False
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        acts = as_working(acts)  # float32 for 16-bit activations: squares overflow float16
         mean = acts.mean(dim=(2, 3), keepdim=True)
         std = acts.std(dim=(2, 3), keepdim=True, unbiased=False)
         masks = (acts >= mean + self.p.k * std).to(acts.dtype)

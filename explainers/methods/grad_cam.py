@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from explainers._cam import CAMExplainer
+from explainers._numerics import as_working
 from explainers.base import ExplainerSpec, Family
 from explainers.registry import register
 
@@ -43,4 +44,5 @@ class GradCAM(CAMExplainer):
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         assert grads is not None
+        acts, grads = as_working(acts), as_working(grads)  # float32 sums for 16-bit tensors
         return (grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from explainers._batching import iter_jobs
 from explainers._gradients import Reduce, input_gradient, reduce_channels
+from explainers._numerics import working_dtype
 from explainers._scores import ScoreKind
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
@@ -85,11 +86,12 @@ class IntegratedGradients(Explainer):
     ) -> Tensor:
         alphas, weights = path_points(self.p.steps, self.p.rule)
         alpha = torch.as_tensor(alphas, dtype=inputs.dtype, device=inputs.device)
-        weight = torch.as_tensor(weights, dtype=inputs.dtype, device=inputs.device)
+        work = working_dtype(inputs.dtype)  # float32 sums for float16 inputs
+        weight = torch.as_tensor(weights, dtype=work, device=inputs.device)
         delta = inputs - self.p.baseline
-        total = torch.zeros_like(inputs)
+        total = torch.zeros(inputs.shape, dtype=work, device=inputs.device)
         for img, step in iter_jobs(len(inputs), self.p.steps, self.batch_size, inputs.device):
             a = alpha[step].view(-1, 1, 1, 1)
             grad = input_gradient(self.model, self.p.baseline + a * delta[img], targets[img], self.p.score)
-            total.index_add_(0, img, grad * weight[step].view(-1, 1, 1, 1))
-        return reduce_channels(total * delta, self.p.reduce)
+            total.index_add_(0, img, grad.to(work) * weight[step].view(-1, 1, 1, 1))
+        return reduce_channels(total * delta.to(work), self.p.reduce)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from explainers._numerics import guard, working_dtype
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
 
@@ -26,9 +27,11 @@ def laplacian_kernel(size: int) -> Tensor:
 def tf_rmsprop_step(w: Tensor, grad: Tensor, ms: Tensor, lr: float, rho: float = 0.9,
                     eps: float = 1e-10) -> None:
     """One TF1 ``RMSPropOptimizer`` step in place (momentum 0): ``ms <- rho ms + (1 - rho) g^2``,
-    ``w <- w - lr g / sqrt(ms + eps)``; TF1 starts ``ms`` at 1 and puts eps inside the root."""
+    ``w <- w - lr g / sqrt(ms + eps)``; TF1 starts ``ms`` at 1 and puts eps inside the root
+    (raised to the smallest normal number of ``ms``'s dtype where it would round to 0, see
+    :func:`explainers._numerics.guard`)."""
     ms.mul_(rho).addcmul_(grad, grad, value=1 - rho)
-    w.sub_(lr * grad / torch.sqrt(ms + eps))
+    w.sub_(lr * grad / torch.sqrt(ms + guard(eps, ms.dtype)))
 
 
 class NeuroMaskParams(BaseModel):
@@ -62,7 +65,10 @@ class NeuroMask(Explainer):
     with ``c`` the class explained and ``K`` the authors' Laplacian (valid convolution);
     it is minimised with TF1-faithful RMSProp (lr 0.03, rho 0.9, accumulator starting at 1,
     eps 1e-10 inside the root) or Adam. All images of a batch are optimised together with
-    independent per-image losses, so a mask does not depend on its batch.
+    independent per-image losses, so a mask does not depend on its batch. The mask logits,
+    the loss and the optimiser state are kept in float32 when the model runs in float16 /
+    bfloat16 (TF1's eps 1e-10 rounds to 0 in float16, and a zero accumulator then divides
+    0 by 0); the mask is cast to the model's dtype only to be applied.
 
     Notes
     -----
@@ -126,11 +132,12 @@ class NeuroMask(Explainer):
         assert generators is not None
         n, _, h, w = inputs.shape
         smooth_w, temp, ksize = self.settings(w)
-        kernel = laplacian_kernel(ksize).to(inputs)[None, None]
+        work = working_dtype(inputs.dtype)  # the mask and its optimiser: float32 for float16 models
+        kernel = laplacian_kernel(ksize).to(device=inputs.device, dtype=work)[None, None]
         black = self._black(inputs)
         logits_w = torch.stack([
             (torch.rand((1, h, w), generator=g, dtype=torch.float64) * 2 - 1) * LIMIT for g in generators
-        ]).to(inputs)  # (N, 1, H, W)
+        ]).to(device=inputs.device, dtype=work)  # (N, 1, H, W)
         state = torch.ones_like(logits_w)  # TF1 RMSProp accumulator starts at 1
         adam = torch.optim.Adam([logits_w.requires_grad_(True)], lr=self.p.lr) if self.p.optimizer == "adam" else None
         active = torch.ones(n, dtype=torch.bool, device=inputs.device)
@@ -146,8 +153,9 @@ class NeuroMask(Explainer):
             with torch.enable_grad():
                 wv = logits_w if adam is not None else logits_w.detach().requires_grad_(True)
                 mask = torch.sigmoid(wv / temp)
-                out = self.model(inputs * mask + black * (1 - mask))
-                ce = F.cross_entropy(out, targets, reduction="none")
+                shown = mask.to(inputs.dtype)  # the model's dtype (a no-op in float32)
+                out = self.model(inputs * shown + black * (1 - shown))
+                ce = F.cross_entropy(out.to(work), targets, reduction="none")
                 sparse = (wv + LIMIT).abs().mean(dim=(1, 2, 3)) if self.p.sparsity == "logit" \
                     else mask.mean(dim=(1, 2, 3))
                 smooth = F.conv2d(wv, kernel).pow(2).mean(dim=(1, 2, 3))

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from explainers._batching import iter_jobs
+from explainers._numerics import working_dtype
 from explainers._scores import ScoreKind, target_scores
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
@@ -70,15 +71,16 @@ class Occlusion(Explainer):
         xs = torch.arange(w, device=inputs.device)
         with torch.no_grad():
             base = target_scores(self.model(inputs), targets, self.p.score)
-            total = torch.zeros((n, h, w), dtype=inputs.dtype, device=inputs.device)
+            work = working_dtype(inputs.dtype)  # float32 sums for float16 inputs
+            total = torch.zeros((n, h, w), dtype=work, device=inputs.device)
             count = torch.zeros_like(total)
             for img, win in iter_jobs(n, len(starts), self.batch_size, inputs.device):
                 inside = (((ys[None] >= wy[win, None]) & (ys[None] < wy[win, None] + k))[:, :, None]
                           & ((xs[None] >= wx[win, None]) & (xs[None] < wx[win, None] + k))[:, None, :])
                 x = torch.where(inside[:, None], torch.full_like(inputs[img], self.p.baseline), inputs[img])
                 drop = base[img] - target_scores(self.model(x), targets[img], self.p.score)
-                m = inside.to(inputs.dtype)
-                total.index_add_(0, img, m * drop.view(-1, 1, 1).to(inputs.dtype))
+                m = inside.to(work)
+                total.index_add_(0, img, m * drop.view(-1, 1, 1).to(work))
                 count.index_add_(0, img, m)
         self.last_forward_passes = torch.full((n,), 1 + len(starts), dtype=torch.int64)
         return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from explainers._batching import iter_jobs
+from explainers._numerics import SerialStream
 from explainers._scores import ScoreKind, target_scores
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
@@ -31,8 +33,10 @@ class RISE(Explainer):
     Masks follow the paper: a ``grid x grid`` Bernoulli(``keep``) grid, bilinearly
     upsampled to ``(grid + 1) * cell`` and cropped at a random shift below one cell. Each
     image draws its own masks from its own generator (seeded from run seed, sample id and
-    method), so a map does not depend on its batch; grids are drawn up front, masks are
-    upsampled and applied ``batch_size`` at a time.
+    method), so a map does not depend on its batch. The draws are streamed
+    (:class:`explainers._numerics.SerialStream`: the values of one ``(masks, grid, grid)``
+    draw, then the shifts), and masks are drawn, upsampled and applied ``batch_size`` at a
+    time, so memory does not grow with ``masks``.
 
     References
     ----------
@@ -62,27 +66,29 @@ class RISE(Explainer):
         n, _, h, w = inputs.shape
         s, m = self.p.grid, self.p.masks
         cell_h, cell_w = math.ceil(h / s), math.ceil(w / s)
-        grids, shifts = [], []
-        for g in generators:
-            grids.append((torch.rand((m, s, s), generator=g) < self.p.keep))
-            shifts.append(torch.stack([torch.randint(0, cell_h, (m,), generator=g),
-                                       torch.randint(0, cell_w, (m,), generator=g)], 1))
-        grid = torch.stack(grids).to(inputs.device)  # (N, M, s, s)
-        shift = torch.stack(shifts).to(inputs.device)  # (N, M, 2)
+        keep = self.p.keep
+        grids, shifts_y, shifts_x = [], [], []
+        for g in generators:  # one image's draws, in the order of rand((M, s, s)), randint x 2
+            grids.append(SerialStream(g, m, lambda k, gen: torch.rand((k, s, s), generator=gen) < keep))
+            shifts_y.append(SerialStream(g, m, lambda k, gen: torch.randint(0, cell_h, (k,), generator=gen)))
+            shifts_x.append(SerialStream(g, m, lambda k, gen: torch.randint(0, cell_w, (k,), generator=gen)))
         up_h, up_w = (s + 1) * cell_h, (s + 1) * cell_w
         total = torch.zeros((n, h, w), dtype=torch.float64, device=inputs.device)
         rows = torch.arange(h, device=inputs.device)
         cols = torch.arange(w, device=inputs.device)
-        flat = torch.arange(n * m, device=inputs.device)
         with torch.no_grad():
-            for start in range(0, n * m, self.batch_size):
-                j = flat[start : start + self.batch_size]
-                img, k = j // m, j % m
-                big = F.interpolate(grid[img, k][:, None].to(inputs.dtype), size=(up_h, up_w),
+            for img, _ in iter_jobs(n, m, self.batch_size):
+                parts = [(int(i), int(c)) for i, c in zip(*torch.unique_consecutive(img, return_counts=True))]
+                grid = torch.cat([grids[i].take(c) for i, c in parts]).to(inputs.device)
+                shift = torch.stack([torch.cat([shifts_y[i].take(c) for i, c in parts]),
+                                     torch.cat([shifts_x[i].take(c) for i, c in parts])], 1).to(inputs.device)
+                img = img.to(inputs.device)
+                big = F.interpolate(grid[:, None].to(inputs.dtype), size=(up_h, up_w),
                                     mode="bilinear", align_corners=False)[:, 0]
-                ry = (shift[img, k, 0][:, None] + rows[None])  # (B, h)
-                rx = (shift[img, k, 1][:, None] + cols[None])  # (B, w)
-                masks = big[torch.arange(len(j), device=inputs.device)[:, None, None], ry[:, :, None], rx[:, None, :]]
+                ry = (shift[:, 0][:, None] + rows[None])  # (B, h)
+                rx = (shift[:, 1][:, None] + cols[None])  # (B, w)
+                rows_b = torch.arange(len(img), device=inputs.device)[:, None, None]
+                masks = big[rows_b, ry[:, :, None], rx[:, None, :]]
                 scores = target_scores(self.model(inputs[img] * masks[:, None]), targets[img], self.p.score)
                 total.index_add_(0, img, masks.to(torch.float64) * scores.to(torch.float64).view(-1, 1, 1))
         return total / (m * self.p.keep)

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from explainers._gradients import Reduce, input_gradient, reduce_channels
+from explainers._numerics import as_working
 from explainers._scores import ScoreKind
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
@@ -53,4 +54,5 @@ class Saliency(Explainer):
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
-        return reduce_channels(input_gradient(self.model, inputs, targets, self.p.score), self.p.reduce)
+        grad = as_working(input_gradient(self.model, inputs, targets, self.p.score))  # float32 for 16-bit
+        return reduce_channels(grad, self.p.reduce)

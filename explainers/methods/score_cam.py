@@ -9,6 +9,7 @@ from torch import Tensor
 
 from explainers._batching import iter_jobs
 from explainers._cam import CAMExplainer, CAMParams
+from explainers._numerics import minmax_scale, working_dtype
 from explainers._scores import ScoreKind, target_scores
 from explainers.base import ExplainerSpec, Family
 from explainers.registry import register
@@ -31,6 +32,11 @@ class ScoreCAM(CAMExplainer):
     that masked input is the channel's weight (the authors' code). pytorch-grad-cam's
     variant is ``score="logit", channel_softmax=True, align_corners=True``. Masked inputs
     are built ``batch_size`` at a time, across images, never all at once.
+
+    For float16 / bfloat16 activations (``model.half()``, autocast) the scaling, scores and
+    weighted sum run in float32 (:func:`explainers._numerics.minmax_scale`): in float16 the
+    ``1e-8`` rounds to 0 and a constant channel gave 0 / 0 = NaN masks; it now gives an
+    all-zero mask, as in float32.
 
     References
     ----------
@@ -55,16 +61,15 @@ class ScoreCAM(CAMExplainer):
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         n, c = acts.shape[:2]
-        scores = torch.empty((n, c), dtype=acts.dtype, device=acts.device)
+        work = working_dtype(acts.dtype)  # float32 for float16 / bfloat16 activations
+        scores = torch.empty((n, c), dtype=work, device=acts.device)
         with torch.no_grad():
             for img, ch in iter_jobs(n, c, self.batch_size, acts.device):
                 up = F.interpolate(acts[img, ch][:, None], size=inputs.shape[-2:], mode="bilinear",
                                    align_corners=self.p.align_corners)
-                flat = up.flatten(1)
-                lo, hi = flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
-                masks = (up - lo) / (hi - lo + 1e-8)
+                masks = minmax_scale(up, 1e-8).to(inputs.dtype)  # a constant channel gives 0, not NaN
                 scores[img, ch] = target_scores(self.model(inputs[img] * masks), targets[img],
-                                                self.p.score).to(acts.dtype)
+                                                self.p.score).to(work)
         self.last_forward_passes = torch.full((n,), 1 + c, dtype=torch.int64)
         weights = torch.softmax(scores, dim=1) if self.p.channel_softmax else scores
-        return (weights[:, :, None, None] * acts).sum(dim=1)
+        return (weights[:, :, None, None] * acts.to(work)).sum(dim=1)

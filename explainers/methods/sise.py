@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from explainers._hooks import capture_outputs, default_cam_layer, get_layer, trace
+from explainers._numerics import guard, minmax_scale, working_dtype
 from explainers._scores import ScoreKind, target_scores
 from explainers.base import Explainer, ExplainerSpec, Family
 from explainers.registry import register
@@ -70,10 +71,8 @@ def fuse(maps: list[Tensor], soft: bool = False, temperature: float = 100.0, tau
 
 
 def _minmax(x: Tensor, eps: float = 1e-6) -> Tensor:
-    flat = x.flatten(1)
-    lo = flat.amin(1).view(-1, *([1] * (x.ndim - 1)))
-    hi = flat.amax(1).view(-1, *([1] * (x.ndim - 1)))
-    return (x - lo) / (hi - lo + eps)
+    """Per-item min-max scaling, in float32 for 16-bit inputs (see ``minmax_scale``)."""
+    return minmax_scale(x, eps)
 
 
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -176,6 +175,9 @@ class SISE(Explainer):
        code's sigmoid variant with ``temperature`` and ``tau``).
 
     The number of forward passes per image (kept maps) is recorded in ``last_forward_passes``.
+    For float16 / bfloat16 models or autocast, the scalings, guards and sums run in float32
+    (masks are cast to the model's dtype only to be applied), so constant maps give zeros,
+    not NaN.
 
     References
     ----------
@@ -236,7 +238,8 @@ class SISE(Explainer):
         self.last_forward_passes = torch.bincount(
             torch.tensor([j[0] for j in jobs], dtype=torch.int64), minlength=n) + 1
         size = inputs.shape[-2:]
-        sums = [torch.zeros((n, *size), dtype=inputs.dtype, device=inputs.device) for _ in names]
+        work = working_dtype(inputs.dtype)  # float32 sums and guards for float16 inputs
+        sums = [torch.zeros((n, *size), dtype=work, device=inputs.device) for _ in names]
         with torch.inference_mode():
             for s in range(0, len(jobs), self.batch_size):
                 batch = jobs[s : s + self.batch_size]
@@ -247,10 +250,11 @@ class SISE(Explainer):
                     maps = feats[li].detach()[[i for i, _ in sel], [ch for _, ch in sel]]
                     parts.append(F.interpolate(maps[:, None], size=size, mode="bilinear",
                                                align_corners=False)[:, 0])
-                masks = _minmax(torch.cat(parts))
-                score = target_scores(self.model(inputs[img] * masks[:, None]), targets[img],
-                                      self.p.mask_score).to(inputs.dtype)
-                weighted = score.view(-1, 1, 1) * masks / (masks.sum(dim=(1, 2), keepdim=True) + 1e-6)
+                masks = _minmax(torch.cat(parts)).to(work)
+                score = target_scores(self.model(inputs[img] * masks[:, None].to(inputs.dtype)),
+                                      targets[img], self.p.mask_score).to(work)
+                weighted = score.view(-1, 1, 1) * masks / (masks.sum(dim=(1, 2), keepdim=True)
+                                                          + guard(1e-6, work))
                 for li in range(len(names)):
                     sel = torch.tensor([j[1] == li for j in batch], device=inputs.device)
                     if sel.any():

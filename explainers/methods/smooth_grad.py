@@ -8,6 +8,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from explainers._batching import iter_jobs
+from explainers._numerics import NormalStream
 from explainers.base import Explainer, ExplainerSpec, Family, validate_params
 from explainers.registry import get_explainer, register
 
@@ -40,9 +42,12 @@ class SmoothGrad(Explainer):
 
     Noise is Gaussian with standard deviation ``noise_level * (max(x) - min(x))`` per image
     (the paper's noise level), drawn from the sample's own generator, so a map does not
-    depend on the batch. ``smoothgrad_sq`` averages squared maps and ``vargrad`` takes their
-    variance. The base explainer's channel reduction is applied per noisy copy, before
-    averaging (for a linear reduction this equals Captum's NoiseTunnel order).
+    depend on the batch. The draws are streamed (:class:`explainers._numerics.NormalStream`,
+    the same values as one ``(samples, C, H, W)`` draw), so memory is one pass of
+    ``batch_size`` noisy copies whatever ``samples`` is. ``smoothgrad_sq`` averages squared
+    maps and ``vargrad`` takes their variance. The base explainer's channel reduction is
+    applied per noisy copy, before averaging (for a linear reduction this equals Captum's
+    NoiseTunnel order).
 
     References
     ----------
@@ -79,20 +84,19 @@ class SmoothGrad(Explainer):
         n, k = len(inputs), self.p.samples
         span = (inputs.flatten(1).amax(1) - inputs.flatten(1).amin(1)).view(-1, 1, 1, 1)
         sigma = self.p.noise_level * span
-        noise = torch.stack([
-            torch.randn((k, *inputs.shape[1:]), generator=g, dtype=inputs.dtype).to(inputs.device)
-            for g in generators
-        ])  # (N, k, C, H, W)
+        # each image's k noise draws, streamed: the values of one (k, C, H, W) draw per image,
+        # only one pass's worth held at a time
+        streams = [NormalStream(g, k, tuple(inputs.shape[1:]), inputs.dtype) for g in generators]
         inner_evals = self.inner.cost()["forward"]
         per_pass = max(1, self.batch_size // inner_evals) if isinstance(inner_evals, int) else 1
         self.inner.batch_size = self.batch_size
         first = torch.zeros((n, *inputs.shape[2:]), dtype=torch.float64, device=inputs.device)
         second = torch.zeros_like(first)
-        flat_idx = torch.arange(n * k, device=inputs.device)
-        for s in range(0, n * k, per_pass):
-            j = flat_idx[s : s + per_pass]
-            img, smp = j // k, j % k
-            noisy = inputs[img] + sigma[img] * noise[img, smp]
+        for img, _ in iter_jobs(n, k, per_pass):
+            parts = [(int(i), int(c)) for i, c in zip(*torch.unique_consecutive(img, return_counts=True))]
+            noise = torch.cat([streams[i].take(c) for i, c in parts]).to(inputs.device)
+            img = img.to(inputs.device)
+            noisy = inputs[img] + sigma[img] * noise
             maps = self.inner._attribute(noisy, targets[img], None).to(torch.float64)
             first.index_add_(0, img, maps)
             second.index_add_(0, img, maps * maps)

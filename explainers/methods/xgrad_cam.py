@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from explainers._cam import CAMExplainer
+from explainers._numerics import as_working, guard
 from explainers.base import ExplainerSpec, Family
 from explainers.registry import register
 
@@ -12,6 +13,9 @@ from explainers.registry import register
 @register
 class XGradCAM(CAMExplainer):
     """Axiom-based Grad-CAM: ``w_k = sum_ij g_ij A_ij / (sum_ij A_ij + 1e-7)``.
+
+    Computed in float32 for float16 / bfloat16 activations (the guard would round to a
+    subnormal and the sums can overflow), see :mod:`explainers._numerics`.
 
     References
     ----------
@@ -29,5 +33,7 @@ class XGradCAM(CAMExplainer):
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         assert grads is not None
-        weights = (grads * acts).sum(dim=(2, 3), keepdim=True) / (acts.sum(dim=(2, 3), keepdim=True) + 1e-7)
+        acts, grads = as_working(acts), as_working(grads)  # float32 sums for 16-bit tensors
+        weights = (grads * acts).sum(dim=(2, 3), keepdim=True) / (acts.sum(dim=(2, 3), keepdim=True)
+                                                                 + guard(1e-7, acts.dtype))
         return (weights * acts).sum(dim=1)
