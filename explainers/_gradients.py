@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from explainers._functional import Call, hardtanh_bounds, intercept, scan
+from explainers._numerics import as_working
 from explainers._scores import ScoreKind, target_scores
 from explainers.base import UnsupportedModelError
 
@@ -17,7 +18,9 @@ Reduce = Literal["sum", "sum_abs", "max_abs", "l2"]
 
 
 def reduce_channels(attributions: Tensor, how: Reduce) -> Tensor:
-    """(N, C, H, W) -> (N, H, W) by the named channel reduction."""
+    """(N, C, H, W) -> (N, H, W) by the named channel reduction, in float32 at least (the
+    squares of ``l2`` underflow float16)."""
+    attributions = as_working(attributions)
     if how == "sum":
         return attributions.sum(dim=1)
     if how == "sum_abs":

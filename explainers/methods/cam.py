@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from explainers._cam import CAMExplainer, CAMParams
-from explainers._hooks import get_layer
+from explainers._hooks import capture_outputs, get_layer
 from explainers._numerics import as_working
-from explainers.base import ExplainerSpec, Family
+from explainers.base import ExplainerSpec, Family, UnsupportedModelError
 from explainers.registry import register
 
 
@@ -50,15 +51,51 @@ class CAM(CAMExplainer):
         else:
             linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
             if not linears:
-                raise ValueError("cam: the model has no nn.Linear classifier; give params.fc")
+                raise UnsupportedModelError("cam: the model has no nn.Linear classifier; give params.fc")
             fc = linears[-1]
         if not isinstance(fc, nn.Linear):
-            raise ValueError(f"cam: fc {self.p.fc!r} is not an nn.Linear")
+            raise UnsupportedModelError(f"cam: fc {self.p.fc!r} is not an nn.Linear")
         self.fc = fc
+
+    def refuse(self, example: Tensor) -> None:
+        """Refuse unless the logits are ``fc`` applied to the global average of the layer.
+
+        Checked on one seeded random input of the example's shape: for every class ``c``,
+        ``mean(cam_c) + b_c`` must equal the logit (relative tolerance 1e-3 of the logits'
+        scale). A ReLU, pooling or other layer between the target layer and the average
+        (DenseNet's ``F.relu`` after ``features``) breaks the identity CAM rests on.
+
+        Raises
+        ------
+        UnsupportedModelError
+            Naming the layer, the classifier and the size of the mismatch.
+        """
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(example.shape, generator=g, dtype=torch.float32).to(example)
+        name = self.layer_name(x)
+        with capture_outputs(self.model, [name]) as acts, torch.no_grad():
+            logits = self.model(x)
+        a = as_working(acts[name])
+        if a.ndim != 4 or a.shape[1] != self.fc.in_features:
+            raise UnsupportedModelError(
+                f"cam: layer {name!r} has output {tuple(a.shape)} but the classifier takes "
+                f"{self.fc.in_features} inputs; CAM needs conv features -> global average pool -> linear"
+            )
+        w = self.fc.weight.detach().to(a.dtype)
+        b = self.fc.bias.detach().to(a.dtype) if self.fc.bias is not None else 0.0
+        implied = a.mean(dim=(2, 3)) @ w.T + b
+        scale = float(as_working(logits).abs().amax()) or 1.0
+        err = float((implied - as_working(logits)).abs().amax()) / scale
+        if err > 1e-3:
+            raise UnsupportedModelError(
+                f"cam: the logits are not the classifier applied to the global average of layer "
+                f"{name!r} (they differ by {err:.2g} of their scale: another layer, such as a ReLU, "
+                "sits between); CAM's map would not decompose the logit. Use grad_cam, or give "
+                "params.layer the tensor the average pool reads")
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         if acts.shape[1] != self.fc.in_features:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"cam: layer has {acts.shape[1]} channels but the classifier takes "
                 f"{self.fc.in_features} inputs; CAM needs a GAP -> linear head"
             )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from pydantic import Field
 from torch import Tensor
 
 from explainers._cam import CAMExplainer, CAMParams
+from explainers._hooks import capture_outputs
 from explainers._numerics import as_working
-from explainers.base import ExplainerSpec, Family
+from explainers.base import ExplainerSpec, Family, UnsupportedModelError
 from explainers.registry import register
 
 
@@ -40,6 +44,27 @@ class FEM(CAMExplainer):
     )
     Params = FEMParams
     uses_gradients = False
+
+    def refuse(self, example: Tensor) -> None:
+        """Refuse a layer too small for the threshold: with ``n`` positions no activation
+        lies more than ``sqrt(n - 1)`` population standard deviations above the mean, so
+        for ``sqrt(n - 1) < K`` every mask is empty and the map all zero (a 2x2 layer at
+        K = 2).
+
+        Raises
+        ------
+        UnsupportedModelError
+            Naming the layer, its size and ``k``.
+        """
+        name = self.layer_name(example)
+        with capture_outputs(self.model, [name]) as acts, torch.no_grad():
+            self.model(example)
+        h, w = acts[name].shape[-2:]
+        if math.sqrt(h * w - 1) < self.p.k:
+            raise UnsupportedModelError(
+                f"fem: layer {name!r} has {h}x{w} positions; with k = {self.p.k:g} no activation can "
+                f"reach mean + k * std (it needs more than {int(self.p.k ** 2) + 1} positions), so the "
+                "map would be all zero. Use a larger input or an earlier layer (params.layer)")
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         acts = as_working(acts)  # float32 for 16-bit activations: squares overflow float16

@@ -245,3 +245,48 @@ def test_the_pipeline_refuses_when_it_builds_the_explainer_naming_the_entry(x_t)
     loaded = SimpleNamespace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     with pytest.raises(UnsupportedModelError, match=r"explain\.explainers\[gbp\]: guided_backprop.*silu"):
         _make_explainer("guided_backprop", {}, ActNet("silu").double().eval(), loaded, x_t[0][:1], "gbp")
+
+
+class ReluAfterLayer(nn.Module):
+    """DenseNet's head: ``features`` -> F.relu -> global average -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.features(x)).mean(dim=(2, 3)))
+
+
+def test_cam_refuses_a_layer_whose_average_is_not_what_the_classifier_reads(x_t) -> None:
+    torch.manual_seed(0)
+    net = ReluAfterLayer().double().eval()
+    with torch.no_grad():
+        net.features[1].bias.fill_(-0.5)  # negative activations for the ReLU to cut
+    with pytest.raises(UnsupportedModelError, match=r"cam: .*'features'.*ReLU"):
+        get_explainer("cam")(net).attribute(*x_t)
+    # the tensor the average reads is accepted, and CAM's identity holds there
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double().eval()
+    maps = get_explainer("cam")(plain, layer="1").attribute(*x_t)
+    with torch.no_grad():
+        logits = plain(x_t[0]).gather(1, x_t[1][:, None])[:, 0]
+    torch.testing.assert_close(maps.double().mean(dim=(1, 2)) + plain[4].bias[x_t[1]], logits,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_cam_refuses_a_classifier_that_does_not_read_the_layers_channels(x_t) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(400, 3)).double().eval()
+    with pytest.raises(UnsupportedModelError, match=r"cam: layer '1' has output \(1, 4, 10, 10\).*400"):
+        get_explainer("cam")(net, layer="1").attribute(*x_t)
+
+
+def test_fem_refuses_a_layer_too_small_for_its_threshold(x_t) -> None:
+    """2x2 positions: no activation is 2 standard deviations above the mean (before: an
+    all-zero map)."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                        nn.Linear(16, 3)).double().eval()
+    with pytest.raises(UnsupportedModelError, match=r"fem: layer '2' has 2x2 positions"):
+        get_explainer("fem")(net, layer="2").attribute(*x_t)
+    assert get_explainer("fem")(net, layer="1").attribute(*x_t).abs().sum() > 0  # 10x10: fine
