@@ -52,6 +52,7 @@ class AblationCAM(CAMExplainer):
 
     spec = ExplainerSpec(
         name="ablation_cam",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("activations", "forward"),
         batches_evaluations=True,

@@ -36,6 +36,7 @@ class CAM(CAMExplainer):
 
     spec = ExplainerSpec(
         name="cam",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("activations",),
         summary="activations weighted by the linear classifier's weights (GAP models)",

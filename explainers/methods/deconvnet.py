@@ -19,6 +19,7 @@ class DeconvNet(GuidedBackprop):
 
     spec = ExplainerSpec(
         name="deconvnet",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.GRADIENT,
         summary="back-projection through rectified ReLU gradients",
         references=("zeiler2014",),

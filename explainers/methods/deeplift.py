@@ -242,6 +242,7 @@ class DeepLIFT(Explainer):
 
     spec = ExplainerSpec(
         name="deeplift",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.RELEVANCE,
         summary="reference-difference contributions by the rescale rule",
         references=("shrikumar2017",),

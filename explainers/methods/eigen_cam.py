@@ -31,6 +31,7 @@ class EigenCAM(CAMExplainer):
 
     spec = ExplainerSpec(
         name="eigen_cam",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("activations",),
         summary="first principal component of the activations (class-agnostic)",

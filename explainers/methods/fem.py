@@ -37,6 +37,7 @@ class FEM(CAMExplainer):
 
     spec = ExplainerSpec(
         name="fem",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("activations",),
         summary="channel-mean weighted masks of high activations (gradient-free)",

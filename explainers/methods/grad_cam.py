@@ -36,6 +36,7 @@ class GradCAM(CAMExplainer):
 
     spec = ExplainerSpec(
         name="grad_cam",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("gradients", "activations"),
         summary="activations weighted by spatially averaged gradients",

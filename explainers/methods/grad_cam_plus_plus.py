@@ -29,6 +29,7 @@ class GradCAMPlusPlus(CAMExplainer):
 
     spec = ExplainerSpec(
         name="grad_cam_plus_plus",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("gradients", "activations"),
         summary="activations weighted by positive gradients with pixel-wise coefficients",

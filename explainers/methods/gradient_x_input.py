@@ -36,6 +36,7 @@ class GradientXInput(Explainer):
 
     spec = ExplainerSpec(
         name="gradient_x_input",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.GRADIENT,
         summary="input times input gradient",
         references=("shrikumar2016",),

@@ -44,6 +44,7 @@ class GuidedBackprop(Explainer):
 
     spec = ExplainerSpec(
         name="guided_backprop",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.GRADIENT,
         summary="gradient with positive-only ReLU back-propagation",
         references=("springenberg2015",),

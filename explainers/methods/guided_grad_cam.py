@@ -41,6 +41,7 @@ class GuidedGradCAM(Explainer):
 
     spec = ExplainerSpec(
         name="guided_grad_cam",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("gradients", "activations"),
         summary="guided back-propagation gated by Grad-CAM",

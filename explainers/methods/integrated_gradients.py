@@ -70,6 +70,7 @@ class IntegratedGradients(Explainer):
 
     spec = ExplainerSpec(
         name="integrated_gradients",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.GRADIENT,
         batches_evaluations=True,
         summary="path-integrated gradients from a baseline",

@@ -22,6 +22,7 @@ class LayerCAM(CAMExplainer):
 
     spec = ExplainerSpec(
         name="layer_cam",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("gradients", "activations"),
         summary="activations weighted element-wise by positive gradients",

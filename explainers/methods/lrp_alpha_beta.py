@@ -47,6 +47,7 @@ class LRPAlphaBeta(LRPEpsilon):
 
     spec = ExplainerSpec(
         name="lrp_alpha_beta",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.RELEVANCE,
         summary="LRP, alpha-beta rule on every layer",
         references=("bach2015",),

@@ -44,6 +44,7 @@ class LRPComposite(LRPEpsilon):
 
     spec = ExplainerSpec(
         name="lrp_composite",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.RELEVANCE,
         summary="LRP composite: epsilon dense, z-plus conv, flat/box first layer",
         references=("montavon2019", "anders2021"),

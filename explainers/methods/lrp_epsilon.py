@@ -50,6 +50,7 @@ class LRPEpsilon(Explainer):
 
     spec = ExplainerSpec(
         name="lrp_epsilon",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.RELEVANCE,
         summary="LRP, epsilon rule on every layer",
         references=("bach2015",),

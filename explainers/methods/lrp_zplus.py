@@ -33,6 +33,7 @@ class LRPZPlus(LRPEpsilon):
 
     spec = ExplainerSpec(
         name="lrp_zplus",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.RELEVANCE,
         summary="LRP, z-plus rule on every layer",
         references=("montavon2017",),

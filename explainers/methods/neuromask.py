@@ -90,6 +90,7 @@ class NeuroMask(Explainer):
 
     spec = ExplainerSpec(
         name="neuromask",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.OPTIMISATION,
         access=("gradients",),
         stochastic=True,

@@ -47,6 +47,7 @@ class Occlusion(Explainer):
 
     spec = ExplainerSpec(
         name="occlusion",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.PERTURBATION,
         access=("forward",),
         batches_evaluations=True,

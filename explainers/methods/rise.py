@@ -46,6 +46,7 @@ class RISE(Explainer):
 
     spec = ExplainerSpec(
         name="rise",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.PERTURBATION,
         access=("forward",),
         stochastic=True,

@@ -44,6 +44,7 @@ class Saliency(Explainer):
 
     spec = ExplainerSpec(
         name="saliency",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.GRADIENT,
         access=("gradients",),
         summary="input gradient of the target score",

@@ -46,6 +46,7 @@ class ScoreCAM(CAMExplainer):
 
     spec = ExplainerSpec(
         name="score_cam",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("activations", "forward"),
         batches_evaluations=True,

@@ -187,6 +187,7 @@ class SISE(Explainer):
 
     spec = ExplainerSpec(
         name="sise",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("gradients", "activations", "forward"),
         batches_evaluations=True,

@@ -56,6 +56,7 @@ class SmoothGrad(Explainer):
 
     spec = ExplainerSpec(
         name="smooth_grad",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.GRADIENT,
         stochastic=True,
         batches_evaluations=True,

@@ -25,6 +25,7 @@ class XGradCAM(CAMExplainer):
 
     spec = ExplainerSpec(
         name="xgrad_cam",
+        version=2,  # issue #13: in-place / functional activations, refusals, 16-bit guards
         family=Family.CAM,
         access=("gradients", "activations"),
         summary="activations weighted by activation-normalised gradients",
