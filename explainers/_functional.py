@@ -13,12 +13,13 @@ applies and in which modules, so a method can refuse what it has no rule for, na
 Kinds (the value of :attr:`Call.kind`):
 
 ``relu``
-    ``F.relu``, ``torch.relu(_)``, ``Tensor.relu(_)``.
+    ``F.relu``, ``torch.relu(_)``, ``Tensor.relu(_)``, ``clamp(x, min=0)`` without a maximum.
 ``relu6``
     ``F.relu6`` and ``F.hardtanh`` (piecewise linear, bounded).
 ``activation``
     every other element-wise non-linearity: SiLU, GELU, Hardswish, Hardsigmoid, sigmoid,
-    tanh, ELU, SELU, CELU, LeakyReLU, Softplus, Mish, log-sigmoid.
+    tanh, ELU, SELU, CELU, LeakyReLU, PReLU, Threshold, Softplus, Softsign, Mish, the
+    shrinks, log-sigmoid (and GLU).
 ``max_pool``
     ``F.max_pool1d/2d/3d`` and the adaptive max pools.
 ``norm``
@@ -34,7 +35,12 @@ Kinds (the value of :attr:`Call.kind`):
     an addition or subtraction of two input-dependent tensors (residual connections).
 ``other``
     other non-linear element-wise or order functions of an input-dependent tensor (exp,
-    log, pow, sqrt, abs, clamp, maximum, sort, ...).
+    log, pow, sqrt, abs, clamp, maximum, sort, ...), and comparisons of one (``z > 0``: the
+    masks of hand-written piecewise functions such as ``z * (z > 0)``).
+
+An in-place call (``F.relu(x, inplace=True)``, ``x.clamp_(min=0)``) handed to a handler is
+computed out of place from a copy and written back into ``x``, so a model that relies on
+the in-place write (``x.relu_()`` as a statement) computes the same function.
 
 Anything else (convolutions, linear layers, eval-mode batch norm, average pools,
 reshapes, concatenation, products with parameters) is linear in the input and passes
@@ -64,7 +70,8 @@ ACTIVATION = {
     F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, torch.sigmoid, torch.sigmoid_,
     Tensor_.sigmoid, Tensor_.sigmoid_, F.tanh, torch.tanh, torch.tanh_, Tensor_.tanh, Tensor_.tanh_,
     F.elu, F.elu_, F.selu, F.celu, F.leaky_relu, F.leaky_relu_, F.softplus, F.mish, F.logsigmoid,
-    F.rrelu, torch.selu, torch.celu, torch.rrelu,
+    F.rrelu, torch.selu, torch.celu, torch.rrelu, F.prelu, torch.prelu, F.threshold, F.threshold_,
+    torch.threshold, F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.glu,
 }
 MAX_POOL = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
             F.adaptive_max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
@@ -72,7 +79,8 @@ MAX_POOL = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.a
 NORM = {F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm, F.rms_norm,
         torch.layer_norm, torch.group_norm, torch.instance_norm}
 SOFTMAX = {F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
-           Tensor_.softmax, Tensor_.log_softmax}
+           Tensor_.softmax, Tensor_.log_softmax, F.scaled_dot_product_attention,
+           F.multi_head_attention_forward}
 PRODUCT = {torch.mul, Tensor_.mul, Tensor_.mul_, Tensor_.__mul__, Tensor_.__imul__, Tensor_.__rmul__,
            torch.matmul, Tensor_.matmul, Tensor_.__matmul__, torch.bmm, torch.mm, torch.einsum,
            torch.div, Tensor_.div, Tensor_.div_, Tensor_.__truediv__, Tensor_.__itruediv__,
@@ -86,7 +94,13 @@ OTHER = {
     torch.clamp_max, Tensor_.clamp_max, torch.clip, Tensor_.clip, torch.maximum, torch.minimum,
     torch.max, Tensor_.max, torch.min, Tensor_.min, torch.amax, Tensor_.amax, torch.amin, Tensor_.amin,
     torch.sort, torch.topk, torch.erf, torch.sin, torch.cos, torch.reciprocal, Tensor_.reciprocal,
-    torch.square, Tensor_.square, torch.norm, Tensor_.norm, torch.logsumexp,
+    torch.square, Tensor_.square, torch.norm, Tensor_.norm, torch.logsumexp, F.normalize,
+    F.cosine_similarity, torch.sign, Tensor_.sign, torch.heaviside, torch.round, torch.floor, torch.ceil,
+    # comparisons of activations: the masks of hand-written piecewise functions
+    # (``z * (z > 0)``, ``torch.where(z > 0, z, 0)``)
+    torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne, Tensor_.gt, Tensor_.lt, Tensor_.ge,
+    Tensor_.le, Tensor_.eq, Tensor_.ne, Tensor_.__gt__, Tensor_.__lt__, Tensor_.__ge__, Tensor_.__le__,
+    Tensor_.__eq__, Tensor_.__ne__, torch.greater, torch.less, torch.greater_equal, torch.less_equal,
 }
 _TABLE: dict[Any, str] = {
     **dict.fromkeys(RELU, "relu"), **dict.fromkeys(RELU6, "relu6"),
@@ -97,8 +111,24 @@ _TABLE: dict[Any, str] = {
 _BINARY: dict[Any, str] = {**dict.fromkeys(PRODUCT, "product"), **dict.fromkeys(SUM, "sum")}
 #: in-place variants and their out-of-place functions
 _OUT_OF_PLACE = {torch.relu_: torch.relu, Tensor_.relu_: torch.relu, F.hardtanh_: F.hardtanh,
+                 Tensor_.clamp_: torch.clamp, Tensor_.clamp_min_: torch.clamp_min, Tensor_.clip_: torch.clip,
+                 F.threshold_: F.threshold,
                  torch.sigmoid_: torch.sigmoid, Tensor_.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh,
                  Tensor_.tanh_: torch.tanh, F.elu_: F.elu, F.leaky_relu_: F.leaky_relu}
+
+
+_CLAMPS = {torch.clamp, Tensor_.clamp, Tensor_.clamp_, torch.clamp_min, Tensor_.clamp_min, Tensor_.clamp_min_,
+           torch.clip, Tensor_.clip, Tensor_.clip_}
+
+
+def _clamp_is_relu(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``clamp(x, min=0)`` / ``clamp_min(x, 0)`` without an upper bound: a ReLU."""
+    if func in (torch.clamp_min, Tensor_.clamp_min, Tensor_.clamp_min_):
+        low, high = (args[1] if len(args) > 1 else kwargs.get("min")), None
+    else:
+        low = args[1] if len(args) > 1 else kwargs.get("min")
+        high = args[2] if len(args) > 2 else kwargs.get("max")
+    return high is None and isinstance(low, (int, float)) and not isinstance(low, bool) and low == 0
 
 
 def _tensors(args: tuple[Any, ...]) -> list[Tensor]:
@@ -127,6 +157,8 @@ def classify(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = N
     str or None
     """
     kind = _TABLE.get(func)
+    if func in _CLAMPS and _depends(args[0] if args else None) and _clamp_is_relu(func, args, kwargs or {}):
+        return "relu"
     if kind == "relu6" and hardtanh_bounds(Call(kind, func, args, kwargs or {}))[0] != 0:
         return "activation"  # a hardtanh that is not a rectifier
     if kind == "other":
@@ -167,6 +199,21 @@ class Call:
     def input(self) -> Tensor:
         """The first tensor argument."""
         return _tensors(self.args)[0]
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the call writes its result into its first argument."""
+        if self.func in _OUT_OF_PLACE:
+            return True
+        if self.kwargs.get("inplace") is True:
+            return True
+        sig = _signature(self.func)
+        if sig is None or "inplace" not in sig.parameters:
+            return False
+        try:
+            return sig.bind_partial(*self.args, **self.kwargs).arguments.get("inplace") is True
+        except TypeError:
+            return False
 
     def run(self) -> Any:
         """The call as the model made it."""
@@ -217,9 +264,18 @@ class Intercept(TorchFunctionMode):
         kwargs = kwargs or {}
         kind = classify(func, args, kwargs)
         if kind is not None and (self.kinds is None or kind in self.kinds):
-            out = self.handler(Call(kind, func, args, kwargs))
-            if out is not NotImplemented:
-                return out
+            call = Call(kind, func, args, kwargs)
+            if not call.in_place:
+                out = self.handler(call)
+                if out is not NotImplemented:
+                    return out
+            else:  # the handler computes out of place from a copy; the result is then
+                # written back, so code that relies on the in-place write sees it
+                target = call.input
+                copy = Call(kind, func, (target.clone(), *args[1:]), kwargs)
+                out = self.handler(copy)
+                if out is not NotImplemented:
+                    return target.copy_(out)
         return func(*args, **kwargs)
 
 

@@ -73,11 +73,12 @@ class _SwitchReLU(torch.autograd.Function):
 
 
 #: kinds of :mod:`explainers._functional` that have no guided / deconv rule
-UNGUIDED_KINDS = {"activation"}
+UNGUIDED_KINDS = {"activation", "other"}
 
 
 def refuse_unguided(name: str, model: nn.Module, example: Tensor) -> None:
-    """Raise when ``model`` applies element-wise non-linearities other than ReLU / ReLU6.
+    """Raise when ``model`` applies non-linearities other than ReLU / ReLU6 (element-wise
+    activations, hand-written piecewise functions: see :mod:`explainers._functional`).
 
     Guided Backprop and DeconvNet define a backward rule for rectifiers only; on a SiLU,
     GELU or Hardswish network they would return the plain gradient there (Captum and

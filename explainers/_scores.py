@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from explainers.base import UnsupportedModelError
+
 ScoreKind = Literal["logit", "log_prob", "prob"]
 
 
@@ -26,7 +28,16 @@ def target_scores(logits: Tensor, targets: Tensor, kind: ScoreKind) -> Tensor:
     -------
     Tensor, shape (N,)
         The selected scores.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For ``prob`` / ``log_prob`` of a model with one output (a constant).
     """
+    if kind != "logit" and logits.shape[1] == 1:
+        raise UnsupportedModelError(
+            f"score {kind!r}: the model has a single output, whose softmax is 1 for every input; "
+            "explain score 'logit' (params.score) for a one-logit model")
     if kind == "log_prob":
         logits = torch.log_softmax(logits, dim=1)
     elif kind == "prob":

@@ -163,7 +163,7 @@ def _bad_output(out: object, batch: int) -> str | None:
             "logits (for example the first element of a tuple, or out['logits'])")
 
 
-def check_output(model: nn.Module, example: Tensor) -> None:
+def check_output(model: nn.Module, example: Tensor) -> int:
     """Raise :class:`UnsupportedModelError` unless ``model(example)`` is (N, K) logits.
 
     Parameters
@@ -172,6 +172,11 @@ def check_output(model: nn.Module, example: Tensor) -> None:
         The classifier (evaluated once under ``torch.no_grad``).
     example : Tensor, shape (N, C, H, W)
         An input batch.
+
+    Returns
+    -------
+    int
+        The number of classes K.
 
     Raises
     ------
@@ -184,6 +189,7 @@ def check_output(model: nn.Module, example: Tensor) -> None:
     problem = _bad_output(out, example.shape[0])
     if problem is not None:
         raise UnsupportedModelError(problem)
+    return int(out.shape[1])
 
 
 class ModelState:
@@ -313,6 +319,8 @@ class Explainer(ABC):
         Tensor, shape (N, H, W)
             Raw float32 attributions at input resolution (no display normalisation).
         """
+        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+            raise TypeError("inputs and targets must be tensors (targets: int64 class indices, shape (N,))")
         if inputs.ndim != 4:
             raise ValueError(f"inputs must be (N, C, H, W), got shape {tuple(inputs.shape)}")
         if targets.shape != (inputs.shape[0],) or targets.dtype != torch.int64:
@@ -329,6 +337,10 @@ class Explainer(ABC):
             self.model.eval()
             if n:
                 self.check(inputs[:1])
+                classes = self.__dict__.get("_classes")
+                if classes is not None and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+                    raise ValueError(f"targets must be class indices in [0, {classes}), got "
+                                     f"{sorted(set(targets.tolist()))[:10]}")
             state.watch_outputs()
             if batch_size is None:
                 batch_size = auto_batch_size(self.model, inputs) if n else DEFAULT_EVAL_BATCH
@@ -390,7 +402,7 @@ class Explainer(ABC):
         state = ModelState(self.model)
         try:
             self.model.eval()
-            check_output(self.model, example[:1])
+            self.__dict__["_classes"] = check_output(self.model, example[:1])
             self.refuse(example[:1])
         finally:
             state.restore()

@@ -60,6 +60,11 @@ class _Rescale(torch.autograd.Function):
 _POOL_ARGS = inspect.signature(F.max_pool2d_with_indices)
 
 
+def _wants_indices(call: Call) -> bool:
+    bound = _POOL_ARGS.bind(*call.args, **call.kwargs)
+    return call.func is F.max_pool2d_with_indices or bool(bound.arguments.get("return_indices"))
+
+
 def _pool_params(call: Call) -> dict[str, Any]:
     bound = _POOL_ARGS.bind(*call.args, **call.kwargs)
     bound.apply_defaults()
@@ -168,8 +173,18 @@ def deeplift_hooks(model: nn.Module, reference: Tensor, overlap: str = "accumula
         return NotImplemented
 
     kinds = RESCALED | {"max_pool"}
-    with torch.no_grad(), intercept(record, kinds):
-        model(reference)
+    # the reference pass tracks gradients (of the input only), so calls are classified as in
+    # the explained pass (``clamp(min=0)`` of an activation is a ReLU only there)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad(), intercept(record, kinds):
+            model(reference.detach().clone().requires_grad_(True))
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    records = [tuple(t.detach() for t in r) if isinstance(r, tuple) else r.detach() for r in records]
     position = [0]
 
     def rescale(call: Call) -> Any:
@@ -184,7 +199,11 @@ def deeplift_hooks(model: nn.Module, reference: Tensor, overlap: str = "accumula
             raise RuntimeError("deeplift: the forward pass makes other calls than the reference's "
                                "(data-dependent control flow); DeepLIFT needs one graph for both")
         if call.kind == "max_pool":
-            return _MaxPoolRescale.apply(x, ref, _pool_params(call), overlap)
+            params = _pool_params(call)
+            out = _MaxPoolRescale.apply(x, ref, params, overlap)
+            if _wants_indices(call):  # the model unpacks (output, indices)
+                return out, F.max_pool2d_with_indices(x.detach(), **params)[1]
+            return out
         return _Rescale.apply(x, ref, call.unary(), call.kind == "relu")
 
     with intercept(rescale, kinds):

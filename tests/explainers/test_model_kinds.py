@@ -290,3 +290,88 @@ def test_fem_refuses_a_layer_too_small_for_its_threshold(x_t) -> None:
     with pytest.raises(UnsupportedModelError, match=r"fem: layer '2' has 2x2 positions"):
         get_explainer("fem")(net, layer="2").attribute(*x_t)
     assert get_explainer("fem")(net, layer="1").attribute(*x_t).abs().sum() > 0  # 10x10: fine
+
+
+class Spelled(nn.Module):
+    """Conv - <a ReLU spelled some way> - maxpool - Conv - ReLU - mean - Linear."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.prelu, self.threshold, self.softsign = nn.PReLU(init=0.1), nn.Threshold(0.0, 0.0), nn.Softsign()
+        self.fc = nn.Linear(5, 3)
+
+    def act(self, z: torch.Tensor) -> torch.Tensor:
+        how = self.how
+        if how == "relu_statement":
+            z.relu_()  # in place, the result unused: the model relies on the write
+            return z
+        if how == "clamp":
+            return z.clamp(min=0)
+        if how == "clamp_":
+            return z.clamp_(min=0)
+        if how == "where":
+            return torch.where(z > 0, z, torch.zeros_like(z))
+        if how == "mask":
+            return z * (z > 0)
+        return getattr(self, how)(z)  # prelu, threshold, softsign
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = F.max_pool2d(self.act(self.conv1(x)), 2, return_indices=True)
+        return self.fc(F.relu(self.conv2(h)).mean(dim=(2, 3)))
+
+
+HANDLED = {"relu_statement": "relu", "clamp": "relu", "clamp_": "relu", "prelu": "activation",
+           "threshold": "activation", "softsign": "activation", "where": "other", "mask": "other"}
+
+
+@pytest.mark.parametrize("how", sorted(HANDLED))
+def test_every_spelling_of_an_activation_is_ruled_or_refused(how, x_t) -> None:
+    """Found by trying to break the rules: hand-written ReLUs used to get the plain
+    gradient from guided backprop / DeepLIFT, and a max-pool returning indices broke
+    DeepLIFT's forward."""
+    torch.manual_seed(4)
+    net = Spelled(how).double().eval()
+    x, t = x_t
+    with torch.no_grad():
+        before = net(x)
+    kind = HANDLED[how]
+    for name in ("guided_backprop", "deconvnet", "deeplift"):
+        refuses = kind == "other" or (kind == "activation" and name != "deeplift")
+        exp = get_explainer(name)(net)
+        if refuses:
+            with pytest.raises(UnsupportedModelError, match=name):
+                exp.attribute(x, t)
+            continue
+        maps = exp.attribute(x, t)
+        if name == "deeplift":  # summation to delta through whichever spelling
+            with torch.no_grad():
+                delta = net(x).gather(1, t[:, None])[:, 0] - net(torch.zeros_like(x[:1]))[0, t]
+            torch.testing.assert_close(maps.double().sum(dim=(1, 2)), delta, rtol=1e-5, atol=1e-7)
+        elif kind == "relu":  # the same map as with F.relu
+            ref = Spelled("clamp").double().eval()
+            ref.load_state_dict(net.state_dict())
+            ref.act = lambda z: F.relu(z)  # type: ignore[method-assign]
+            torch.testing.assert_close(maps, get_explainer(name)(ref).attribute(x, t))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before)  # the model computes what it computed
+
+
+def test_probability_of_a_single_logit_is_refused(x_t) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 1)).double().eval()
+    x, _ = x_t
+    t = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(UnsupportedModelError, match="single output.*'logit'"):
+        get_explainer("rise")(net, masks=8).attribute(x, t)
+    assert get_explainer("rise")(net, masks=8, score="logit").attribute(x, t).abs().sum() > 0
+
+
+def test_targets_are_checked_against_the_model(tiny_cnn, tiny_inputs) -> None:
+    x, _ = tiny_inputs
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\), got \[7\]"):
+        get_explainer("saliency")(tiny_cnn).attribute(x[:1], torch.tensor([7]))
+    with pytest.raises(TypeError, match="targets must be"):
+        get_explainer("saliency")(tiny_cnn).attribute(x[:1], [0])  # type: ignore[arg-type]
