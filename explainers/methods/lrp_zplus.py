@@ -25,6 +25,17 @@ class LRPZPlus(LRPEpsilon):
     """Relevance through positive contributions only: ``z+ = W+ x+ + b+ + W- x-`` (zennit's
     ZPlus, which also handles negative inputs), on every Conv and Linear layer.
 
+    Notes
+    -----
+    The rule conserves relevance where every unit that receives relevance has a positive
+    contribution (``z+ > 0``). Behind a ReLU that holds; where a convolution's output is not
+    rectified (the linear bottlenecks of MobileNet, MNASNet, ShuffleNet and EfficientNet),
+    a unit with no positive contribution can still receive relevance from the next layer,
+    and z+ drops it: the map then sums to less than the logit (on bias-free versions of
+    those networks 34-99 % is kept; ``benchmarks/ZOO.md``). zennit's ZPlus does the same.
+    Relevance is never created. The same holds for the z+ layers of ``lrp_composite`` and
+    for ``lrp_alpha_beta`` with beta = 0.
+
     References
     ----------
     G. Montavon et al., "Explaining Nonlinear Classification Decisions with Deep Taylor

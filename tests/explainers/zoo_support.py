@@ -1,0 +1,791 @@
+"""The zoo of issue #13: every registered explainer on one small member of every torchvision
+classification family, each outcome checked against the method's own property.
+
+Used by ``tests/explainers/test_zoo.py`` (the test) and ``benchmarks/zoo.py`` (which runs
+that test and writes ``benchmarks/ZOO.md``); the table is rendered by :func:`render_table`
+from the outcomes the test collected, so the published table is the test's own verdict.
+
+What counts
+-----------
+For each (architecture, explainer) pair exactly one of:
+
+* ``ok (...)``: a float32 map of shape (N, H, W), finite, no image's map all zero, that
+  passes the method's check in :data:`CASES` (the parenthesis names the check);
+* ``refused: ...``: ``UnsupportedModelError`` whose message names a module type, module
+  name or operation of the model (any other exception is a failure);
+* ``FAIL: ...``: anything else; the test fails.
+
+Models are built with random weights (``weights=None``, seeded), ``num_classes=10``, float32,
+with BatchNorm statistics recalibrated on the inputs (three train-mode passes without
+gradients, ``momentum=None``: a cumulative average), then ``eval()``. At raw initialisation
+deep BatchNorm nets give logits near 1e-13 and every map underflows.
+
+Reference implementations (pytorch-grad-cam, the in-test oracles) run under
+:class:`OutOfPlace`, which makes in-place activations out of place: a hook on a layer
+followed by ``F.relu(inplace=True)`` (DenseNet's ``features.norm5``) otherwise records the
+post-ReLU tensor, and pytorch-grad-cam's maps are wrong there.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from explainers import REGISTRY, Explainer, UnsupportedModelError, get_explainer
+from explainers._hooks import spatial_layers
+
+# --------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture of the zoo: the family it stands for and how it is built."""
+
+    name: str
+    family: str
+    config: str  # the constructor call, as written in the table
+    build: Callable[[], nn.Module]
+    size: int = 64
+
+
+def _tv(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+
+    return build
+
+
+def _resnet(layers: list[int], **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from torchvision.models.resnet import Bottleneck, ResNet
+
+        return ResNet(Bottleneck, layers, num_classes=10, **kwargs)
+
+    return build
+
+
+#: One (smallest) member per family. ResNeXt-50 and Wide-ResNet-50 cost 4-5x ResNet-18 per
+#: pass; their one-block-per-stage versions keep what makes them different (grouped 32x4d
+#: bottlenecks; 2x-wide bottlenecks) at a fifth of the cost.
+ARCHS: dict[str, Arch] = {a.name: a for a in [
+    Arch("resnet18", "ResNet", "resnet18()", _tv("resnet18")),
+    Arch("resnext_32x4d_1111", "ResNeXt", "ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4)",
+         _resnet([1, 1, 1, 1], groups=32, width_per_group=4)),
+    Arch("wide_resnet_1111_2", "Wide-ResNet", "ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=128)",
+         _resnet([1, 1, 1, 1], width_per_group=128)),
+    Arch("vgg11", "VGG", "vgg11()", _tv("vgg11")),
+    Arch("vgg11_bn", "VGG-BN", "vgg11_bn()", _tv("vgg11_bn")),
+    Arch("alexnet", "AlexNet", "alexnet()", _tv("alexnet")),
+    Arch("squeezenet1_1", "SqueezeNet", "squeezenet1_1()", _tv("squeezenet1_1")),
+    Arch("densenet121", "DenseNet", "densenet121()", _tv("densenet121")),
+    Arch("googlenet", "GoogLeNet", "googlenet(aux_logits=False, init_weights=True)",
+         _tv("googlenet", aux_logits=False, init_weights=True)),
+    Arch("inception_v3", "Inception-v3", "inception_v3(aux_logits=False, init_weights=True)",
+         _tv("inception_v3", aux_logits=False, init_weights=True), size=80),
+    Arch("mobilenet_v2", "MobileNetV2", "mobilenet_v2()", _tv("mobilenet_v2")),
+    Arch("mobilenet_v3_small", "MobileNetV3", "mobilenet_v3_small()", _tv("mobilenet_v3_small")),
+    Arch("mnasnet0_5", "MNASNet", "mnasnet0_5()", _tv("mnasnet0_5")),
+    Arch("shufflenet_v2_x0_5", "ShuffleNetV2", "shufflenet_v2_x0_5()", _tv("shufflenet_v2_x0_5")),
+    Arch("efficientnet_b0", "EfficientNet", "efficientnet_b0()", _tv("efficientnet_b0")),
+    Arch("efficientnet_v2_s", "EfficientNetV2", "efficientnet_v2_s()", _tv("efficientnet_v2_s")),
+    Arch("regnet_x_400mf", "RegNet", "regnet_x_400mf()", _tv("regnet_x_400mf")),
+    Arch("convnext_tiny", "ConvNeXt", "convnext_tiny()", _tv("convnext_tiny")),
+]}
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def images(size: int) -> Tensor:
+    """Astronaut and Chelsea (scikit-image's bundled photos), resized, ImageNet-normalised."""
+    from skimage import data
+    from skimage.transform import resize
+
+    out = []
+    for img in (data.astronaut(), data.chelsea()):
+        side = min(img.shape[:2])
+        sq = img[:side, (img.shape[1] - side) // 2 : (img.shape[1] - side) // 2 + side]
+        small = resize(sq, (size, size), anti_aliasing=True)  # float64 in [0, 1]
+        out.append(torch.from_numpy(small).permute(2, 0, 1).float())
+    x = torch.stack(out)
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+def recalibrate_batchnorm(model: nn.Module, x: Tensor, passes: int = 3) -> None:
+    """Replace every BatchNorm's running statistics by their cumulative average over a few
+    train-mode passes of ``x`` (and its mirror image), then put the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for k in range(passes):
+            model(x if k % 2 == 0 else x.flip(-1))
+    model.eval()
+
+
+@dataclass
+class Zoo:
+    """One built architecture with its inputs and the checks' shared (lazy) state."""
+
+    arch: Arch
+    model: nn.Module
+    x: Tensor
+    t: Tensor  # the model's predictions
+    runner_up: Tensor  # the second-highest class of each image
+    build_s: float
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+def build(name: str) -> Zoo:
+    """Build, recalibrate and freeze architecture ``name``; targets are its predictions."""
+    arch = ARCHS[name]
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = arch.build().float()
+    x = images(arch.size)
+    recalibrate_batchnorm(model, x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        logits = model(x)
+    top = logits.topk(2, dim=1).indices
+    return Zoo(arch, model, x, top[:, 0].clone(), top[:, 1].clone(), time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- reference helpers
+
+_INPLACE_METHODS = {
+    torch.Tensor.relu_: torch.relu,
+    torch.relu_: torch.relu,
+    torch.Tensor.__iadd__: torch.Tensor.__add__,
+    torch.Tensor.add_: torch.Tensor.add,
+    torch.Tensor.mul_: torch.Tensor.mul,
+}
+
+
+class OutOfPlace(TorchFunctionMode):
+    """Within the block every in-place activation and in-place add is computed out of place
+    (same values; a hooked layer output is then never overwritten)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, D105
+        kwargs = dict(kwargs or {})
+        if kwargs.get("inplace"):
+            kwargs["inplace"] = False
+        func = _INPLACE_METHODS.get(func, func)
+        return func(*args, **kwargs)
+
+
+def overwritten_in_place(model: nn.Module, layer: str, x: Tensor) -> bool:
+    """True when the output of ``layer`` is modified in place later in the forward pass."""
+    seen: list[tuple[Tensor, int]] = []
+    module = dict(model.named_modules())[layer.split("#")[0]]
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append((out, out._version)))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        handle.remove()
+    return any(out._version != v for out, v in seen)
+
+
+#: Element-wise operations the guided/deconv oracle has a rule for, and those it has not.
+_UNRULED = {
+    "silu": (F.silu, torch.nn.functional.silu),
+    "gelu": (F.gelu,),
+    "hardswish": (F.hardswish,),
+    "hardsigmoid": (F.hardsigmoid,),
+    "sigmoid": (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid),
+    "tanh": (torch.tanh, torch.Tensor.tanh, F.tanh),
+    "elu": (F.elu,),
+    "leaky_relu": (F.leaky_relu,),
+    "mish": (F.mish,),
+    "softplus": (F.softplus,),
+    "layer_norm": (F.layer_norm,),
+}
+_UNRULED_FUNCS = {f: name for name, fs in _UNRULED.items() for f in fs}
+_RELU_FUNCS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _OracleReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mode: str, upper: float | None) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x)
+        ctx.mode, ctx.upper = mode, upper
+        return x.clamp(0, upper)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        (x,) = ctx.saved_tensors
+        if ctx.mode == "deconv":
+            return grad.clamp_min(0), None, None
+        live = x > 0 if ctx.upper is None else (x > 0) & (x < ctx.upper)
+        g = grad.clamp_min(0) if ctx.mode == "guided" else grad
+        return g * live, None, None
+
+
+class ReluRules(TorchFunctionMode):
+    """Every ReLU, module or functional (``F.relu``, ``torch.relu_``), and ReLU6 gets the
+    ``guided`` / ``deconv`` / ``plain`` backward; other non-linearities are recorded in
+    ``unruled`` (the oracle has no rule for them)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.unruled: set[str] = set()
+        self.relu6 = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, D105
+        kwargs = dict(kwargs or {})
+        if func in _RELU_FUNCS:
+            return _OracleReLU.apply(args[0], self.mode, None)
+        if func is F.hardtanh or func is F.relu6:
+            lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+            hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+            if func is F.relu6:
+                lo, hi = 0.0, 6.0
+            if lo == 0.0:
+                self.relu6 = True
+                return _OracleReLU.apply(args[0], self.mode, float(hi))
+            self.unruled.add("hardtanh")
+        elif func in _UNRULED_FUNCS:
+            self.unruled.add(_UNRULED_FUNCS[func])
+        if kwargs.get("inplace"):
+            kwargs["inplace"] = False
+        return _INPLACE_METHODS.get(func, func)(*args, **kwargs)
+
+
+def oracle_gradient(model: nn.Module, x: Tensor, t: Tensor, mode: str) -> tuple[Tensor, set[str], bool]:
+    """Input gradient of the target logits with every ReLU's backward replaced by ``mode``;
+    also the non-linearities without a rule and whether a ReLU6 was met."""
+    rules = ReluRules(mode)
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad(), rules:
+        out = model(xg)
+        (grad,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), xg)
+    return grad, rules.unruled, rules.relu6
+
+
+def close(ours: Tensor, ref: Tensor, rel: float) -> float:
+    """Largest error relative to each reference map's max; raises above ``rel``."""
+    ours, ref = ours.detach().double(), ref.detach().double()
+    scale = ref.abs().flatten(1).amax(1).clamp_min(1e-30).view(-1, *[1] * (ref.ndim - 1))
+    err = float(((ours - ref).abs() / scale).max())
+    assert err <= rel, f"differs from the reference by {err:.2g} of its max (tolerance {rel:g})"
+    return err
+
+
+def minmax(m: Tensor) -> Tensor:
+    """pytorch-grad-cam's ``scale_cam_image`` without the resize."""
+    flat = m.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    return (m - lo) / (1e-7 + hi - lo)
+
+
+def cheap_layer(z: Zoo, max_channels: int = 64) -> str:
+    """Deepest module with a spatial output of at most ``max_channels`` channels (Score-CAM
+    and Ablation-CAM make one pass per channel; so do their pytorch-grad-cam peers)."""
+    def find() -> str:
+        layers = [(n, shape) for n, shape in spatial_layers(z.model, z.x[:1]) if not channels_last(z, n)]
+        narrow = [n for n, shape in layers if shape[1] <= max_channels]
+        return narrow[-1] if narrow else min(reversed(layers), key=lambda ls: ls[1][1])[0]
+
+    return str(z.cached(f"cheap_layer{max_channels}", find))
+
+
+def channels_last(z: Zoo, name: str) -> bool:
+    """Whether module ``name`` computes on (N, H, W, C) tensors (ConvNeXt's Linear and
+    LayerNorm between its permutes): not a layer of channels for a CAM."""
+    module = dict(z.model.named_modules())[name]
+    return isinstance(module, (nn.Linear, nn.LayerNorm, nn.GELU)) or type(module).__name__ == "Permute" and \
+        list(getattr(module, "dims", [])) == [0, 2, 3, 1]
+
+
+def fem_layer(z: Zoo) -> str:
+    """Deepest module with a spatial output of at least 3x3 positions."""
+    def find() -> str:
+        layers = spatial_layers(z.model, z.x[:1])
+        return [n for n, shape in layers if shape[-1] * shape[-2] >= 9 and not channels_last(z, n)][-1]
+
+    return str(z.cached("fem_layer", find))
+
+
+def logits(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def bias_free(z: Zoo) -> nn.Module:
+    """A copy with every bias and BatchNorm shift zeroed (``bias = 0``, ``running_mean = 0``):
+    the layers then are linear, so a conservative LRP rule must sum to the logit."""
+    def make() -> nn.Module:
+        net = copy.deepcopy(z.model)
+        with torch.no_grad():
+            for m in net.modules():
+                if getattr(m, "bias", None) is not None and isinstance(m.bias, Tensor):
+                    m.bias.zero_()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                    m.running_mean.zero_()
+        return net
+
+    return z.cached("bias_free", make)
+
+
+# --------------------------------------------------------------------------- checks
+
+Check = Callable[[Zoo, Explainer, Tensor], str]
+
+
+def check_target_dependent(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """No oracle: the first image's map must change when the runner-up class is explained
+    instead (same seed)."""
+    seeds = {"seeds": torch.tensor([11])} if exp.spec.stochastic else {}  # the first image's seed
+    other = exp.attribute(z.x[:1], z.runner_up[:1], **seeds)
+    assert torch.isfinite(other).all(), "non-finite map for the runner-up class"
+    # bit-identical maps for two targets under one seed: the target never reached the map
+    # (NeuroMask on a net whose softmax is nearly uniform, as random AlexNet's, moves little)
+    assert not torch.equal(other[0], out[0]), "the map does not change when another class is explained"
+    return "finite, target-dependent"
+
+
+def captum_check(cls_name: str, reduce: str, **kwargs: Any) -> Check:
+    def check(z: Zoo, exp: Explainer, out: Tensor) -> str:
+        import captum.attr
+
+        ref = getattr(captum.attr, cls_name)(z.model).attribute(z.x.clone().requires_grad_(), target=z.t,
+                                                                 **kwargs)
+        ref = ref.sum(1) if reduce == "sum" else ref.abs().amax(1)
+        close(out, ref, 1e-3)
+        return "captum"
+
+    return check
+
+
+def guided_check(mode: str) -> Check:
+    """Equality with the oracle that applies the rule to every ReLU, module or functional;
+    where the model has non-linearities with no such rule the explainer must refuse."""
+    def check(z: Zoo, exp: Explainer, out: Tensor) -> str:
+        grad, unruled, relu6 = oracle_gradient(z.model, z.x, z.t, mode)
+        assert not unruled, (
+            f"ran on a model with {', '.join(sorted(unruled))}, for which {mode} back-propagation has "
+            "no rule (expected UnsupportedModelError)")
+        plain, _, _ = oracle_gradient(z.model, z.x, z.t, "plain")
+        close(out, grad.abs().amax(1), 1e-3)
+        assert not torch.allclose(grad, plain), "the rule changed nothing (equals the plain gradient)"
+        return "oracle, ReLU6 rule" if relu6 else "oracle"
+
+    return check
+
+
+def check_deeplift(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    fx = logits(z.model, z.x).gather(1, z.t[:, None])[:, 0].double()
+    delta = fx - logits(z.model, torch.zeros_like(z.x)).gather(1, z.t[:, None])[:, 0].double()
+    total = out.double().sum(dim=(1, 2))
+    err = float(((total - delta).abs() / (delta.abs() + 1e-3 * fx.abs())).max())
+    assert err <= 1e-3, f"summation to delta: sum {total.tolist()} vs {delta.tolist()} ({err:.2g} off)"
+    return f"summation-to-delta {err:.0e}"
+
+
+def conservation_check(params: dict[str, Any], rtol: float, positive_rule: bool = False) -> Check:
+    """Run the rule (with ``params``) on the bias-free copy in float64 (a bias-free deep net's
+    activations grow large: float32 sums lose the digits): the map sums to the logit.
+
+    ``positive_rule`` (z+ and alpha1-beta0 convolutions): where a convolution's output is not
+    rectified (the linear bottlenecks of MobileNet, MNASNet, ShuffleNet, EfficientNet), units
+    with no positive contribution still receive relevance from the next layer and z+ cannot
+    pass it on: the rule drops it, by its definition (zennit's ZPlus does the same). There
+    the check is that relevance is only dropped, never created: 0 < sum <= logit, and the
+    cell shows the share kept."""
+    def check(z: Zoo, exp: Explainer, out: Tensor) -> str:
+        net = z.cached("bias_free64", lambda: copy.deepcopy(bias_free(z)).double())
+        x = z.x.double()
+        lg = logits(net, x)
+        t = lg.argmax(1)
+        target = lg.gather(1, t[:, None])[:, 0]
+        rel = get_explainer(exp.spec.name)(net, **params).attribute(x, t).double()
+        assert torch.isfinite(rel).all(), "non-finite map on the bias-free copy"
+        total = rel.sum(dim=(1, 2))
+        err = float(((total - target).abs() / target.abs()).max())
+        if err <= rtol:
+            return f"conservation {err:.0e}"
+        kept = total / target
+        assert positive_rule and bool(((kept > 0) & (kept <= 1 + rtol)).all()), (
+            f"conservation on the bias-free copy: sum {total.tolist()} vs logit "
+            f"{target.tolist()} ({err:.2g} off, tolerance {rtol:g})")
+        return f"keeps {float(kept.min()):.0%}-{float(kept.max()):.0%}: z+ drops unrectified units"
+
+    return check
+
+
+def _layer(exp: Explainer, x: Tensor) -> str:
+    inner = getattr(exp, "cam", exp)
+    return str(inner.layer_name(x))
+
+
+def gradcam_peer(ref_name: str) -> Check:
+    """pytorch-grad-cam on the same layer (run with in-place ops made out of place); it
+    min-max scales per layer and after aggregation, and minmax of our bilinear upsampling
+    equals that (min-max commutes with the linear upsampling)."""
+    def check(z: Zoo, exp: Explainer, out: Tensor) -> str:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        x, t = z.x, z.t
+        layer = _layer(exp, x)
+        module = dict(z.model.named_modules())[layer.split("#")[0]]
+        with OutOfPlace(), getattr(pytorch_grad_cam, ref_name)(model=z.model, target_layers=[module]) as cam:
+            cam.batch_size = 64
+            ref = cam(input_tensor=x.clone().requires_grad_(), targets=[ClassifierOutputTarget(int(c)) for c in t])
+        # pytorch-grad-cam clamps at 0, min-max scales at the layer's resolution, upsamples
+        # (cv2) and scales again; ours returns the bilinear upsampling of the layer map
+        inner = getattr(exp, "cam", exp)
+        low = inner.layer_map(x, t).double()
+        close(out, _up(low, x.shape[-2:]), 1e-5)
+        scaled = minmax(_up(minmax(low.clamp_min(0)), x.shape[-2:]).clamp_min(0))
+        np.testing.assert_allclose(scaled.numpy(), ref, atol=2e-3,
+                                   err_msg=f"differs from pytorch-grad-cam {ref_name} at {layer}")
+        note = "grad-cam, out-of-place" if overwritten_in_place(z.model, layer, x) else "grad-cam"
+        return f"{note} @{layer}"
+
+    return check
+
+
+def _acts(z: Zoo, layer: str, x: Tensor) -> Tensor:
+    store: dict[str, Tensor] = {}
+    module = dict(z.model.named_modules())[layer.split("#")[0]]
+    handle = module.register_forward_hook(lambda _m, _i, o: store.__setitem__("a", o.detach().clone()))
+    try:
+        with torch.no_grad(), OutOfPlace():
+            z.model(x)
+    finally:
+        handle.remove()
+    return store["a"]
+
+
+def _up(low: Tensor, size: torch.Size) -> Tensor:
+    return F.interpolate(low[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def check_eigen_cam(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """pytorch-grad-cam's SVD projection of the activations, up to its LAPACK sign."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    layer = _layer(exp, z.x)
+    ref = _up(torch.from_numpy(get_2d_projection(_acts(z, layer, z.x).double().numpy())), z.x.shape[-2:])
+    for i in range(len(z.x)):
+        sign = 1.0 if float((out[i].double() * ref[i]).sum()) >= 0 else -1.0
+        close(out[i : i + 1], sign * ref[i : i + 1], 1e-3)
+    return f"grad-cam projection ±, @{layer}"
+
+
+def check_fem(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """The formula by hand: sum_k mean_k [A_k >= mean_k + 2 std_k] (pytorch-grad-cam's FEM
+    weights by the fraction above threshold instead, a different method)."""
+    layer = _layer(exp, z.x)
+    a = _acts(z, layer, z.x).double()
+    mu = a.mean(dim=(2, 3), keepdim=True)
+    sd = a.std(dim=(2, 3), keepdim=True, unbiased=False)
+    low = (mu * (a >= mu + 2 * sd)).sum(1)
+    close(out, _up(low.clamp_min(0) if exp.p.relu else low, z.x.shape[-2:]), 1e-3)
+    return f"by hand @{layer}"
+
+
+def check_cam(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """On a ``layer -> global average pool -> linear`` head the map's mean plus the bias is
+    the logit; anything between the layer and the pool breaks that."""
+    low = exp.layer_map(z.x, z.t).double()  # type: ignore[attr-defined]
+    fc = exp.fc  # type: ignore[attr-defined]
+    bias = fc.bias.detach().double()[z.t] if fc.bias is not None else 0.0
+    lg = logits(z.model, z.x).gather(1, z.t[:, None])[:, 0].double()
+    got = low.mean(dim=(1, 2)) + bias
+    err = float(((got - lg).abs() / lg.abs()).max())
+    assert err <= 1e-4, f"mean(map) + bias = {got.tolist()} but the logits are {lg.tolist()}: not a GAP-linear head"
+    close(out, _up(low, z.x.shape[-2:]), 1e-4)
+    return "GAP identity"
+
+
+def check_guided_grad_cam(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    grad, unruled, _ = oracle_gradient(z.model, z.x, z.t, "guided")
+    assert not unruled, (f"ran on a model with {', '.join(sorted(unruled))}, for which guided "
+                         "back-propagation has no rule (expected UnsupportedModelError)")
+    layer = _layer(exp, z.x)
+    module = dict(z.model.named_modules())[layer.split("#")[0]]
+    store: dict[str, Tensor] = {}
+    handle = module.register_forward_hook(lambda _m, _i, o: store.__setitem__("a", o))
+    try:
+        with torch.enable_grad(), OutOfPlace():
+            scores = z.model(z.x.clone().requires_grad_(True)).gather(1, z.t[:, None]).sum()
+            (g,) = torch.autograd.grad(scores, store["a"])
+    finally:
+        handle.remove()
+    a = store["a"].detach()
+    low = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp_min(0)
+    ref = (grad * _up(low, z.x.shape[-2:])[:, None]).abs().amax(1)
+    close(out, ref, 1e-3)
+    return f"oracle x Grad-CAM @{layer}"
+
+
+def check_ablation_cam(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """pytorch-grad-cam where the layer is rectified (its minimum is 0, the ablation value);
+    on a signed layer its AblationLayer recomputes ``min(output) - 1e7`` after each channel
+    it ablates, so the value drifts by 1e7 per channel of the batch: there the oracle is the
+    method by hand, one whole-network pass per channel with the channel set to
+    ``min - 1e7`` by a forward hook."""
+    layer = _layer(exp, z.x)
+    a = _acts(z, layer, z.x)
+    if float(a.min()) == 0.0:
+        return gradcam_peer("AblationCAM")(z, exp, out)
+    module = dict(z.model.named_modules())[layer]
+    y = logits(z.model, z.x)[0, z.t[0]]
+    weights = []
+    for k in range(a.shape[1]):
+        def ablate(_m: nn.Module, _i: object, o: Tensor, k: int = k) -> Tensor:
+            o = o.clone()
+            o[:, k] = a.min() - 1e7
+            return o
+
+        handle = module.register_forward_hook(ablate)
+        try:
+            weights.append((y - logits(z.model, z.x)[0, z.t[0]]) / y)
+        finally:
+            handle.remove()
+    low = (torch.stack(weights)[:, None, None] * a[0]).sum(0)[None]
+    low = low.clamp_min(0) if exp.p.relu else low
+    close(out, _up(low, z.x.shape[-2:]), 1e-6)
+    return f"by hand (signed layer) @{layer}"
+
+
+def check_occlusion(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    from captum.attr import Occlusion
+
+    w = exp.p.window
+    s = exp.p.stride
+    ref = Occlusion(z.model).attribute(z.x, target=z.t, sliding_window_shapes=(3, w, w), strides=(3, s, s),
+                                       baselines=0.0, perturbations_per_eval=64)
+    close(out, ref[:, 0], 1e-3)
+    return "captum"
+
+
+@dataclass(frozen=True)
+class Case:
+    """How one explainer is run in the zoo and what its map must satisfy."""
+
+    check: Check
+    params: Callable[[Zoo], dict[str, Any]] = lambda z: {}
+    one_image: bool = False  # per-channel methods: the first image only (cost)
+    double: bool = False  # run (and check) on a float64 copy of the model and inputs
+    note: str = ""  # what the check asserts, for the table's legend
+
+
+def _cheap(extra: dict[str, Any] | None = None, max_channels: int = 64) -> Callable[[Zoo], dict[str, Any]]:
+    return lambda z: {"layer": cheap_layer(z, max_channels), **(extra or {})}
+
+
+CASES: dict[str, Case] = {
+    "saliency": Case(captum_check("Saliency", "max_abs", abs=True), note="= Captum Saliency (max |grad|)"),
+    "gradient_x_input": Case(captum_check("InputXGradient", "sum"), note="= Captum InputXGradient"),
+    "integrated_gradients": Case(captum_check("IntegratedGradients", "sum", n_steps=8), lambda z: {"steps": 8},
+                                 note="8 Gauss-Legendre steps; = Captum IntegratedGradients (same steps and "
+                                      "rule). Completeness is not asserted: along the path from 0 to x these "
+                                      "random nets vary 50-100x more than f(x) - f(0), and the sum misses the gap "
+                                      "by several times the gap even at 128 steps"),
+    "smooth_grad": Case(check_target_dependent, lambda z: {"samples": 3}, one_image=True,
+                        note="first image, 3 samples; no oracle (own noise): finite, non-zero, changes with the target"),
+    "guided_backprop": Case(guided_check("guided"),
+                            note="= an oracle that guides every ReLU, module or functional (Captum sees only "
+                                 "nn.ReLU; equal to Captum on nets whose ReLUs are all modules), and != the "
+                                 "plain gradient; must refuse where other non-linearities are met"),
+    "deconvnet": Case(guided_check("deconv"), note="as guided_backprop, with the deconvnet rule"),
+    "deeplift": Case(check_deeplift, note="summation to delta: sum = f(x) - f(0) within 1e-3"),
+    "lrp_epsilon": Case(conservation_check({"epsilon": 1e-6}, 1e-3),
+                        note="default epsilon on the model; epsilon=1e-6 on the bias-free copy sums to the "
+                             "logit within 1e-3"),
+    "lrp_zplus": Case(conservation_check({}, 1e-3, positive_rule=True),
+                      note="bias-free copy (float64) sums to the logit within 1e-3, or, on linear "
+                           "bottlenecks, keeps a share in (0, 1] (z+ drops relevance at unrectified units)"),
+    "lrp_alpha_beta": Case(conservation_check({"alpha": 1.0, "beta": 0.0}, 1e-3, positive_rule=True),
+                           note="default alpha2-beta1 on the model; alpha1-beta0 (the conservative member) "
+                                "on the bias-free copy sums to the logit within 1e-3 (or keeps a share "
+                                "in (0, 1] on linear bottlenecks, as lrp_zplus)"),
+    "lrp_composite": Case(conservation_check({}, 1e-3, positive_rule=True),
+                          note="epsilon-plus-flat on the bias-free copy sums to the logit within 1e-3 "
+                               "(or keeps a share in (0, 1] on linear bottlenecks, as lrp_zplus)"),
+    "cam": Case(check_cam, note="mean(map) + bias = logit (true only for layer -> GAP -> linear); refusal expected "
+                                "elsewhere"),
+    "grad_cam": Case(gradcam_peer("GradCAM"), note="= pytorch-grad-cam after its min-max scaling"),
+    "grad_cam_plus_plus": Case(gradcam_peer("GradCAMPlusPlus"), note="= pytorch-grad-cam"),
+    "xgrad_cam": Case(gradcam_peer("XGradCAM"), note="= pytorch-grad-cam"),
+    "layer_cam": Case(gradcam_peer("LayerCAM"), note="= pytorch-grad-cam"),
+    "eigen_cam": Case(check_eigen_cam, lambda z: {"relu": False},
+                      note="relu=False; = pytorch-grad-cam's get_2d_projection up to sign"),
+    "fem": Case(check_fem, lambda z: {"layer": fem_layer(z), "relu": False},
+                note="relu=False; deepest layer with at least 3x3 positions (FEM refuses 2x2 layers, where no "
+                     "activation can pass its threshold: the default layer at 64 px); = the formula by hand "
+                     "on the captured activations"),
+    "guided_grad_cam": Case(check_guided_grad_cam, note="= guided oracle x bilinear Grad-CAM"),
+    "score_cam": Case(gradcam_peer("ScoreCAM"),
+                      _cheap({"score": "logit", "channel_softmax": True, "align_corners": True}), one_image=True,
+                      note="first image; deepest layer with <= 64 channels; pytorch-grad-cam's settings; "
+                           "= pytorch-grad-cam"),
+    "ablation_cam": Case(check_ablation_cam, _cheap({"relu": False}, 24), one_image=True, double=True,
+                         note="first image, float64 (on a signed layer the ablation value, min - 1e7, makes "
+                              "float32 scores of 1e7 whose rounding both implementations differ in); deepest "
+                              "layer with <= 24 channels; relu=False (at a shallow layer "
+                              "of a random net every ablation may raise the score: the ReLU'd map is then "
+                              "legitimately zero); = pytorch-grad-cam after its ReLU and min-max scaling on "
+                              "rectified layers; on signed layers (pytorch-grad-cam's ablation value drifts "
+                              "there) = the method by hand, one hooked whole-network pass per channel"),
+    "sise": Case(check_target_dependent, lambda z: {"mu": 0.5}, one_image=True,
+                 note="first image, mu=0.5 (fewer kept maps); no oracle: finite, non-zero, changes with the target"),
+    "occlusion": Case(check_occlusion, lambda z: {"window": z.arch.size // 4, "stride": z.arch.size // 4},
+                      one_image=True, note="first image, window = stride = size/4; = Captum Occlusion"),
+    "rise": Case(check_target_dependent, lambda z: {"masks": 32}, one_image=True,
+                 note="first image, 32 masks; no oracle: finite, non-zero, changes with the target"),
+    "neuromask": Case(check_target_dependent, lambda z: {"iterations": 10}, one_image=True,
+                      note="first image, 10 iterations; no oracle: finite, non-zero, changes with the target"),
+}
+
+
+# --------------------------------------------------------------------------- one pair
+
+
+@dataclass
+class Outcome:
+    """What one pair did: the table cell, whether it passed, the detail, and its cost."""
+
+    cell: str
+    passed: bool
+    detail: str = ""
+    run_s: float = 0.0  # the explainer's own attribute() call
+    check_s: float = 0.0  # the check (references, extra runs)
+    cpu_s: float = 0.0  # process CPU time of both (the machine may be shared)
+
+
+def names_something(message: str, model: nn.Module) -> bool:
+    """True when ``message`` names a module type or module of ``model`` or an operation."""
+    low = message.lower()
+    words = {type(m).__name__.lower() for m in model.modules()}
+    words |= {n.lower() for n, _ in model.named_modules() if len(n) >= 3}
+    words |= {"relu", "silu", "gelu", "sigmoid", "hardswish", "hardsigmoid", "layer_norm", "layernorm",
+              "relu6", "hardtanh", "in-place", "inplace", "functional", "f.relu", "f.silu", "f.gelu"}
+    return any(w in low for w in words)
+
+
+def _short(text: str, n: int = 70) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def run_pair(z: Zoo, name: str) -> Outcome:
+    """Run explainer ``name`` on ``z`` and judge the result (never raises for the pair's own
+    errors: they become a failed outcome)."""
+    cpu = time.process_time()
+    outcome = _run_pair(z, name)
+    outcome.cpu_s = time.process_time() - cpu
+    return outcome
+
+
+def _run_pair(z: Zoo, name: str) -> Outcome:
+    case = CASES[name]
+    if case.one_image:  # the checks see the same single image (the cache is shared)
+        z = replace(z, x=z.x[:1], t=z.t[:1], runner_up=z.runner_up[:1])
+    if case.double:
+        z = replace(z, model=z.cached("model64", lambda: copy.deepcopy(z.model).double()), x=z.x.double())
+    x, t = z.x, z.t
+    start = time.perf_counter()
+    try:
+        exp = get_explainer(name)(z.model, **case.params(z))
+        out = exp.attribute(x, t, **({"seeds": torch.tensor([11, 12])[: len(x)]} if exp.spec.stochastic else {}))
+    except UnsupportedModelError as err:
+        msg = str(err)
+        run_s = time.perf_counter() - start
+        if not msg.strip() or not names_something(msg, z.model):
+            return Outcome(f"FAIL: refusal names nothing ({_short(msg, 30)})", False, msg, run_s)
+        return Outcome(f"refused: {_short(msg, 60)}", True, msg, run_s)
+    except Exception as err:  # noqa: BLE001 - every other exception is the pair's failure
+        return Outcome(f"FAIL: {type(err).__name__}: {_short(str(err), 50)}", False,
+                       f"{type(err).__name__}: {err}", time.perf_counter() - start)
+    run_s = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        assert out.shape == (len(x), *x.shape[-2:]), f"shape {tuple(out.shape)}"
+        assert out.dtype == torch.float32, f"dtype {out.dtype}"
+        assert torch.isfinite(out).all(), "non-finite map"
+        zero = [i for i in range(len(out)) if not bool(out[i].abs().amax() > 0)]
+        assert not zero, f"all-zero map for image(s) {zero}"
+        note = case.check(z, exp, out)
+    except AssertionError as err:
+        return Outcome(f"FAIL: {_short(str(err), 60)}", False, str(err), run_s, time.perf_counter() - start)
+    except Exception as err:  # noqa: BLE001 - a reference that cannot run is reported, not hidden
+        return Outcome(f"FAIL: check error {type(err).__name__}: {_short(str(err), 40)}", False,
+                       f"check raised {type(err).__name__}: {err}", run_s, time.perf_counter() - start)
+    return Outcome(f"ok ({note})", True, "", run_s, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def render_table(outcomes: dict[tuple[str, str], Outcome], build_s: dict[str, float], total_s: float) -> str:
+    """Markdown: outcome per (architecture, explainer), then seconds per pair."""
+    names = sorted(REGISTRY)
+    archs = [a for a in ARCHS if any(k[0] == a for k in outcomes)]
+    lines = [
+        "# Explainer zoo: every explainer on every torchvision family",
+        "",
+        "Generated by `tests/explainers/test_zoo.py` (`python benchmarks/zoo.py` reruns it and rewrites this "
+        "file). Random weights (seeded), BatchNorm recalibrated on the inputs, float32, two images "
+        "(scikit-image's astronaut and chelsea) at 64x64 (Inception-v3: 80x80), targets = the model's "
+        "predictions. A cell is `ok (check)`, `refused: reason` (UnsupportedModelError naming the module or "
+        "operation) or `FAIL: reason` (the test fails).",
+        "",
+        f"Wall time of the run: {total_s:.0f} s (model building {sum(build_s.values()):.0f} s of it); CPU time "
+        f"of the pairs: {sum(o.cpu_s for o in outcomes.values()):.0f} s.",
+        "",
+        "## Outcomes",
+        "",
+        "| architecture | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for a in archs:
+        cells = [outcomes[(a, n)].cell if (a, n) in outcomes else "not run" for n in names]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    counts = {"ok": 0, "refused": 0, "FAIL": 0}
+    for o in outcomes.values():
+        counts[o.cell.split(" ")[0].rstrip(":")] = counts.get(o.cell.split(" ")[0].rstrip(":"), 0) + 1
+    lines += ["", f"{counts['ok']} ok, {counts['refused']} refused, {counts['FAIL']} failed of {len(outcomes)} pairs.",
+              "", "## Architectures", "", "| architecture | family | constructor (torchvision, weights=None, "
+              "num_classes=10) | input | build + recalibration (s) |", "|---|---|---|---|---|"]
+    for a in archs:
+        arch = ARCHS[a]
+        lines.append(f"| {a} | {arch.family} | `{arch.config}` | {arch.size}x{arch.size} | {build_s.get(a, 0):.1f} |")
+    lines += ["", "## What each check asserts", "", "Every `ok` map is float32, (N, H, W), finite and non-zero "
+              "for every image. Reference implementations run with in-place activations made out of place "
+              "(`OutOfPlace` in `tests/explainers/zoo_support.py`); `out-of-place` in a cell marks a layer whose "
+              "output the model overwrites in place, where pytorch-grad-cam run on the model as it is would be "
+              "wrong.", "", "| explainer | parameters and check |", "|---|---|"]
+    for n in names:
+        lines.append(f"| `{n}` | {CASES[n].note} |")
+    lines += ["", "## CPU seconds per pair (explainer + check; process time, two threads)", "",
+              "| architecture | " + " | ".join(f"`{n}`" for n in names) + " | total |",
+              "|---|" + "---|" * (len(names) + 1)]
+    for a in archs:
+        secs = [outcomes[(a, n)].cpu_s if (a, n) in outcomes else 0.0 for n in names]
+        lines.append(f"| {a} | " + " | ".join(f"{s:.1f}" for s in secs) + f" | {sum(secs):.0f} |")
+    return "\n".join(lines) + "\n"
