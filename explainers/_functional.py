@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -312,8 +313,9 @@ def scan(model: nn.Module, example: Tensor) -> Findings:
     """Classified calls of one forward pass of ``example[:1]``, by kind and module.
 
     The pass runs with gradients enabled on the input and disabled on the parameters (so
-    "depends on the input" is ``requires_grad``); the parameters' flags are restored.
-    Cached per model (by identity, while it lives), input shape and dtype.
+    "depends on the input" is ``requires_grad``); the parameters' flags and every module's
+    training flag are restored. Cached per model (by identity, while it lives), input shape
+    and dtype.
 
     Parameters
     ----------
@@ -332,15 +334,28 @@ def scan(model: nn.Module, example: Tensor) -> Findings:
     hit = _scan_cache.get(key)
     if hit is not None and hit[0]() is model:
         return hit[1]
-    import weakref
+    findings = record_calls(model, example, lambda call: _func_name(call.func))
+    _scan_cache[key] = (weakref.ref(model), findings)
+    return findings
 
+
+def record_calls(model: nn.Module, example: Tensor, label: Callable[[Call], str | None],
+                 mode: Callable[[Handler], Intercept] = Intercept) -> Findings:
+    """One forward pass of ``example[:1]`` in ``mode``, recording each classified call under
+    its kind and ``label(call)`` (skipped when None) with the innermost module making it.
+
+    The input tracks gradients and the parameters do not (their flags restored, as every
+    module's training flag: the pass runs in eval mode).
+    """
     names = {m: n or "(model)" for n, m in model.named_modules()}
     stack: list[str] = []
     findings = Findings()
 
     def handler(call: Call) -> Any:
-        where = stack[-1] if stack else "(model)"
-        findings.seen.setdefault(call.kind, {}).setdefault(_func_name(call.func), []).append(where)
+        name = label(call)
+        if name is not None:
+            where = stack[-1] if stack else "(model)"
+            findings.seen.setdefault(call.kind, {}).setdefault(name, []).append(where)
         return NotImplemented
 
     def enter(_m: nn.Module, _i: object, n: str) -> None:
@@ -351,17 +366,17 @@ def scan(model: nn.Module, example: Tensor) -> Findings:
             stack.pop()
 
     handles = []
-    for m, n in names.items():
-        handles.append(m.register_forward_pre_hook(functools.partial(enter, n=n)))
-        handles.append(m.register_forward_hook(leave))
     flags = [p.requires_grad for p in model.parameters()]
     training = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
+        for m, n in names.items():
+            handles.append(m.register_forward_pre_hook(functools.partial(enter, n=n)))
+            handles.append(m.register_forward_hook(leave))
+        model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         x = example[:1].detach().clone().requires_grad_(True)
-        with torch.enable_grad(), Intercept(handler):
+        with torch.enable_grad(), mode(handler):
             model(x)
     finally:
         for h in handles:
@@ -370,7 +385,6 @@ def scan(model: nn.Module, example: Tensor) -> Findings:
             p.requires_grad_(flag)
         for m, flag in training:
             m.training = flag
-    _scan_cache[key] = (weakref.ref(model), findings)
     return findings
 
 

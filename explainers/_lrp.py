@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explainers._functional import Call, Findings, Intercept
+from explainers._functional import Call, Findings, Intercept, record_calls
 from explainers._hooks import trace
 from explainers._numerics import LOW_PRECISION, as_working, working_dtype
 from explainers.base import UnsupportedModelError
@@ -482,44 +482,7 @@ def unsupported(model: nn.Module, example: Tensor) -> Findings:
         kind -> {function (and why) -> names of the innermost modules that called it};
         empty when every call has a rule.
     """
-    names = {m: n or "(model)" for n, m in model.named_modules()}
-    stack: list[str] = []
-    findings = Findings()
-
-    def handler(call: Call) -> Any:
-        reason = refusal(call)
-        if reason is not None:
-            where = stack[-1] if stack else "(model)"
-            findings.seen.setdefault(call.kind, {}).setdefault(reason, []).append(where)
-        return NotImplemented
-
-    def enter(_m: nn.Module, _i: object, n: str) -> None:
-        stack.append(n)
-
-    def leave(_m: nn.Module, _i: object, _o: object) -> None:
-        if stack:
-            stack.pop()
-
-    handles = []
-    flags = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    try:
-        for m, n in names.items():
-            handles.append(m.register_forward_pre_hook(functools.partial(enter, n=n)))
-            handles.append(m.register_forward_hook(leave))
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        x = example[:1].detach().clone().requires_grad_(True)
-        with torch.enable_grad(), _LRPIntercept(handler):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return findings
+    return record_calls(model, example, refusal, _LRPIntercept)
 
 
 def check_supported(model: nn.Module, example: Tensor, explainer: str) -> None:
