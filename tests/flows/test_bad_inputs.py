@@ -13,7 +13,7 @@ from tests.flows.helpers import SMALL, run
 pytestmark = pytest.mark.slow
 
 
-def test_non_finite_model_outputs_are_flagged_not_averaged(tmp_path) -> None:
+def test_non_finite_model_outputs_are_flagged_not_averaged(prefect_server, tmp_path) -> None:
     """A weight near float32's maximum makes the logits overflow to inf on the images whose
     feature 2 is large, and only there: those maps are flagged and left out of the means."""
     from data import REFERENCE_WEIGHTS
@@ -52,7 +52,7 @@ def test_non_finite_model_outputs_are_flagged_not_averaged(tmp_path) -> None:
     assert s.loc[("saliency", "deletion_auc"), "n"] == (~flagged[0]).sum()
 
 
-def test_hostile_names_in_an_image_folder_are_shown_as_text(tmp_path) -> None:
+def test_hostile_names_in_an_image_folder_are_shown_as_text(prefect_server, tmp_path) -> None:
     rng = np.random.default_rng(0)
     root = tmp_path / "folder"
     for cls in ("<script>alert(1)", "cat"):
