@@ -18,7 +18,14 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from analysis.metrics.sanity import SIMILARITIES  # noqa: E402
-from analysis.report import cost_table, explainer_order, family_order, sanity_curves, taxonomy  # noqa: E402
+from analysis.report import (  # noqa: E402
+    cost_table,
+    explainer_order,
+    family_order,
+    manifest_of,
+    sanity_curves,
+    taxonomy,
+)
 
 SELECTION_ORDER = ["neither", "correlation", "precision", "both"]
 
@@ -90,6 +97,23 @@ def _outline(ax: plt.Axes, ds: xr.Dataset, i: int) -> None:
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=0.9))
 
 
+def class_name(ds: xr.Dataset, index: int) -> str:
+    """The name of class ``index`` (the manifest's ``classes``: ``model.classes`` or the
+    dataset's), the index itself when unnamed, ``unknown`` for -1."""
+    if index < 0:
+        return "unknown"
+    names = manifest_of(ds).get("classes") or []
+    return str(names[index]) if index < len(names) else str(index)
+
+
+def _class_lines(ds: xr.Dataset, i: int) -> list[str]:
+    out = []
+    for var, word in (("label", "label"), ("prediction", "predicted")):
+        if var in ds:
+            out.append(f"{word}: {class_name(ds, int(ds[var].values[i]))}")
+    return out
+
+
 def plot_map_grid(ds: xr.Dataset, n_samples: int = 6) -> Figure:
     """Rows: the first samples; columns: the image, then each explainer's map (taxonomy
     order), with the ground truth (mask outline or box) drawn in green."""
@@ -101,14 +125,12 @@ def plot_map_grid(ds: xr.Dataset, n_samples: int = 6) -> Figure:
     fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.6), squeeze=False)
     names = [str(x) for x in ds["explainer"].values]
     fams = [str(x) for x in ds["family"].values]
-    labels = ds["label"].values[:n] if "label" in ds else [None] * n
     for r in range(n):
         ax = axes[r, 0]
         if previews is not None:
             ax.imshow(previews[r])
         _outline(ax, ds, r)
-        ax.set_ylabel(f"{ds['sample_name'].values[r]}" + (f"\nlabel {labels[r]}" if labels[r] is not None else ""),
-                      fontsize=6)
+        ax.set_ylabel("\n".join([str(ds["sample_name"].values[r]), *_class_lines(ds, r)]), fontsize=6)
         for c, k in enumerate(order, start=1):
             a = maps[k, r]
             finite = a[np.isfinite(a)]  # a flagged map may have no finite value at all

@@ -241,6 +241,26 @@ def flagged_note(ds: xr.Dataset) -> str:
             f"every mean: {parts}.")
 
 
+def preprocess_text(p: dict[str, Any] | None) -> str:
+    """How images became model inputs, in words (``p``: ``Preprocess.to_json()``)."""
+    if not p:
+        return "rendered at the image size (embedded dataset)"
+    h, w = p["size"]
+    how = (f"shorter side resized to {p['resize']} px, centre crop {h} x {w}" if p.get("resize")
+           else f"resized to {h} x {w}, aspect ratio not kept")
+    return f"{how} ({p.get('interpolation', '?')}, antialias {p.get('antialias', '?')})"
+
+
+def boxes_text(m: dict[str, Any]) -> str:
+    """Boxes the crop clipped or dropped (a multi-object image's ground truth is the union of
+    the explained class's boxes)."""
+    dropped, clipped = int(m.get("boxes_dropped") or 0), int(m.get("boxes_clipped") or 0)
+    if not dropped and not clipped:
+        return "none clipped or dropped by the crop; several boxes of a class: their union"
+    return (f"{clipped} clipped to the crop, {dropped} outside it dropped; several boxes of a class: "
+            "their union")
+
+
 def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
     """(field, value) pairs describing where the numbers come from."""
     m = manifest_of(ds)
@@ -258,6 +278,9 @@ def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
         ("model weights sha256", str(m.get("model_digest", "?"))),
         ("model accuracy on these samples", f"{acc:.4f}" if np.isfinite(acc) else "n/a"),
         ("data", f"{m.get('data', '?')} ({ds.sizes['sample']} samples)"),
+        ("image size", f"{ds.sizes['y']} x {ds.sizes['x']} (height x width)" if "y" in ds.sizes else "?"),
+        ("preprocessing", preprocess_text(m.get("preprocess"))),
+        ("ground-truth boxes", boxes_text(m)),
         ("classes", shown or "?"),
         ("device", str(m.get("device", "?"))),
         ("git commit", str(m.get("git_commit", "?"))),

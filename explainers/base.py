@@ -74,6 +74,15 @@ class ExplainerSpec:
         several images into forward passes of ``batch_size`` themselves.
     version : int
         Bump when the numerics change; part of every provenance digest.
+    summary : str
+        One line for the catalogue.
+    references : tuple of str
+        Bibliography keys.
+    needs_internals : bool
+        True when the method reaches inside the model (hooks on layers, activations,
+        per-module rules). False for methods that use only the model's forward pass and
+        gradients with respect to the input, so they also work on an exported program
+        (``torch.export``), whose layers cannot be hooked.
     """
 
     name: str
@@ -84,6 +93,7 @@ class ExplainerSpec:
     version: int = 1
     summary: str = ""
     references: tuple[str, ...] = field(default_factory=tuple)
+    needs_internals: bool = True
 
     @property
     def taxonomy(self) -> str:
@@ -379,8 +389,11 @@ class Explainer(ABC):
     def check(self, example: Tensor) -> None:
         """Refuse a model this explainer cannot explain faithfully, before any work.
 
-        Checks once per model, input shape and dtype that the model maps (1, C, H, W)
-        inputs to (1, K) logits, then runs the method's own :meth:`refuse`. ``attribute``
+        Refuses an opaque model (one with an ``attriflow_opaque`` attribute saying why its
+        layers cannot be hooked: an exported program) when the method, or an explainer it
+        wraps, needs the model's internals (``spec.needs_internals``). Then checks once per
+        model, input shape and dtype that the model maps (1, C, H, W) inputs to (1, K)
+        logits, and runs the method's own :meth:`refuse`. ``attribute``
         calls it; the pipeline calls it when it builds the explainer, so a refusal comes
         before the first shard.
 
@@ -392,9 +405,11 @@ class Explainer(ABC):
         Raises
         ------
         UnsupportedModelError
-            The model's output is not an (N, K) tensor, or the method refuses the model
-            (the message names the modules or setting).
+            The model is opaque and the method needs its internals (the message lists the
+            methods that work), the model's output is not an (N, K) tensor, or the method
+            refuses the model (the message names the modules or setting).
         """
+        self._refuse_opaque()
         key = (id(self.model), tuple(example.shape[1:]), example.dtype, torch.is_autocast_enabled())
         checked: set[tuple[Any, ...]] = self.__dict__.setdefault("_checked", set())
         if key in checked:
@@ -407,6 +422,27 @@ class Explainer(ABC):
         finally:
             state.restore()
         checked.add(key)
+
+    def _refuse_opaque(self) -> None:
+        """Raise when the model is opaque (``attriflow_opaque``) and this method, or an
+        explainer it wraps (an :class:`Explainer` attribute, SmoothGrad's base), needs the
+        model's internals."""
+        opaque = getattr(self.model, "attriflow_opaque", None)
+        if not opaque:
+            return
+        parts = [self] + [v for v in vars(self).values() if isinstance(v, Explainer)]
+        needing = [e.spec.name for e in parts if e.spec.needs_internals]
+        if not needing:
+            return
+        from explainers.registry import REGISTRY  # the registry imports this module
+
+        working = sorted(n for n, c in REGISTRY.items() if not c.spec.needs_internals)
+        who = self.spec.name if needing == [self.spec.name] else \
+            f"{self.spec.name} (through {', '.join(n for n in needing if n != self.spec.name)})"
+        raise UnsupportedModelError(
+            f"{who} needs the model's layers (hooks, activations or per-module rules) and cannot run "
+            f"on this model: {opaque} Methods that use only the forward pass and input gradients work: "
+            f"{', '.join(working) or 'none registered'}")
 
     def refuse(self, example: Tensor) -> None:
         """Raise :class:`UnsupportedModelError` when the method's assumptions do not hold

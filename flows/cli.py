@@ -53,14 +53,16 @@ def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
 def _run_flow(cfg: Any, run_dir: Path) -> int:
     from explainers import ExplainerParamError, LayerNotFoundError, UnsupportedModelError
     from flows.run import RunFailedError, execute
+    from tasks.classes import ClassNamesError
     from tasks.datasets import DatasetError
     from tasks.models import ModelLoadError
+    from tasks.runtime import ModelDataMismatchError
     from tasks.storage import StoreLayoutError
 
     try:
         result = execute(cfg, str(run_dir))
     except (RunFailedError, StoreLayoutError, ModelLoadError, DatasetError, LayerNotFoundError,
-            ExplainerParamError, UnsupportedModelError) as err:
+            ExplainerParamError, UnsupportedModelError, ClassNamesError, ModelDataMismatchError) as err:
         return _fail(str(err), 1)
     print(f"store:   {result['store']}")
     print(f"report:  {Path(result['report']).with_name('index.html')} (self-contained, opens offline)")

@@ -23,44 +23,161 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(_Strict):
-    """Which images to explain."""
+Size = Annotated[int, Field(ge=16, le=4096)]
 
-    kind: Literal["embedded", "imagefolder", "voc"] = "embedded"
+
+def _size_pair(value: Any) -> Any:
+    """``224`` or ``[224, 320]`` (height, width) -> a (height, width) pair."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be an integer or [height, width], got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return tuple(value)
+    return value
+
+
+class PreprocessConfig(_Strict):
+    """How a decoded image becomes a model input (torchvision's classification presets).
+
+    ``resize``: the shorter side is scaled to this many pixels (aspect ratio kept), then
+    the centre ``crop`` (an int or ``[height, width]``) is cut out. ``resize: null`` squashes
+    the image to ``crop`` (aspect ratio not kept). ``crop: null`` takes ``data.image_size``,
+    else the model's input size. ``interpolation`` and ``antialias`` are torchvision's.
+    """
+
+    resize: Annotated[int, Field(ge=1, le=16384)] | None = None
+    crop: tuple[Size, Size] | None = None
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    antialias: bool = True
+
+    @field_validator("crop", mode="before")
+    @classmethod
+    def _crop(cls, value: Any) -> Any:
+        return None if value is None else _size_pair(value)
+
+
+class DataConfig(_Strict):
+    """Which images to explain and how they are prepared.
+
+    ``kind``: ``embedded`` (the shipped dataset), ``imagefolder`` (``root/<class>/<image>``),
+    ``voc`` (``root/<images>`` and VOC XML files in ``annotations``, default
+    ``root/Annotations``), ``manifest`` (a CSV or JSON-lines file ``path`` with columns
+    ``path, label`` and optional ``x0, y0, x1, y1`` boxes) or ``coco`` (images in ``root``,
+    COCO ``instances_*.json`` in ``annotations``).
+    ``image_size``: the explained images' size, an int or ``[height, width]``; null takes
+    ``preprocess.crop``, else the model's input size (timm, torchvision: 224), else 64.
+    ``preprocess``: ``auto`` (file datasets: resize the shorter side to ``size / 0.875``
+    (timm: ``size / crop_pct``) and crop the centre, the model's interpolation; the reference
+    CNN: ``squash``), ``squash`` (resize to the size, aspect ratio not kept) or a
+    :class:`PreprocessConfig`.
+    ``classes``: the dataset's name of each model output, in output order (a list or a file
+    with one name a line); null: the model's ``classes`` matched by name, else the sorted
+    names found in the data.
+    """
+
+    kind: Literal["embedded", "imagefolder", "voc", "manifest", "coco"] = "embedded"
     split: Literal["train", "test"] = "test"
     n_samples: int | None = Field(256, ge=1)
-    image_size: int = Field(64, ge=16, le=2048)
+    image_size: tuple[Size, Size] | None = None
+    preprocess: Literal["auto", "squash"] | PreprocessConfig = "auto"
     seed: int = Field(0, ge=0)
     root: str | None = None
+    path: str | None = None
+    images: str | None = None
     annotations: str | None = None
-    classes: list[str] | None = None
+    classes: list[str] | str | None = None
     max_pixels: int = Field(89_478_485, ge=1)  # larger files are skipped as "huge" (Pillow's bomb limit)
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _image_size(cls, value: Any) -> Any:
+        return None if value is None else _size_pair(value)
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:
-        if self.kind != "embedded" and not self.root:
+        if self.kind == "manifest":
+            if not self.path:
+                raise ValueError("data.path: a manifest dataset needs the CSV or JSON-lines file")
+        elif self.kind == "coco":
+            if not self.root or not self.annotations:
+                raise ValueError("data.root and data.annotations (the instances_*.json file) are required "
+                                 "for data.kind='coco'")
+        elif self.kind != "embedded" and not self.root:
             raise ValueError(f"data.root is required for data.kind={self.kind!r}")
+        if self.kind == "embedded" and (self.path or self.images or self.annotations):
+            raise ValueError("data.path, data.images and data.annotations are for file datasets, "
+                             "not data.kind='embedded'")
+        crop = self.preprocess.crop if isinstance(self.preprocess, PreprocessConfig) else None
+        if crop is not None and self.image_size is not None and crop != self.image_size:
+            raise ValueError(f"data.preprocess.crop {list(crop)} and data.image_size {list(self.image_size)} "
+                             "differ; give one of them")
+        return self
+
+
+class OutputConfig(_Strict):
+    """Which part of a model's output is the logits: ``index`` of a tuple or list, ``key``
+    of a dict, or ``attribute`` of an object (``logits`` for Hugging Face outputs)."""
+
+    index: int | None = None
+    key: str | None = None
+    attribute: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> OutputConfig:
+        given = [k for k in ("index", "key", "attribute") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("model.output: give exactly one of index, key, attribute")
         return self
 
 
 class ModelConfig(_Strict):
-    """Which classifier to explain."""
+    """Which classifier to explain; exactly one source:
+
+    ``arch``: ``reference`` (the shipped CNN), a torchvision classification model name, or
+    ``timm:<name>`` (needs timm installed); ``factory``: ``"pkg.module:callable"`` or
+    ``"path/to/file.py:callable"`` returning an ``nn.Module`` (called with ``kwargs``);
+    ``program``: a ``torch.export`` program saved with ``torch.export.save`` (``.pt2``).
+    ``weights``: a local state dict (never downloaded). ``output`` selects the logits of a
+    model whose forward returns a tuple, dict or object. ``classes``: the name of each output
+    (a list, a file with one name a line, or ``imagenet``).
+    """
 
     arch: str = "reference"
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    program: str | None = None
     weights: str | None = None
     random_init: bool = False
     num_classes: int | None = Field(None, ge=1)
     init_seed: int = Field(0, ge=0)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    output: OutputConfig | None = None
+    classes: list[str] | str | None = None
 
     @model_validator(mode="after")
     def _weights_or_random(self) -> ModelConfig:
+        if self.factory and self.program:
+            raise ValueError("model: give either factory or program, not both")
+        if (self.factory or self.program) and self.arch != "reference":
+            raise ValueError("model.arch: not used with model.factory or model.program; remove it")
+        if self.program and (self.weights or self.random_init or self.kwargs or self.num_classes):
+            raise ValueError("model.program: an exported program carries its own weights; "
+                             "remove model.weights, random_init, kwargs and num_classes")
+        if self.kwargs and not self.factory:
+            raise ValueError("model.kwargs: only for model.factory")
+        if self.factory and self.num_classes:
+            raise ValueError("model.num_classes: not used with model.factory; pass it to your callable "
+                             "in model.kwargs")
+        if self.factory and ":" not in self.factory:
+            raise ValueError(f"model.factory: expected 'pkg.module:callable' or 'file.py:callable', "
+                             f"got {self.factory!r}")
         if self.weights and self.random_init:
             raise ValueError("model: give either weights or random_init: true, not both")
         if self.arch != "reference" and not self.weights and not self.random_init:
             raise ValueError(
-                "model.weights: a torchvision architecture needs a local weights file "
+                "model.weights: a torchvision or timm architecture needs a local weights file "
                 "(attriflow never downloads); set model.random_init: true for random weights"
             )
         return self

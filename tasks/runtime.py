@@ -27,8 +27,8 @@ from explainers._hooks import capture_outputs
 from explainers._batching import auto_batch_size
 from tasks.neurons import check_layers, conv_activation_layers
 from tasks.config import RunConfig
-from tasks.datasets import DatasetSource, open_source
-from tasks.models import LoadedModel, cached_model
+from tasks.datasets import DatasetSource, open_source, resolve_preprocess
+from tasks.models import LoadedModel, cached_model, check_model_output, model_files_stamp
 
 
 def worker_slot() -> int | None:
@@ -81,9 +81,13 @@ class Runtime:
         return self.model.module
 
     def example(self) -> torch.Tensor:
-        """A zero input of the dataset's size on the run's device."""
-        size = self.source.image_size
-        return torch.zeros((1, 3, size, size), device=self.device)
+        """A zero input of the dataset's size, shape (1, 3, H, W), on the run's device."""
+        return torch.zeros((1, 3, *self.source.size), device=self.device)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Name of each model output: ``model.classes``, else the dataset's classes."""
+        return self.model.classes or self.source.classes
 
     @property
     def explain_batch(self) -> int | None:
@@ -130,19 +134,58 @@ def _make_explainer(method: str, params: dict, module: torch.nn.Module, loaded: 
     return exp
 
 
-@functools.lru_cache(maxsize=2)
+class ModelDataMismatchError(ValueError):
+    """The dataset's classes or settings do not fit the model; the message names the fields."""
+
+
+def _refuse_opaque(cfg: RunConfig, loaded: LoadedModel) -> None:
+    """Stages that hook layers cannot run on an exported program: say so before any work."""
+    if not loaded.opaque:
+        return
+    stages = [f for f, on in (("neurons.enabled", cfg.neurons.enabled), ("sanity.enabled", cfg.sanity.enabled)) if on]
+    if stages:
+        raise UnsupportedModelError(
+            f"{' and '.join(stages)}: {loaded.opaque} The neuron selection reads layer activations and the "
+            "sanity check re-initialises layers; set " + " and ".join(f"{f}: false" for f in stages))
+
+
+def _check_classes(cfg: RunConfig, source: DatasetSource, loaded: LoadedModel, n_outputs: int) -> None:
+    """The dataset's labels index the model's outputs: their class lists must agree in length."""
+    if cfg.data.kind == "embedded" or len(source.classes) == n_outputs:
+        return
+    found = ", ".join(source.classes[:8]) + (", ..." if len(source.classes) > 8 else "")
+    raise ModelDataMismatchError(
+        f"data.classes: the dataset has {len(source.classes)} classes ({found}) but the model has "
+        f"{n_outputs} outputs, so its labels cannot be matched to outputs by position. Give model.classes "
+        "(a list, a file, or 'imagenet') to match them by name, or data.classes with the dataset's name "
+        "of every output in output order")
+
+
 def get_runtime(config_json: str) -> Runtime:
-    """Build (or reuse) the runtime of a config; raises the loaders' clear errors."""
+    """Build (or reuse) the runtime of a config; raises the loaders' clear errors. Reused
+    while the config and the model's files (:func:`tasks.models.model_files_stamp`) are
+    unchanged, so a model file edited between two runs of one process is reloaded."""
     cfg = RunConfig.model_validate_json(config_json)
-    source = open_source(cfg.data)
+    return _runtime(config_json, model_files_stamp(cfg.model))
+
+
+@functools.lru_cache(maxsize=2)
+def _runtime(config_json: str, stamp: tuple[tuple[str, int, int], ...]) -> Runtime:
+    cfg = RunConfig.model_validate_json(config_json)
     loaded = cached_model(cfg.model.model_dump_json())
+    _refuse_opaque(cfg, loaded)
+    m = cfg.model
+    preprocess = resolve_preprocess(
+        cfg.data, input_size=loaded.input_size, crop_pct=loaded.crop_pct, interpolation=loaded.interpolation,
+        squash_default=m.arch == "reference" and not m.factory and not m.program)
+    source = open_source(cfg.data, preprocess, loaded.classes)
     device = pick_device(cfg.device)
     loaded.module.to(device)
     if cfg.explain.channels_last:  # a private copy: the cached model stays as loaded
         loaded = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module).to(memory_format=torch.channels_last))
+    example = torch.zeros((1, 3, *source.size), device=device)
+    _check_classes(cfg, source, loaded, check_model_output(loaded, example))
     explainers = {}
-    size = source.image_size
-    example = torch.zeros((1, 3, size, size), device=device)
     for entry in cfg.explain.explainers:
         explainers[entry.name] = _make_explainer(entry.method, entry.params, loaded.module, loaded, example,
                                                  entry.name)

@@ -35,6 +35,7 @@ from analysis.metrics.localisation import (
 from analysis.report import render_markdown
 from explainers.base import TAXONOMY, Family
 from tasks import storage
+from tasks.datasets import ground_truth
 from tasks.runtime import (
     array_digest,
     derive_seed,
@@ -78,14 +79,14 @@ def store_path(run_dir: str | Path) -> storage.StoreRef:
 def _layout(config_json: str) -> StoreLayout:
     rt = get_runtime(config_json)
     cfg = rt.config
-    s = rt.source.image_size
+    h, w = rt.source.size
     entries = cfg.explain.explainers
-    n_points = -(-(s * s) // pixels_per_step(s * s, cfg.evaluate.steps)) + 1
+    n_points = -(-(h * w) // pixels_per_step(h * w, cfg.evaluate.steps)) + 1
     return StoreLayout(
         sample_ids=rt.source.sample_ids,
         sample_names=rt.source.sample_names,
-        height=s,
-        width=s,
+        height=h,
+        width=w,
         shard_size=cfg.shard_size,
         explainers=tuple(e.name for e in entries),
         families=tuple(str(rt.explainers[e.name].spec.family) for e in entries),
@@ -114,7 +115,10 @@ def _manifest(config_json: str, layout: StoreLayout) -> dict[str, Any]:
         "model": rt.model.description,
         "model_digest": rt.model.digest,
         "data": rt.source.description,
-        "classes": list(rt.source.classes),
+        "classes": list(rt.class_names),
+        "preprocess": rt.source.preprocess.to_json() if rt.source.preprocess else None,
+        "boxes_dropped": rt.source.boxes_dropped,
+        "boxes_clipped": rt.source.boxes_clipped,
         "device": rt.device.type,
         "explainers": {
             name: {"method": e.spec.name, "family": str(e.spec.family), "taxonomy": e.spec.taxonomy,
@@ -194,9 +198,12 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     rt = get_runtime(config_json)
     path = store_path(run_dir)
     batch = rt.source.load(shard.start, shard.stop)
+    # boxes of several classes (files with annotations): the ground truth is the union of the
+    # explained class's boxes, so it depends on the target and, for predictions, on the model
+    objects = () if batch.objects is None else (json.dumps(batch.objects, default=int), rt.config.explain.target)
     expected = storage.digest64(
         "load", array_digest(batch.images, batch.labels, batch.masks, batch.boxes),
-        rt.model.digest, rt.device.type,
+        rt.model.digest, rt.device.type, *objects,
     )
     if storage.get_record(path, "load", shard.index) == expected:
         return _receipt("load", shard, True, t0)
@@ -219,10 +226,14 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
         "probability": (("sample",), np.concatenate(probs).astype(np.float32)),
         "finite_output": (("sample",), np.concatenate(finite).astype(bool)),
     }
-    if batch.masks is not None:
-        variables["gt_mask"] = (("sample", "y", "x"), batch.masks.astype(bool))
-    if batch.boxes is not None:
-        variables["gt_box"] = (("sample", "corner"), batch.boxes.astype(np.int64))
+    masks, boxes = batch.masks, batch.boxes
+    if batch.objects is not None:
+        explained = variables["prediction" if rt.config.explain.target == "prediction" else "label"][1]
+        masks, boxes = ground_truth(batch.objects, explained, rt.source.size)
+    if masks is not None:
+        variables["gt_mask"] = (("sample", "y", "x"), masks.astype(bool))
+    if boxes is not None:
+        variables["gt_box"] = (("sample", "corner"), boxes.astype(np.int64))
     storage.write_region(path, variables, region)
     group = zarr.open_group(str(path), mode="r")
     if "preview" in group and shard.start < group["preview"].shape[0]:
@@ -358,8 +369,7 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
     scores[:, names_m.index("gini")] = gini(maps_np)
     if "gt_mask" in group:
         masks = np.asarray(group["gt_mask"][shard.start : shard.stop], dtype=bool)
-        size = maps_np.shape[-1]
-        tol = ev.pointing_tolerance if ev.pointing_tolerance is not None else default_tolerance(size)
+        tol = ev.pointing_tolerance if ev.pointing_tolerance is not None else default_tolerance(*maps_np.shape[-2:])
         scores[:, names_m.index("pointing_game")] = pointing_game(maps_np, masks, tol)
     if "gt_box" in group:
         boxes = np.asarray(group["gt_box"][shard.start : shard.stop], dtype=np.int64)

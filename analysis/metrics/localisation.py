@@ -15,10 +15,10 @@ from scipy.ndimage import distance_transform_edt
 from scipy.stats import hypergeom
 
 
-def default_tolerance(image_size: int) -> float:
-    """The pointing game's 15 px at 224 px, scaled to the image size (our choice for small
-    images: 15 px on a 64 px image would accept a third of it)."""
-    return 15.0 * image_size / 224.0
+def default_tolerance(height: int, width: int | None = None) -> float:
+    """The pointing game's 15 px at 224 px, scaled to the image's shorter side (our choice
+    for small images: 15 px on a 64 px image would accept a third of it)."""
+    return 15.0 * min(height, height if width is None else width) / 224.0
 
 
 def pointing_game(maps: np.ndarray, masks: np.ndarray, tolerance: float) -> np.ndarray:

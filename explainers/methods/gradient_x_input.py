@@ -40,6 +40,7 @@ class GradientXInput(Explainer):
         family=Family.GRADIENT,
         summary="input times input gradient",
         references=("shrikumar2016",),
+        needs_internals=False,
     )
     Params = GradientXInputParams
 

@@ -75,6 +75,7 @@ class IntegratedGradients(Explainer):
         batches_evaluations=True,
         summary="path-integrated gradients from a baseline",
         references=("sundararajan2017",),
+        needs_internals=False,
     )
     Params = IntegratedGradientsParams
 

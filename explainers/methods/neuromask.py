@@ -96,6 +96,7 @@ class NeuroMask(Explainer):
         stochastic=True,
         summary="smooth sparse input mask learned to keep the prediction",
         references=("alzantot2019",),
+        needs_internals=False,
     )
     Params = NeuroMaskParams
 

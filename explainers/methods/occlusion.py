@@ -53,6 +53,7 @@ class Occlusion(Explainer):
         batches_evaluations=True,
         summary="score drop when a sliding window is occluded",
         references=("zeiler2014",),
+        needs_internals=False,
     )
     Params = OcclusionParams
 

@@ -53,6 +53,7 @@ class RISE(Explainer):
         batches_evaluations=True,
         summary="score-weighted average of random smooth masks",
         references=("petsiuk2018",),
+        needs_internals=False,
     )
     Params = RISEParams
 

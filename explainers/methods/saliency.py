@@ -49,6 +49,7 @@ class Saliency(Explainer):
         access=("gradients",),
         summary="input gradient of the target score",
         references=("simonyan2014",),
+        needs_internals=False,
     )
     Params = SaliencyParams
 

@@ -62,6 +62,7 @@ class SmoothGrad(Explainer):
         batches_evaluations=True,
         summary="gradient maps averaged over noisy inputs (wraps any gradient explainer)",
         references=("smilkov2017",),
+        needs_internals=False,
     )
     Params = SmoothGradParams
 

@@ -79,3 +79,5 @@ def test_shipped_example_configs_parse() -> None:
     assert load_config(configs / "default.yaml") == RunConfig()
     example = load_config(configs / "imagefolder-resnet50.yaml")
     assert example.model.arch == "resnet50" and example.data.kind == "imagefolder"
+    for name in sorted(p.name for p in configs.glob("*.yaml")):
+        load_config(configs / name)  # every example validates as written

@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 
 from tasks.config import DataConfig, ModelConfig
-from tasks.datasets import DatasetError, open_source
+from tasks.datasets import DatasetError, open_source, resolve_preprocess
 from tasks.models import ModelLoadError, build_model
 
 
@@ -54,7 +54,7 @@ def test_unknown_arch_lists_choices() -> None:
 def test_torchvision_without_weights_must_opt_in_to_random() -> None:
     from tasks.config import ConfigError, parse_config
 
-    with pytest.raises(ConfigError, match="model.weights: a torchvision architecture needs a local weights"):
+    with pytest.raises(ConfigError, match="model.weights: a torchvision or timm architecture needs a local"):
         parse_config({"model": {"arch": "resnet18"}})
     a = build_model(ModelConfig(arch="resnet18", random_init=True, init_seed=4))
     b = build_model(ModelConfig(arch="resnet18", random_init=True, init_seed=4))
@@ -79,8 +79,8 @@ def test_imagefolder_converts_and_skips(tmp_path) -> None:
     full = (root / "dog" / "whole.png").read_bytes()
     (root / "dog" / "truncated.png").write_bytes(full[: len(full) // 2])
     _save(root / "dog" / "huge.png", np.zeros((120, 120), dtype=np.uint8))  # over max_pixels below
-    src = open_source(DataConfig(kind="imagefolder", root=str(root), image_size=24, n_samples=None,
-                                 max_pixels=100 * 100))
+    cfg = DataConfig(kind="imagefolder", root=str(root), image_size=24, n_samples=None, max_pixels=100 * 100)
+    src = open_source(cfg, resolve_preprocess(cfg, squash_default=True))
     assert src.classes == ("cat", "dog")
     assert len(src) == 5
     reasons = {s["file"].rsplit("/", 1)[-1]: s["reason"] for s in src.skipped}
@@ -111,7 +111,8 @@ def test_voc_boxes_become_masks_at_image_size(tmp_path) -> None:
     _voc_xml(root / "Annotations" / "a.xml", 200, 100, [("dog", (1, 1, 60, 30)), ("cat", (101, 51, 200, 100))])
     _save(root / "JPEGImages" / "b.png", np.zeros((50, 50, 3), np.uint8))
     _voc_xml(root / "Annotations" / "b.xml", 50, 50, [("cat", (1, 1, 50, 50))])
-    src = open_source(DataConfig(kind="voc", root=str(root), image_size=20, n_samples=None))
+    cfg = DataConfig(kind="voc", root=str(root), image_size=20, n_samples=None)
+    src = open_source(cfg, resolve_preprocess(cfg, squash_default=True))
     assert src.classes == ("cat", "dog")
     batch = src.load(0, 2)
     assert batch.labels.tolist() == [0, 0]  # the label is the class of the largest box
@@ -119,8 +120,10 @@ def test_voc_boxes_become_masks_at_image_size(tmp_path) -> None:
     assert batch.boxes[0].tolist() == [10, 10, 20, 20]
     assert batch.masks[0].sum() == 100 and batch.masks[0][10:, 10:].all()
     assert batch.masks[1].all()
+    assert batch.objects[0] == ((1, (0, 0, 6, 6)), (0, (10, 10, 20, 20)))  # every object, in output pixels
 
 
 def test_missing_folder_is_named(tmp_path) -> None:
-    with pytest.raises(DatasetError, match="does not exist"):
-        open_source(DataConfig(kind="imagefolder", root=str(tmp_path / "nope")))
+    cfg = DataConfig(kind="imagefolder", root=str(tmp_path / "nope"))
+    with pytest.raises(DatasetError, match="data.root: folder .*nope.* does not exist"):
+        open_source(cfg, resolve_preprocess(cfg))
