@@ -56,6 +56,14 @@ def score_frame(ds: xr.Dataset) -> pd.DataFrame:
     return df[np.isfinite(df["value"])]
 
 
+def _empty_figure(text: str) -> Figure:
+    """A small figure that says why a plot has nothing to show."""
+    fig, ax = plt.subplots(figsize=(4.0, 1.2))
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True)
+    ax.set_axis_off()
+    return fig
+
+
 def plot_metric_distributions(ds: xr.Dataset) -> Figure:
     """Per metric, the distribution over samples of each explainer's scores (box plots,
     explainers in taxonomy order, coloured by family)."""
@@ -65,6 +73,8 @@ def plot_metric_distributions(ds: xr.Dataset) -> Figure:
     order = _ordered_names(ds)
     palette = family_palette(ds)
     colour = {str(x): palette[str(f)] for x, f in zip(ds["explainer"].values, ds["family"].values)}
+    if not metrics:
+        return _empty_figure("No finite score yet: no evaluate shard has finished.")
     cols = min(4, len(metrics))
     rows = -(-len(metrics) // cols)
     width = max(3.0, 0.45 * len(order) + 1.2)
@@ -245,6 +255,8 @@ def plot_comparison(summaries: dict[str, pd.DataFrame]) -> Figure:
     explainers = list(dict.fromkeys(df["explainer"]))
     runs = list(summaries)
     colours = dict(zip(runs, sns.color_palette("colorblind", max(len(runs), 3))))
+    if not metrics:
+        return _empty_figure("No finite score yet: no evaluate shard has finished.")
     cols = min(4, len(metrics))
     rows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 0.3 * len(explainers) * rows + 1.2 * rows + 0.5),

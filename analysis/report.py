@@ -140,9 +140,10 @@ def metric_summary(ds: xr.Dataset, options: ReportOptions | None = None) -> pd.D
                     "category": category.get(metrics[m], ""), "higher_is_better": better[metrics[m]],
                     "mean": mean, "low": lo, "high": hi, "n": int(np.isfinite(values[:, m]).sum()),
                 })
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=["family", "explainer", "subtotal", "metric", "category",
+                                     "higher_is_better", "mean", "low", "high", "n"])
     df["best"] = False
-    if df.empty:
+    if df.empty:  # nothing scored yet (every evaluate shard failed): an empty table, same columns
         return df
     for (metric, subtotal), part in df.groupby(["metric", "subtotal"]):
         finite = part["mean"].dropna()

@@ -29,6 +29,8 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 _BACKGROUNDS = ("brick", "grass", "gravel", "astronaut", "chelsea", "coffee", "rocket")
 _SOURCE_SIZE = 256
+#: Largest size :func:`render` draws (background crops come from 256 px sources).
+MAX_RENDER_SIZE = _SOURCE_SIZE // 2
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ def render(index: int, *, split: str = "test", seed: int = 0, image_size: int = 
     """
     if split not in SPLIT_SIZES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 1 <= image_size <= MAX_RENDER_SIZE:
+        raise ValueError(f"image_size must be in [1, {MAX_RENDER_SIZE}], got {image_size} "
+                         "(larger embedded images are rendered at the maximum and resized)")
     glyphs, targets = _glyphs()
     pool = _split_glyphs(split)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])

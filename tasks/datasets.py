@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.embedded import CLASSES, SPLIT_SIZES, make_split
+from data.embedded import CLASSES, MAX_RENDER_SIZE, SPLIT_SIZES, make_split
 from tasks.annotations import Obj, largest, parse_voc, read_coco, read_manifest
 from tasks.classes import ClassNamesError, class_names
 from tasks.config import DataConfig
@@ -173,8 +173,8 @@ class EmbeddedSource(DatasetSource):
     """The embedded digits-on-textures dataset (see ``data.embedded``).
 
     It is rendered, not decoded, so only ``preprocess.size`` applies: a square size is
-    rendered directly (bit-identical to ``make_split``); ``(H, W)`` with H != W is rendered
-    at ``max(H, W)`` and squashed (image bilinear antialiased, mask nearest-exact, box the
+    up to 128 px is rendered directly (bit-identical to ``make_split``); any other ``(H, W)``
+    is rendered at ``min(max(H, W), 128)`` and resized (image bilinear antialiased, mask nearest-exact, box the
     tight box of the squashed mask).
     """
 
@@ -185,9 +185,9 @@ class EmbeddedSource(DatasetSource):
         ids = self.sample_ids[start:stop]
         lo, hi = (ids[0], ids[-1] + 1) if ids else (0, 0)
         h, w = self.size
-        side = max(h, w)
+        side = min(max(h, w), MAX_RENDER_SIZE)
         s = make_split(self.split, lo, hi, seed=self.seed, image_size=side)
-        if h == w:
+        if (h, w) == (side, side):
             return Batch(s.images, s.labels, s.masks, s.boxes)
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode

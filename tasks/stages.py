@@ -116,7 +116,7 @@ def _manifest(config_json: str, layout: StoreLayout) -> dict[str, Any]:
         "model_digest": rt.model.digest,
         "data": rt.source.description,
         "classes": list(rt.class_names),
-        "preprocess": rt.source.preprocess.to_json() if rt.source.preprocess else None,
+        "preprocess": None if cfg.data.kind == "embedded" else rt.source.preprocess.to_json(),
         "boxes_dropped": rt.source.boxes_dropped,
         "boxes_clipped": rt.source.boxes_clipped,
         "device": rt.device.type,

@@ -124,3 +124,17 @@ def test_html_page_has_family_sections_figures_and_escapes() -> None:
     assert 'class="best"' in page
     md = render_markdown(ds, [("grid.png", "grid")])
     assert "| **gradient** | `sal` |" in md and "*all gradient*" in md and "![grid](grid.png)" in md
+
+
+def test_a_store_with_no_score_yet_still_renders() -> None:
+    """Every evaluate shard failed: the summary is an empty table and the report renders (so a
+    failed run reports its failed shards, not a crash of the report)."""
+    from analysis.plots import plot_metric_distributions
+
+    ds = _store()
+    ds["score"][:] = np.nan
+    summary = metric_summary(ds)
+    assert summary.empty and {"metric", "mean", "best"} <= set(summary.columns)
+    assert plot_metric_distributions(ds) is not None
+    page = render_run_html(ds, {}, {}, {"gradient": (0, 0, 1), "cam": (1, 0, 0), "perturbation": (0, 1, 0)})
+    assert "Provenance" in page and "# attriflow run" in render_markdown(ds)
