@@ -245,7 +245,7 @@ def flagged_note(ds: xr.Dataset) -> str:
 def preprocess_text(p: dict[str, Any] | None) -> str:
     """How images became model inputs, in words (``p``: ``Preprocess.to_json()``)."""
     if not p:
-        return "rendered at the image size (embedded dataset)"
+        return "rendered by the embedded dataset (at most 128 px, resized above)"
     h, w = p["size"]
     how = (f"shorter side resized to {p['resize']} px, centre crop {h} x {w}" if p.get("resize")
            else f"resized to {h} x {w}, aspect ratio not kept")

@@ -212,3 +212,9 @@ def test_embedded_square_is_bit_identical_and_non_square_squashes() -> None:
     for m, b in zip(wide.masks, wide.boxes):
         ys, xs = np.nonzero(m)
         assert b.tolist() == [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
+    big = open_source(cfg, Preprocess((160, 160), None)).load(0, 3)  # above the 128 px render limit
+    assert big.images.shape == (3, 3, 160, 160) and big.masks.shape == (3, 160, 160)
+    assert np.array_equal(big.labels, ref.labels) and 0.0 <= big.images.min() and big.images.max() <= 1.0
+    for m, b in zip(big.masks, big.boxes):
+        ys, xs = np.nonzero(m)
+        assert b.tolist() == [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
