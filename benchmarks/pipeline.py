@@ -55,7 +55,7 @@ def main() -> None:
     import torch
     from prefect.testing.utilities import prefect_test_harness
 
-    import tasks.stages as stages
+    import tasks.stages.common as stages
     from data.reference_cnn import ReferenceCNN
     from flows.run import execute
     from tasks.config import load_config
@@ -88,7 +88,7 @@ def main() -> None:
         return wrapper
 
     stage_seconds: dict[str, float] = defaultdict(float)
-    receipt = stages._receipt
+    receipt = stages.receipt
 
     def logging_receipt(stage, shard, skipped, t0, **extra):
         r = receipt(stage, shard, skipped, t0, **extra)
@@ -96,7 +96,7 @@ def main() -> None:
             stage_seconds[stage] += r["seconds"]
         return r
 
-    stages._receipt = logging_receipt
+    stages.receipt = logging_receipt
     torch.autograd.grad = timed(torch.autograd.grad)
     torch.Tensor.backward = timed(torch.Tensor.backward)
     torch.nn.modules.module.register_module_forward_pre_hook(pre)

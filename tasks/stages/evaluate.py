@@ -1,0 +1,98 @@
+"""The evaluate stage: faithfulness, localisation and complexity scores of one explainer's maps."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from prefect.cache_policies import NO_CACHE
+
+from analysis.metrics import METRICS_VERSION
+from analysis.metrics.complexity import gini
+from analysis.metrics.faithfulness import auc, deletion_insertion_curves, drop_increase
+from analysis.metrics.localisation import (
+    bbox_accuracy,
+    box_regions,
+    default_tolerance,
+    energy_pointing_game,
+    pointing_game,
+)
+from tasks import storage
+from tasks.runtime import (
+    fault_point,
+    fault_raise,
+    get_runtime,
+)
+from tasks.stages import common
+from tasks.stages.common import shard_task, store_path, stored_targets
+from tasks.storage import Shard
+
+
+@shard_task(name="evaluate-shard", cache_policy=NO_CACHE, task_run_name="evaluate-{explainer}-{shard.index}")
+def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
+    """Deletion and insertion curves and AUCs of one explainer's maps for one shard."""
+    t0 = time.perf_counter()
+    rt = get_runtime(config_json)
+    path = store_path(run_dir)
+    names = [e.name for e in rt.config.explain.explainers]
+    k = names.index(explainer)
+    explain_record = storage.get_record(path, "explain", shard.index, k)
+    if explain_record == 0:
+        raise RuntimeError(f"evaluate {explainer} shard {shard.index}: its explain shard is not done")
+    ev = rt.config.evaluate
+    expected = storage.digest64("evaluate", explain_record, ev.model_dump(mode="json"), METRICS_VERSION)
+    if storage.get_record(path, "evaluate", shard.index, k) == expected:
+        return common.receipt("evaluate", shard, True, t0, explainer=explainer)
+    fault_raise(run_dir, f"evaluate-{explainer}-{shard.index}")
+    batch = rt.source.load(shard.start, shard.stop)
+    inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
+    group = zarr.open_group(str(path), mode="r")
+    maps = torch.from_numpy(np.asarray(group["attribution"][k, shard.start : shard.stop])).to(rt.device)
+    targets = stored_targets(path, rt, shard).to(rt.device)
+    curves = deletion_insertion_curves(
+        rt.module, inputs, maps, targets, steps=ev.steps, batch_size=ev.batch_size,
+        blur_size=ev.blur_kernel, blur_sigma=ev.blur_sigma,
+    )
+    n, names_m = len(maps), list(storage.METRICS)
+    scores = np.full((n, len(names_m)), np.nan, dtype=np.float32)
+    scores[:, names_m.index("deletion_auc")] = auc(curves[:, 0]).numpy()
+    scores[:, names_m.index("insertion_auc")] = auc(curves[:, 1]).numpy()
+    for mode, suffix in (("soft", "soft"), ("top", "top")):
+        drop, inc = drop_increase(rt.module, inputs, maps, targets, mode=mode, frac=ev.drop_top_fraction,
+                                  batch_size=ev.batch_size)
+        scores[:, names_m.index(f"average_drop_{suffix}")] = drop.numpy()
+        scores[:, names_m.index(f"increase_{suffix}")] = inc.numpy()
+    maps_np = maps.cpu().numpy()
+    scores[:, names_m.index("gini")] = gini(maps_np)
+    if "gt_mask" in group:
+        masks = np.asarray(group["gt_mask"][shard.start : shard.stop], dtype=bool)
+        tol = ev.pointing_tolerance if ev.pointing_tolerance is not None else default_tolerance(*maps_np.shape[-2:])
+        scores[:, names_m.index("pointing_game")] = pointing_game(maps_np, masks, tol)
+    if "gt_box" in group:
+        boxes = np.asarray(group["gt_box"][shard.start : shard.stop], dtype=np.int64)
+        regions = box_regions(boxes, *maps_np.shape[-2:])
+        scores[:, names_m.index("energy_pointing_game")] = energy_pointing_game(maps_np, regions)
+        acc, iou = bbox_accuracy(maps_np, regions)
+        scores[:, names_m.index("bbox_accuracy")] = acc
+        scores[:, names_m.index("iou")] = iou
+    all_curves = np.full((n, len(names_m), curves.shape[-1]), np.nan, dtype=np.float32)
+    for c, name in enumerate(storage.CURVE_METRICS):
+        all_curves[:, names_m.index(name)] = curves[:, c].numpy()
+    flagged = np.asarray(group["flagged"][k, shard.start : shard.stop], dtype=bool)
+    scores[flagged] = np.nan  # a non-finite map or model output is reported, never averaged in
+    all_curves[flagged] = np.nan
+    region = {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)}
+    storage.write_region(
+        path,
+        {
+            "score": (("explainer", "sample", "metric"), scores[None]),
+            "curve": (("explainer", "sample", "metric", "point"), all_curves[None]),
+        },
+        region,
+    )
+    fault_point("evaluate.after_write")
+    storage.set_record(path, "evaluate", shard.index, expected, k)
+    return common.receipt("evaluate", shard, False, t0, explainer=explainer)

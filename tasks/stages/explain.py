@@ -1,0 +1,101 @@
+"""The explain stage: one explainer's attributions for one shard."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from prefect.cache_policies import NO_CACHE
+
+from tasks import storage
+from tasks.runtime import (
+    derive_seed,
+    fault_point,
+    fault_raise,
+    get_runtime,
+)
+from tasks.stages import common
+from tasks.stages.common import shard_task, store_path, stored_targets
+from tasks.storage import Shard
+
+
+def _numerics(rt: Any) -> tuple[Any, ...]:
+    """The numeric settings that enter a map's provenance (fp32 row-major adds nothing, so
+    stores made before these options keep their records)."""
+    e = rt.config.explain
+    return () if (e.precision, e.channels_last) == ("fp32", False) else (e.precision, e.channels_last)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _passes(exp: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward passes per image of the last ``attribute`` call: the counts the
+    explainer reported, else its static cost (-1 where that is a formula). A method whose
+    static cost has one backward per forward (NeuroMask's iterations) reports the same
+    per-image count for both."""
+    static = exp.cost()
+    fixed = [np.full(n, v if isinstance(v, int) else -1, dtype=np.int64)
+             for v in (static["forward"], static["backward"])]
+    if exp.last_forward_passes is None:
+        return fixed[0], fixed[1]
+    forward = exp.last_forward_passes.numpy().astype(np.int64)
+    backward = forward.copy() if static["forward"] == static["backward"] else fixed[1]
+    return forward, backward
+
+
+@shard_task(name="explain-shard", cache_policy=NO_CACHE, task_run_name="explain-{explainer}-{shard.index}")
+def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
+    """Compute and store one explainer's attributions for one shard."""
+    t0 = time.perf_counter()
+    rt = get_runtime(config_json)
+    path = store_path(run_dir)
+    names = [e.name for e in rt.config.explain.explainers]
+    k = names.index(explainer)
+    exp = rt.explainers[explainer]
+    load_record = storage.get_record(path, "load", shard.index)
+    if load_record == 0:
+        raise RuntimeError(f"explain {explainer} shard {shard.index}: its load shard is not done")
+    expected = storage.digest64(
+        "explain", load_record, exp.digest(), rt.config.seed, rt.config.explain.target,
+        *_numerics(rt),
+    )
+    if storage.get_record(path, "explain", shard.index, k) == expected:
+        return common.receipt("explain", shard, True, t0, explainer=explainer)
+    fault_raise(run_dir, f"explain-{explainer}-{shard.index}")
+    batch = rt.source.load(shard.start, shard.stop)
+    inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
+    targets = stored_targets(path, rt, shard).to(rt.device)
+    ids = rt.source.sample_ids[shard.start : shard.stop]
+    seeds = torch.tensor([derive_seed(rt.config.seed, i, explainer) for i in ids], dtype=torch.int64)
+    _sync(rt.device)
+    started = time.perf_counter()
+    with rt.precision():
+        maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.explain_batch,
+                             seeds=seeds).float()
+    _sync(rt.device)
+    seconds = np.array([[time.perf_counter() - started]])
+    forward, backward = _passes(exp, len(ids))
+    maps_np = maps.cpu().numpy()
+    group = zarr.open_group(str(path), mode="r")
+    finite_output = np.asarray(group["finite_output"][shard.start : shard.stop], dtype=bool)
+    flagged = ~np.isfinite(maps_np).reshape(len(maps_np), -1).all(axis=1) | ~finite_output
+    storage.write_region(
+        path,
+        {"attribution": (("explainer", "sample", "y", "x"), maps_np[None]),
+         "flagged": (("explainer", "sample"), flagged[None]),
+         "forward_passes": (("explainer", "sample"), forward[None]),
+         "backward_passes": (("explainer", "sample"), backward[None])},
+        {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)},
+    )
+    storage.write_region(path, {"explain_seconds": (("explainer", "shard"), seconds)},
+                         {"explainer": slice(k, k + 1), "shard": slice(shard.index, shard.index + 1)})
+    fault_point("explain.after_write")
+    storage.set_record(path, "explain", shard.index, expected, k)
+    fault_point("explain.after_record")
+    return common.receipt("explain", shard, False, t0, explainer=explainer)

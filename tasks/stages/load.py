@@ -1,0 +1,79 @@
+"""The load stage: labels, predictions, ground truth and previews of one shard."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from prefect.cache_policies import NO_CACHE
+
+from tasks import storage
+from tasks.datasets import ground_truth
+from tasks.runtime import (
+    array_digest,
+    fault_point,
+    fault_raise,
+    get_runtime,
+)
+from tasks.stages import common
+from tasks.stages.common import shard_task, store_path
+from tasks.storage import Shard
+
+
+@shard_task(name="load-shard", cache_policy=NO_CACHE, task_run_name="load-{shard.index}")
+def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
+    """Write labels, predictions, probabilities and ground truth of one shard."""
+    t0 = time.perf_counter()
+    rt = get_runtime(config_json)
+    path = store_path(run_dir)
+    batch = rt.source.load(shard.start, shard.stop)
+    # boxes of several classes (files with annotations): the ground truth is the union of the
+    # explained class's boxes, so it depends on the target and, for predictions, on the model
+    objects = () if batch.objects is None else (json.dumps(batch.objects, default=int), rt.config.explain.target)
+    expected = storage.digest64(
+        "load", array_digest(batch.images, batch.labels, batch.masks, batch.boxes),
+        rt.model.digest, rt.device.type, *objects,
+    )
+    if storage.get_record(path, "load", shard.index) == expected:
+        return common.receipt("load", shard, True, t0)
+    fault_raise(run_dir, f"load-{shard.index}")
+    preds, probs, finite = [], [], []
+    step = rt.batch_size()
+    with torch.inference_mode():
+        for s in range(0, len(batch.images), step):
+            x = rt.model.normalize(torch.from_numpy(batch.images[s : s + step]).to(rt.device))
+            logits = rt.module(x).float()
+            p = torch.softmax(logits, dim=1)
+            conf, cls = p.max(dim=1)
+            preds.append(cls.cpu().numpy())
+            probs.append(conf.cpu().numpy())
+            finite.append(torch.isfinite(logits).all(dim=1).cpu().numpy())
+    region = {"sample": slice(shard.start, shard.stop)}
+    variables: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        "label": (("sample",), batch.labels.astype(np.int64)),
+        "prediction": (("sample",), np.concatenate(preds).astype(np.int64)),
+        "probability": (("sample",), np.concatenate(probs).astype(np.float32)),
+        "finite_output": (("sample",), np.concatenate(finite).astype(bool)),
+    }
+    masks, boxes = batch.masks, batch.boxes
+    if batch.objects is not None:
+        explained = variables["prediction" if rt.config.explain.target == "prediction" else "label"][1]
+        masks, boxes = ground_truth(batch.objects, explained, rt.source.size)
+    if masks is not None:
+        variables["gt_mask"] = (("sample", "y", "x"), masks.astype(bool))
+    if boxes is not None:
+        variables["gt_box"] = (("sample", "corner"), boxes.astype(np.int64))
+    storage.write_region(path, variables, region)
+    group = zarr.open_group(str(path), mode="r")
+    if "preview" in group and shard.start < group["preview"].shape[0]:
+        stop = min(shard.stop, group["preview"].shape[0])
+        thumbs = np.round(batch.images[: stop - shard.start].transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+        storage.write_region(path, {"preview": (("preview", "y", "x", "rgb"), thumbs)},
+                             {"preview": slice(shard.start, stop)})
+    fault_point("load.after_write")
+    storage.set_record(path, "load", shard.index, expected)
+    return common.receipt("load", shard, False, t0)

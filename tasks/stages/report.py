@@ -1,0 +1,131 @@
+"""The report: rendered from the store alone, published as Prefect artifacts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect.cache_policies import NO_CACHE
+
+from analysis.report import render_markdown
+from tasks import storage
+from tasks.runtime import (
+    fault_point,
+)
+from tasks.stages.common import shard_task, store_path
+
+
+def artifact_key(name: str, suffix: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) stable for a run name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
+    return f"{slug}-{suffix}"
+
+
+@shard_task(name="write-report", cache_policy=NO_CACHE)
+def write_report(run_dir: str) -> str:
+    """Regenerate ``RUN_DIR/report/`` from the store alone and publish the summary as
+    Prefect artifacts (markdown and table) under stable keys ``<run name>-summary`` and
+    ``<run name>-metrics``, so the Prefect UI shows it."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from analysis.report import metric_summary, wide_table
+
+    path = render_report(run_dir)
+    ds = storage.open_dataset(store_path(run_dir))
+    name = json.loads(ds.attrs["manifest"])["name"]
+    create_markdown_artifact(path.read_text(), key=artifact_key(name, "summary"),
+                             description=f"attriflow report of {run_dir}")
+    rows = wide_table(metric_summary(ds)).reset_index().to_dict(orient="records")
+    table = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    create_table_artifact(table, key=artifact_key(name, "metrics"),
+                          description="mean score per explainer and family sub-total, in taxonomy order")
+    return str(path)
+
+
+def _save(fig: Any, out: Path, name: str, caption: str) -> Any:
+    """Write a figure as PNG and SVG; return it encoded for the HTML page."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from analysis.html import Figure
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    (out / f"{name}.png").write_bytes(buf.getvalue())
+    fig.savefig(out / f"{name}.svg")
+    plt.close(fig)
+    return Figure(name, caption, buf.getvalue())
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/report/`` from the store alone: ``index.html`` (self-contained),
+    ``summary.md`` and every figure as PNG and SVG; returns the summary path."""
+    from analysis import plots
+    from analysis.html import render_run_html
+    from analysis.report import ReportOptions, manifest_of
+
+    ds = storage.open_dataset(store_path(run_dir))
+    out = Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    options = ReportOptions.from_manifest(manifest_of(ds))
+    figures: dict[str, Any] = {}
+    figures["distributions"] = _save(plots.plot_metric_distributions(ds), out, "metric_distributions",
+                                     "Per-sample metric distributions, explainers in taxonomy order, coloured by family")
+    figures["grid"] = _save(plots.plot_map_grid(ds, options.grid_samples), out, "map_grid",
+                            "Maps of the first samples (columns in taxonomy order), ground truth outlined")
+    figures["cost"] = _save(plots.plot_cost(ds), out, "cost", "Wall time and forward passes per image")
+    family_figures = {
+        family: _save(plots.plot_curves(ds, [family]), out, f"curves_{family}",
+                      f"Deletion and insertion curves of the {family} family")
+        for family in plots.family_order(ds)
+    }
+    sanity = plots.plot_sanity(ds, options.threshold)
+    if sanity is not None:
+        figures["sanity"] = _save(sanity, out, "sanity", "Cascading randomisation: similarity against depth")
+    neurons_done = storage.read_records(store_path(run_dir)).get("neurons")
+    if "neuron_correlation" in ds and neurons_done is not None and (neurons_done != 0).all():
+        figures["neuron_scatter"] = _save(plots.plot_neuron_scatter(ds), out, "neuron_scatter",
+                                          "Neuron selection: |correlation| against precision per channel")
+        if "preview" in ds:
+            figures["neuron_boxes"] = _save(plots.plot_neuron_boxes(ds), out, "neuron_boxes",
+                                            "Receptive boxes of the selected neurons")
+    fault_point("report.after_figures")
+    (out / "index.html").write_text(render_run_html(ds, figures, family_figures, plots.family_palette(ds)))
+    listed = [(f"{f.name}.png", f.caption) for f in [*figures.values(), *family_figures.values()]]
+    summary = out / "summary.md"
+    summary.write_text(render_markdown(ds, listed))
+    return summary
+
+
+def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Several runs side by side into ``out`` (``index.html``, ``summary.md``, the comparison
+    figure as PNG and SVG); returns the HTML path. Labels are the run names, made unique."""
+    from analysis import plots
+    from analysis.html import render_comparison_html
+    from analysis.report import manifest_of, markdown_metric_table, metric_summary
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, Any] = {}
+    for run_dir in run_dirs:
+        ds = storage.open_dataset(store_path(run_dir))
+        label = str(manifest_of(ds).get("name", Path(run_dir).name))
+        if label in runs:
+            label = f"{label} ({Path(run_dir).name})"
+        while label in runs:
+            label += "'"
+        runs[label] = ds
+    summaries = {label: metric_summary(ds) for label, ds in runs.items()}
+    figure = _save(plots.plot_comparison(summaries), out, "comparison", "Mean and bootstrap interval per run")
+    page = out / "index.html"
+    page.write_text(render_comparison_html(runs, summaries, figure))
+    lines = [f"# attriflow comparison: {' vs '.join(f'`{x}`' for x in runs)}", ""]
+    for label, run_dir in zip(runs, run_dirs):
+        lines += [f"## `{label}` ({run_dir})", "", *markdown_metric_table(summaries[label]), ""]
+    lines += ["![comparison](comparison.png)", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    return page
