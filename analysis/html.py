@@ -22,6 +22,7 @@ from analysis.metrics.sanity import SIMILARITIES
 from analysis.report import (
     ReportOptions,
     cost_table,
+    coverage_note,
     family_order,
     flagged_note,
     fmt,
@@ -156,6 +157,8 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
     out.append(metric_table_html(summary))
     if flagged_note(ds):
         out.append(f"<p class='warn'><b>{escape(flagged_note(ds))}</b></p>")
+    if coverage_note(ds, summary):
+        out.append(f"<p>{escape(coverage_note(ds, summary))}</p>")
     if "distributions" in figures:
         out.append(img(figures["distributions"]))
     out.append("<h2 id='families'>Families</h2>")

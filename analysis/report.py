@@ -232,6 +232,21 @@ def flagged_counts(ds: xr.Dataset) -> dict[str, int]:
     return {str(e): int(flags[i].sum()) for i, e in enumerate(ds["explainer"].values) if flags[i].any()}
 
 
+def coverage_note(ds: xr.Dataset, summary: pd.DataFrame) -> str:
+    """One sentence naming the metrics scored on fewer samples than the run has (the
+    localisation metrics need a box or mask of the explained class), or an empty string."""
+    if summary.empty:
+        return ""
+    total = ds.sizes["sample"]
+    rows = summary[~summary["subtotal"].astype(bool)]
+    most = rows.groupby("metric", sort=False)["n"].max()
+    short = [f"{m} {int(n)}" for m, n in most.items() if n < total]
+    if not short:
+        return ""
+    return (f"Scored on fewer than the run's {total} samples (at most, per explainer): {', '.join(short)}. "
+            "Localisation metrics need ground truth of the explained class; non-finite maps are left out.")
+
+
 def flagged_note(ds: xr.Dataset) -> str:
     """One sentence on flagged maps, or an empty string when there are none."""
     counts = flagged_counts(ds)
@@ -247,14 +262,28 @@ def preprocess_text(p: dict[str, Any] | None) -> str:
     if not p:
         return "rendered by the embedded dataset (at most 128 px, resized above)"
     h, w = p["size"]
-    how = (f"shorter side resized to {p['resize']} px, centre crop {h} x {w}" if p.get("resize")
-           else f"resized to {h} x {w}, aspect ratio not kept")
+    r = p.get("resize")
+    if isinstance(r, list):
+        how = f"scaled to cover {r[0]} x {r[1]} px (aspect ratio kept), centre crop {h} x {w}"
+    elif r:
+        how = f"shorter side resized to {r} px, centre crop {h} x {w}"
+    else:
+        how = f"resized to {h} x {w}, aspect ratio not kept"
     return f"{how} ({p.get('interpolation', '?')}, antialias {p.get('antialias', '?')})"
+
+
+def normalisation_text(n: dict[str, Any] | None) -> str:
+    """The mean and std the model's inputs were normalised with."""
+    if not n:
+        return "?"
+    return f"(x - mean) / std, mean {list(n['mean'])}, std {list(n['std'])} ({n.get('source', '?')})"
 
 
 def boxes_text(m: dict[str, Any]) -> str:
     """Boxes the crop clipped or dropped (a multi-object image's ground truth is the union of
     the explained class's boxes)."""
+    if not m.get("ground_truth", True):
+        return "none (the dataset has no annotations)"
     dropped, clipped = int(m.get("boxes_dropped") or 0), int(m.get("boxes_clipped") or 0)
     if not dropped and not clipped:
         return "none clipped or dropped by the crop; several boxes of a class: their union"
@@ -281,6 +310,7 @@ def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
         ("data", f"{m.get('data', '?')} ({ds.sizes['sample']} samples)"),
         ("image size", f"{ds.sizes['y']} x {ds.sizes['x']} (height x width)" if "y" in ds.sizes else "?"),
         ("preprocessing", preprocess_text(m.get("preprocess"))),
+        ("normalisation", normalisation_text(m.get("normalisation"))),
         ("ground-truth boxes", boxes_text(m)),
         ("classes", shown or "?"),
         ("device", str(m.get("device", "?"))),
@@ -322,6 +352,8 @@ def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = ()) -> 
               "sub-total in bold; `all <family>` pools the family's explainers' samples.", ""]
     if flagged_note(ds):
         lines += [f"**{flagged_note(ds)}**", ""]
+    if coverage_note(ds, summary):
+        lines += [coverage_note(ds, summary), ""]
     cost = cost_table(ds)
     lines += ["## Cost per image", "", "| family | explainer | seconds | forward passes | backward passes |",
               "|---|---|---|---|---|"]
@@ -341,7 +373,9 @@ def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = ()) -> 
         lines += neuron_section(ds)
     skipped = manifest.get("skipped", [])
     if skipped:
-        lines += [f"{len(skipped)} input file(s) could not be decoded and were skipped:", ""]
+        lines += [f"## Skipped inputs ({len(skipped)})", "",
+                  "Files left out of the run (missing, undecodable, too large, or without an object of a "
+                  "known class):", ""]
         lines += [f"- `{s['file']}`: {s['reason']}" for s in skipped]
         lines.append("")
     if figures:

@@ -24,7 +24,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _fail(str(err))
     run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
+    from tasks.runtime import get_runtime, planning_errors
     from tasks.storage import RunLockedError, run_lock
+
+    try:  # model, data and explainers checked before Prefect starts or the run directory exists
+        get_runtime(cfg.model_dump_json())  # cached: the flow in this process reuses it
+    except planning_errors() as err:
+        return _fail(str(err), 1)
 
     try:
         with run_lock(run_dir):  # fail at once, before Prefect starts
@@ -51,18 +57,13 @@ def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
 
 
 def _run_flow(cfg: Any, run_dir: Path) -> int:
-    from explainers import ExplainerParamError, LayerNotFoundError, UnsupportedModelError
     from flows.run import RunFailedError, execute
-    from tasks.classes import ClassNamesError
-    from tasks.datasets import DatasetError
-    from tasks.models import ModelLoadError
-    from tasks.runtime import ModelDataMismatchError
+    from tasks.runtime import planning_errors
     from tasks.storage import StoreLayoutError
 
     try:
         result = execute(cfg, str(run_dir))
-    except (RunFailedError, StoreLayoutError, ModelLoadError, DatasetError, LayerNotFoundError,
-            ExplainerParamError, UnsupportedModelError, ClassNamesError, ModelDataMismatchError) as err:
+    except (RunFailedError, StoreLayoutError, *planning_errors()) as err:
         return _fail(str(err), 1)
     print(f"store:   {result['store']}")
     print(f"report:  {Path(result['report']).with_name('index.html')} (self-contained, opens offline)")

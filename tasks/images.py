@@ -134,10 +134,13 @@ class Preprocess:
     ----------
     size : tuple of int
         ``(H, W)`` of the output image, in pixels.
-    resize : int or None
-        The shorter side is resized to this many pixels (aspect ratio kept; the longer side
-        becomes ``int(resize * long / short)``, as torchvision), then the centre ``size`` is
-        cropped. None squashes the image to ``size`` (aspect ratio not kept).
+    resize : int, (int, int) or None
+        An int: the shorter side is resized to this many pixels (aspect ratio kept; the
+        longer side becomes ``int(resize * long / short)``, as torchvision), then the centre
+        ``size`` is cropped. ``(RH, RW)``: the image is scaled, aspect ratio kept, by
+        ``max(RH / h, RW / w)`` so that it covers ``RH x RW`` (timm's ``ResizeKeepRatio``
+        idea; ``auto`` uses it for non-square sizes so that no crop needs padding), then
+        the centre is cropped. None squashes the image to ``size`` (aspect ratio not kept).
     interpolation : {"nearest", "bilinear", "bicubic"}
         torchvision's ``InterpolationMode`` for the image.
     antialias : bool
@@ -146,7 +149,7 @@ class Preprocess:
     """
 
     size: tuple[int, int]
-    resize: int | None
+    resize: int | tuple[int, int] | None
     interpolation: str = "bilinear"
     antialias: bool = True
 
@@ -157,7 +160,9 @@ class Preprocess:
                              f"got {self.interpolation!r}")
         if len(self.size) != 2 or min(self.size) < 1:
             raise ValueError(f"size must be (height, width) in pixels, got {self.size!r}")
-        if self.resize is not None and self.resize < 1:
+        if isinstance(self.resize, (list, tuple)):
+            object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
+        if self.resize is not None and min(np.atleast_1d(self.resize)) < 1:
             raise ValueError(f"resize must be a positive number of pixels or None, got {self.resize!r}")
 
     def resized_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
@@ -176,6 +181,9 @@ class Preprocess:
         if self.resize is None:
             return self.size
         h, w = hw
+        if isinstance(self.resize, tuple):
+            scale = max(self.resize[0] / h, self.resize[1] / w)
+            return max(1, round(h * scale)), max(1, round(w * scale))
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = self.resize, int(self.resize * long / short)
         return (new_long, new_short) if w <= h else (new_short, new_long)
@@ -215,8 +223,13 @@ class Preprocess:
         from torchvision.transforms import InterpolationMode
 
         mode = InterpolationMode[self.interpolation.upper()]
-        size = list(self.size) if self.resize is None else [self.resize]
         pic: Image.Image | torch.Tensor = to_rgb(img)
+        if self.resize is None:
+            size = list(self.size)
+        elif isinstance(self.resize, tuple):
+            size = list(self.resized_hw((pic.height, pic.width)))
+        else:
+            size = [self.resize]
         if not self.antialias:
             pic = TF.pil_to_tensor(pic)  # type: ignore[arg-type]
         pic = TF.resize(pic, size, interpolation=mode, antialias=self.antialias)
@@ -300,7 +313,8 @@ class Preprocess:
         dict
             ``size`` ([H, W]), ``resize`` (None: squash), ``interpolation``, ``antialias``.
         """
-        return {"size": list(self.size), "resize": self.resize, "interpolation": self.interpolation,
+        resize = list(self.resize) if isinstance(self.resize, tuple) else self.resize
+        return {"size": list(self.size), "resize": resize, "interpolation": self.interpolation,
                 "antialias": self.antialias}
 
 
@@ -333,8 +347,10 @@ def resolve_preprocess(
         size = ``data.image_size``, else ``preprocess.crop``, else ``input_size``, else
         64 x 64. ``squash``: resize None. A :class:`PreprocessConfig`: its values (``resize:
         null`` squashes). ``auto``: squash if ``squash_default``, else the shorter side
-        resized to ``floor(min(size) / crop_pct)`` (224 -> 256), the model's interpolation,
-        antialiased.
+        resized to ``floor(size / crop_pct)`` (224 -> 256) for a square size and, for a
+        non-square ``(H, W)``, the image scaled to cover ``floor(H / crop_pct) x
+        floor(W / crop_pct)`` (aspect ratio kept, so the crop never pads); the model's
+        interpolation, antialiased.
 
     Raises
     ------
@@ -355,5 +371,7 @@ def resolve_preprocess(
                            "{resize: ..., interpolation: ...}")
     if pp == "squash" or squash_default:
         return Preprocess(hw, None, mode if pp == "squash" else "bilinear", True)
-    resize = int(min(hw) / (crop_pct or DEFAULT_CROP_PCT))
-    return Preprocess(hw, resize, mode, True)
+    pct = crop_pct or DEFAULT_CROP_PCT
+    if hw[0] == hw[1]:
+        return Preprocess(hw, int(hw[0] / pct), mode, True)
+    return Preprocess(hw, (int(hw[0] / pct), int(hw[1] / pct)), mode, True)

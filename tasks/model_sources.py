@@ -249,25 +249,59 @@ def _is_file(target: str) -> bool:
     return target.endswith(".py") or "/" in target or "\\" in target
 
 
+#: Per factory file (resolved path): the modules its import brought in from its own folder
+#: tree (the researcher's helpers), so that editing one of them changes the model's digest
+#: and re-imports it, in a new process or in this one.
+_LOCAL_DEPENDENCIES: dict[str, dict[str, Path]] = {}
+
+
+def _dependency_bytes(deps: dict[str, Path]) -> bytes:
+    out = b""
+    for name in sorted(deps):
+        try:
+            out += name.encode() + b"\0" + deps[name].read_bytes() + b"\0"
+        except OSError:
+            out += name.encode() + b"\0missing\0"
+    return out
+
+
+def _new_local_modules(before: set[str], folder: Path) -> dict[str, Path]:
+    """Modules imported since ``before`` whose file lies in ``folder``'s tree."""
+    found = {}
+    for name in set(sys.modules) - before:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file and not name.startswith("attriflow_factory_"):
+            p = Path(file).resolve()
+            if folder in p.parents:
+                found[name] = p
+    return found
+
+
 def _import_file(path: Path, field: str) -> tuple[Any, bytes]:
-    """Import ``path`` as a module named after its path and contents: an edited file runs
-    again under a new name (an earlier version's classes stay intact), an unchanged one is
-    imported once. Its folder is on ``sys.path`` while it runs, as with ``python path``.
-    Returns the module and the bytes it was imported from."""
+    """Import ``path`` as a module named after its path, its contents and the contents of
+    the local modules it imported last time (its helpers in the same folder tree): an
+    edited file or helper runs again under a new name (the helpers are re-imported), an
+    unchanged one is imported once. Its folder is on ``sys.path`` while it runs, as with
+    ``python path``. Returns the module and the bytes of the file and its helpers."""
     if not path.is_file():
         raise ModelLoadError(f"{field}: file {str(path)!r} not found (relative paths are read from the "
                              f"current directory, {Path.cwd()})")
-    source = path.read_bytes()
-    tag = hashlib.sha256(str(path.resolve()).encode() + b"\0" + source).hexdigest()[:16]
+    resolved = path.resolve()
+    known = _LOCAL_DEPENDENCIES.get(str(resolved), {})
+    source = path.read_bytes() + _dependency_bytes(known)
+    tag = hashlib.sha256(str(resolved).encode() + b"\0" + source).hexdigest()[:16]
     name = f"attriflow_factory_{path.stem if path.stem.isidentifier() else 'file'}_{tag}"
     if name in sys.modules:
         return sys.modules[name], source
+    for dep in known:  # stale helpers: import them again from their edited files
+        sys.modules.pop(dep, None)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ModelLoadError(f"{field}: cannot import {str(path)!r} as a Python module")
     module = importlib.util.module_from_spec(spec)
+    before = set(sys.modules)
     sys.modules[name] = module  # dataclasses, pickle and deepcopy look classes up here
-    folder = str(path.resolve().parent)
+    folder = str(resolved.parent)
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
@@ -277,7 +311,16 @@ def _import_file(path: Path, field: str) -> tuple[Any, bytes]:
                              f"{_last_line(err)}; fix the file (it must import without errors)") from err
     finally:
         sys.path.remove(folder)
+    deps = {**{k: v for k, v in known.items() if k in sys.modules}, **_new_local_modules(before, resolved.parent)}
+    if deps != known:
+        _LOCAL_DEPENDENCIES[str(resolved)] = deps
+        source = path.read_bytes() + _dependency_bytes(deps)
     return module, source
+
+
+def local_dependencies(path: str | Path) -> tuple[Path, ...]:
+    """The researcher's helper files a factory file imported (see :func:`_import_file`)."""
+    return tuple(sorted(_LOCAL_DEPENDENCIES.get(str(Path(path).resolve()), {}).values()))
 
 
 def _where(err: BaseException, path: Path) -> str:
@@ -307,8 +350,9 @@ def factory_source(cfg: ModelConfig) -> Source:
     ``model.kwargs`` after seeding torch with ``model.init_seed``; then ``model.weights`` if
     given.
 
-    The digest covers the weights, the factory's source file (and, for ``pkg.module:name``,
-    the file defining the callable) and the kwargs: editing the model's code changes it.
+    The digest covers the weights, the factory's source file and the modules it imports
+    from its own folder tree (its helpers), for ``pkg.module:name`` the file defining the
+    callable, and the kwargs: editing the model's code changes it.
     """
     field = "model.factory"
     assert cfg.factory is not None

@@ -32,6 +32,7 @@ from tasks.model_sources import (
     ExportedProgramModule,
     ModelLoadError,
     factory_source,
+    local_dependencies,
     program_source,
     reference_source,
     state_dict_digest,
@@ -348,9 +349,10 @@ def check_model_output(loaded: LoadedModel, example: Tensor) -> int:
 def model_files_stamp(cfg: ModelConfig) -> tuple[tuple[str, int, int], ...]:
     """(path, mtime in ns, size) of the files a model config reads (factory file, program,
     weights), so that caches keyed by the config see a file edited in the same process."""
-    paths = [cfg.weights, cfg.program]
+    paths: list[str | Path | None] = [cfg.weights, cfg.program]
     if cfg.factory and cfg.factory.rpartition(":")[0].endswith(".py"):
         paths.append(cfg.factory.rpartition(":")[0])
+        paths += local_dependencies(cfg.factory.rpartition(":")[0])
     stamp = []
     for p in paths:
         if p:

@@ -57,7 +57,7 @@ def pick_device(requested: str) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device: 'cuda' requested but torch.cuda.is_available() is False")
+            raise DeviceUnavailableError("device: 'cuda' requested but torch.cuda.is_available() is False")
         slot, count = worker_slot(), torch.cuda.device_count()
         return torch.device("cuda", slot % count if slot is not None and count > 1 else 0)
     return torch.device(requested)
@@ -138,6 +138,22 @@ class ModelDataMismatchError(ValueError):
     """The dataset's classes or settings do not fit the model; the message names the fields."""
 
 
+def planning_errors() -> tuple[type[Exception], ...]:
+    """The errors :func:`get_runtime` raises for a config that cannot run (each message
+    names the field, the file or the module); the CLI reports them without a traceback."""
+    from explainers import ExplainerParamError, LayerNotFoundError
+    from tasks.classes import ClassNamesError
+    from tasks.datasets import DatasetError
+    from tasks.models import ModelLoadError
+
+    return (ModelLoadError, DatasetError, LayerNotFoundError, ExplainerParamError, UnsupportedModelError,
+            ClassNamesError, ModelDataMismatchError, DeviceUnavailableError)
+
+
+class DeviceUnavailableError(RuntimeError):
+    """``device: cuda`` on a machine without CUDA."""
+
+
 def _refuse_opaque(cfg: RunConfig, loaded: LoadedModel) -> None:
     """Stages that hook layers cannot run on an exported program: say so before any work."""
     if not loaded.opaque:
@@ -173,22 +189,31 @@ def get_runtime(config_json: str) -> Runtime:
 def _runtime(config_json: str, stamp: tuple[tuple[str, int, int], ...]) -> Runtime:
     cfg = RunConfig.model_validate_json(config_json)
     loaded = cached_model(cfg.model.model_dump_json())
-    _refuse_opaque(cfg, loaded)
     m = cfg.model
     preprocess = resolve_preprocess(
         cfg.data, input_size=loaded.input_size, crop_pct=loaded.crop_pct, interpolation=loaded.interpolation,
         squash_default=m.arch == "reference" and not m.factory and not m.program)
-    source = open_source(cfg.data, preprocess, loaded.classes)
     device = pick_device(cfg.device)
     loaded.module.to(device)
     if cfg.explain.channels_last:  # a private copy: the cached model stays as loaded
         loaded = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module).to(memory_format=torch.channels_last))
-    example = torch.zeros((1, 3, *source.size), device=device)
-    _check_classes(cfg, source, loaded, check_model_output(loaded, example))
-    explainers = {}
+    example = torch.zeros((1, 3, *preprocess.size), device=device)
+    n_outputs = check_model_output(loaded, example)  # the model first: its errors come before the data's
+    refusals, explainers = [], {}
+    try:
+        _refuse_opaque(cfg, loaded)
+    except UnsupportedModelError as err:
+        refusals.append(str(err))
     for entry in cfg.explain.explainers:
-        explainers[entry.name] = _make_explainer(entry.method, entry.params, loaded.module, loaded, example,
-                                                 entry.name)
+        try:
+            explainers[entry.name] = _make_explainer(entry.method, entry.params, loaded.module, loaded, example,
+                                                     entry.name)
+        except UnsupportedModelError as err:
+            refusals.append(str(err))
+    if refusals:  # every refusal at once, not one per attempt
+        raise UnsupportedModelError("\n".join(refusals))
+    source = open_source(cfg.data, preprocess, loaded.classes)
+    _check_classes(cfg, source, loaded, n_outputs)
     layers: tuple[tuple[str, int], ...] = ()
     if cfg.neurons.enabled:
         names = cfg.neurons.layers

@@ -46,6 +46,15 @@ def _layout(config_json: str) -> StoreLayout:
     )
 
 
+def normalisation_source(m: Any) -> str:
+    """Where a model's default mean and std come from (the report says it)."""
+    if m.program or m.factory:
+        return "ImageNet's, the default for a factory or program without model.mean / model.std"
+    if m.arch.startswith("timm:"):
+        return "timm's pretrained config"
+    return "the reference CNN's training" if m.arch == "reference" else "ImageNet's (torchvision)"
+
+
 def _manifest(config_json: str, layout: StoreLayout) -> dict[str, Any]:
     rt = get_runtime(config_json)
     cfg = rt.config
@@ -61,6 +70,10 @@ def _manifest(config_json: str, layout: StoreLayout) -> dict[str, Any]:
         "data": rt.source.description,
         "classes": list(rt.class_names),
         "preprocess": None if cfg.data.kind == "embedded" else rt.source.preprocess.to_json(),
+        "normalisation": {"mean": list(rt.model.mean), "std": list(rt.model.std),
+                          "source": "model.mean / model.std" if cfg.model.mean or cfg.model.std
+                          else normalisation_source(cfg.model)},
+        "ground_truth": bool(rt.source.has_box or rt.source.has_mask),
         "boxes_dropped": rt.source.boxes_dropped,
         "boxes_clipped": rt.source.boxes_clipped,
         "device": rt.device.type,

@@ -15,7 +15,7 @@ from torch import nn
 
 from explainers import REGISTRY, UnsupportedModelError, get_explainer
 from tasks.config import ModelConfig, OutputConfig
-from tasks.models import ModelLoadError, build_model, check_model_output
+from tasks.models import ModelLoadError, build_model, cached_model, check_model_output
 
 NET = '''
 import torch
@@ -101,6 +101,28 @@ def test_factory_digest_follows_the_code(net_file) -> None:
     assert build_model(_factory(kwargs={"width": 4})).digest != first  # kwargs are part of it
     net_file.write_text(NET + "# a comment\n")
     assert build_model(_factory()).digest != first
+
+
+def test_editing_a_helper_the_factory_imports_changes_the_model_and_digest(tmp_path, monkeypatch) -> None:
+    """The factory file imports ``act`` from a helper in its folder: editing only the helper
+    must change the digest and the model (re-imported), in this very process."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "helper_act_mod.py").write_text("import torch\ndef act(x):\n    return torch.relu(x)\n")
+    (tmp_path / "lab" / "model.py").write_text(
+        "from torch import nn\nfrom helper_act_mod import act\n\n"
+        "class M(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(3, 2)\n\n    def forward(self, x):\n        return self.fc(act(x.mean(dim=(2, 3))))\n\n"
+        "def build():\n    return M()\n")
+    cfg = ModelConfig(factory="lab/model.py:build")
+    x = -torch.rand(2, 3, 4, 4)  # all negative: relu gives zeros, tanh does not
+    first = cached_model(cfg.model_dump_json())
+    assert cached_model(cfg.model_dump_json()).digest == first.digest
+    (tmp_path / "lab" / "helper_act_mod.py").write_text(
+        "import torch\ndef act(x):\n    return torch.tanh(x) * 3  # edited\n")
+    second = cached_model(cfg.model_dump_json())
+    assert second.digest != first.digest
+    assert not torch.allclose(second.module(x), first.module(x))
 
 
 def test_factory_from_an_installed_module() -> None:

@@ -74,7 +74,9 @@ def test_boxes_land_on_the_pixels_of_the_transformed_mask() -> None:
     for _ in range(60):
         h, w = (int(v) for v in rng.integers(6, 90, 2))
         size = (int(rng.integers(8, 48)), int(rng.integers(8, 48)))
-        resize = None if rng.random() < 0.25 else int(rng.integers(4, 80))  # small values pad
+        u = rng.random()
+        resize = None if u < 0.2 else tuple(int(v) for v in rng.integers(4, 80, 2)) if u < 0.4 \
+            else int(rng.integers(4, 80))  # small values pad
         pp = Preprocess(size, resize=resize)
         y0, x0 = rng.integers(-8, h + 4, 8), rng.integers(-8, w + 4, 8)
         boxes = np.stack([y0, x0, y0 + rng.integers(1, 50, 8), x0 + rng.integers(1, 50, 8)], axis=1)
@@ -112,7 +114,7 @@ def test_resolve_preprocess_rules() -> None:
     reference = resolve_preprocess(auto, input_size=(224, 224), squash_default=True)
     assert reference == Preprocess((224, 224), None)
     sized = DataConfig(kind="imagefolder", root="x", image_size=[96, 128])
-    assert resolve_preprocess(sized, input_size=(224, 224)) == Preprocess((96, 128), 109)
+    assert resolve_preprocess(sized, input_size=(224, 224)) == Preprocess((96, 128), (109, 146))
     squash = DataConfig(kind="imagefolder", root="x", preprocess="squash", image_size=32)
     assert resolve_preprocess(squash) == Preprocess((32, 32), None)
     own = PreprocessConfig(resize=180, crop=160, interpolation="nearest", antialias=False)
@@ -124,3 +126,17 @@ def test_resolve_preprocess_rules() -> None:
                                                   "antialias": True}
     with pytest.raises(DatasetError, match="data.preprocess: the model's interpolation 'lanczos'"):
         resolve_preprocess(auto, interpolation="lanczos")
+
+
+@pytest.mark.parametrize("hw", [(512, 512), (300, 451), (451, 300)])
+def test_non_square_auto_covers_the_crop_without_padding(hw: tuple[int, int]) -> None:
+    """A [48, 64] input from square, landscape and portrait photos: the image is scaled to
+    cover floor(48 / 0.875) x floor(64 / 0.875) with its aspect ratio, so the crop is all image."""
+    pp = resolve_preprocess(DataConfig(kind="imagefolder", root="x", image_size=[48, 64]), input_size=(224, 224))
+    assert pp.resize == (54, 73)
+    rh, rw = pp.resized_hw(hw)
+    assert rh >= 54 and rw >= 73 and min(abs(rh - 54), abs(rw - 73)) == 0
+    assert abs(rh / rw - hw[0] / hw[1]) < 0.02
+    white = Image.new("RGB", (hw[1], hw[0]), (255, 255, 255))
+    out = pp.image(white)
+    assert out.shape == (3, 48, 64) and out.min() > 0.99  # no zero padding anywhere
