@@ -25,6 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(err))
     run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
     from tasks.runtime import get_runtime, planning_errors
+    from tasks.stages.plan import nothing_to_do, plan_run
     from tasks.storage import RunLockedError, run_lock
 
     try:  # model, data and explainers checked before Prefect starts or the run directory exists
@@ -34,10 +35,50 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         with run_lock(run_dir):  # fail at once, before Prefect starts
+            plan = plan_run(cfg.model_dump_json(), run_dir)
+            if nothing_to_do(plan, run_dir):  # finished: no flow, no Prefect server
+                print(f"nothing to compute: every shard of {run_dir} is finished and its report written")
+                _print_counts({st: {**c, "computed": 0} for st, c in plan["stages"].items()})
+                return 0
             # the flow takes the same lock again in this process (re-entrant)
             return _run_flow(cfg, run_dir)
     except RunLockedError as err:
         return _fail(str(err))
+
+
+def _print_counts(counts: dict[str, dict[str, int]]) -> None:
+    for stage, c in counts.items():
+        print(f"{stage:>9}: {c['computed']} computed, {c['reused']} reused")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What ``attriflow run`` would compute and reuse, per stage and explainer; no work done."""
+    from tasks.config import ConfigError, load_config
+    from tasks.runtime import planning_errors
+    from tasks.stages.plan import plan_run
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        return _fail(str(err))
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
+    try:
+        plan = plan_run(cfg.model_dump_json(), run_dir)
+    except planning_errors() as err:
+        return _fail(str(err), 1)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    state = {"new": "no store yet: everything is computed",
+             "ready": "store found: finished shards are reused",
+             "other-layout": "the store has another layout: `attriflow run` would refuse this run directory"}
+    print(f"{run_dir}: {state[plan['store']]}")
+    _print_counts(plan["stages"])
+    for name, stages in plan["explainers"].items():
+        parts = ", ".join(f"{st} {c['computed']} computed / {c['reused']} reused" for st, c in stages.items()
+                          if c["computed"] or c["reused"])
+        print(f"  {name}: {parts}")
+    return 0
 
 
 def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
@@ -61,15 +102,17 @@ def _run_flow(cfg: Any, run_dir: Path) -> int:
     from tasks.runtime import planning_errors
     from tasks.storage import StoreLayoutError
 
+    from flows.server import ServerStartError, prefect_api
+
     try:
-        result = execute(cfg, str(run_dir))
-    except (RunFailedError, StoreLayoutError, *planning_errors()) as err:
+        with prefect_api():  # PREFECT_API_URL, or a temporary server that dies with this process
+            result = execute(cfg, str(run_dir))
+    except (RunFailedError, StoreLayoutError, ServerStartError, *planning_errors()) as err:
         return _fail(str(err), 1)
     print(f"store:   {result['store']}")
     print(f"report:  {Path(result['report']).with_name('index.html')} (self-contained, opens offline)")
     print(f"summary: {result['report']}")
-    for stage, c in result["counts"].items():
-        print(f"{stage:>9}: {c['computed']} computed, {c['reused']} reused")
+    _print_counts(result["counts"])
     return 0
 
 
@@ -232,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the shards on an existing Dask scheduler (e.g. tcp://10.0.0.5:8786)")
     p.add_argument("--retries", type=int, metavar="K", help="retries of a failing shard task (default: runner.retries)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("plan", help="what `run` would compute and reuse, before any work")
+    p.add_argument("config", nargs="?", help="YAML config (default: the embedded default run)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("status", help="done/total shards per stage and explainer")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")

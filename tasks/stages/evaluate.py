@@ -31,6 +31,12 @@ from tasks.stages.common import shard_task, store_path, stored_targets
 from tasks.storage import Shard
 
 
+def expected_record(rt: Any, explain_record: int) -> int:
+    """The provenance digest of a finished evaluate shard: its explain record, the evaluate
+    settings and the metrics' version."""
+    return storage.digest64("evaluate", explain_record, rt.config.evaluate.model_dump(mode="json"), METRICS_VERSION)
+
+
 @shard_task(name="evaluate-shard", cache_policy=NO_CACHE, task_run_name="evaluate-{explainer}-{shard.index}")
 def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
     """Deletion and insertion curves and AUCs of one explainer's maps for one shard."""
@@ -43,7 +49,7 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
     if explain_record == 0:
         raise RuntimeError(f"evaluate {explainer} shard {shard.index}: its explain shard is not done")
     ev = rt.config.evaluate
-    expected = storage.digest64("evaluate", explain_record, ev.model_dump(mode="json"), METRICS_VERSION)
+    expected = expected_record(rt, explain_record)
     if storage.get_record(path, "evaluate", shard.index, k) == expected:
         return common.receipt("evaluate", shard, True, t0, explainer=explainer)
     fault_raise(run_dir, f"evaluate-{explainer}-{shard.index}")

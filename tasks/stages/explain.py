@@ -49,6 +49,14 @@ def _passes(exp: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     return forward, backward
 
 
+def expected_record(rt: Any, explainer: str, load_record: int) -> int:
+    """The provenance digest of one explainer's finished shard: its load record, the
+    explainer's digest (method, version, parameters), the run seed, the target and the
+    numeric settings."""
+    return storage.digest64("explain", load_record, rt.explainers[explainer].digest(), rt.config.seed,
+                            rt.config.explain.target, *_numerics(rt))
+
+
 @shard_task(name="explain-shard", cache_policy=NO_CACHE, task_run_name="explain-{explainer}-{shard.index}")
 def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
     """Compute and store one explainer's attributions for one shard."""
@@ -61,10 +69,7 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     load_record = storage.get_record(path, "load", shard.index)
     if load_record == 0:
         raise RuntimeError(f"explain {explainer} shard {shard.index}: its load shard is not done")
-    expected = storage.digest64(
-        "explain", load_record, exp.digest(), rt.config.seed, rt.config.explain.target,
-        *_numerics(rt),
-    )
+    expected = expected_record(rt, explainer, load_record)
     if storage.get_record(path, "explain", shard.index, k) == expected:
         return common.receipt("explain", shard, True, t0, explainer=explainer)
     fault_raise(run_dir, f"explain-{explainer}-{shard.index}")

@@ -24,6 +24,18 @@ from tasks.stages.common import shard_task, store_path
 from tasks.storage import Shard
 
 
+def expected_record(rt: Any, batch: Any) -> int:
+    """The provenance digest a finished load shard of ``batch`` carries: its images, labels
+    and ground truth, the model and the device. Boxes of several classes (files with
+    annotations): the ground truth is the union of the explained class's boxes, so it also
+    depends on the target and, for predictions, on the model."""
+    objects = () if batch.objects is None else (json.dumps(batch.objects, default=int), rt.config.explain.target)
+    return storage.digest64(
+        "load", array_digest(batch.images, batch.labels, batch.masks, batch.boxes),
+        rt.model.digest, rt.device.type, *objects,
+    )
+
+
 @shard_task(name="load-shard", cache_policy=NO_CACHE, task_run_name="load-{shard.index}")
 def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     """Write labels, predictions, probabilities and ground truth of one shard."""
@@ -31,13 +43,7 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     rt = get_runtime(config_json)
     path = store_path(run_dir)
     batch = rt.source.load(shard.start, shard.stop)
-    # boxes of several classes (files with annotations): the ground truth is the union of the
-    # explained class's boxes, so it depends on the target and, for predictions, on the model
-    objects = () if batch.objects is None else (json.dumps(batch.objects, default=int), rt.config.explain.target)
-    expected = storage.digest64(
-        "load", array_digest(batch.images, batch.labels, batch.masks, batch.boxes),
-        rt.model.digest, rt.device.type, *objects,
-    )
+    expected = expected_record(rt, batch)
     if storage.get_record(path, "load", shard.index) == expected:
         return common.receipt("load", shard, True, t0)
     fault_raise(run_dir, f"load-{shard.index}")

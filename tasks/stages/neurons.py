@@ -42,6 +42,13 @@ def _unit_boxes(model: torch.nn.Module, layers: list[str], image: torch.Tensor,
     return boxes
 
 
+def expected_record(rt: Any, load_record: int) -> int:
+    """The provenance digest of a finished neurons shard: its load record, the stage's
+    settings, the run seed and the layers scored."""
+    return storage.digest64("neurons", load_record, rt.config.neurons.model_dump(mode="json"), rt.config.seed,
+                            [list(x) for x in rt.neuron_layers])
+
+
 @shard_task(name="select-neurons", cache_policy=NO_CACHE, task_run_name="neurons-{shard.index}")
 def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     """Neuron-selection scores, selections, overlaps and unit boxes of one shard."""
@@ -55,8 +62,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
     load_record = storage.get_record(path, "load", shard.index)
     if load_record == 0:
         raise RuntimeError(f"neurons shard {shard.index}: its load shard is not done")
-    expected = storage.digest64("neurons", load_record, nc.model_dump(mode="json"), rt.config.seed,
-                                [list(x) for x in rt.neuron_layers])
+    expected = expected_record(rt, load_record)
     if storage.get_record(path, "neurons", shard.index) == expected:
         return common.receipt("neurons", shard, True, t0)
     batch = rt.source.load(shard.start, shard.stop)

@@ -22,6 +22,19 @@ from tasks.stages.common import shard_task, store_path, stored_targets
 from tasks.storage import Shard
 
 
+def sanity_shards(rt: Any) -> list[Shard]:
+    """The shards holding the samples the sanity check re-explains (the first ones)."""
+    n = min(rt.config.sanity.samples, len(rt.source))
+    return [s for s in storage.plan_shards(len(rt.source), rt.config.shard_size) if s.start < n]
+
+
+def expected_record(rt: Any, explain_records: list[int]) -> int:
+    """The provenance digest of a finished sanity check: the explain records of its shards,
+    the stage's settings, the run seed, the metrics' version and the randomisation units."""
+    return storage.digest64("sanity", explain_records, rt.config.sanity.model_dump(mode="json"), rt.config.seed,
+                            METRICS_VERSION, [[u, list(m)] for u, m in rt.sanity_units])
+
+
 @shard_task(name="sanity-check", cache_policy=NO_CACHE, task_run_name="sanity-{explainer}")
 def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, Any]:
     """Cascading model-parameter randomisation for one explainer on the first samples.
@@ -38,13 +51,11 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     names = [e.name for e in rt.config.explain.explainers]
     k = names.index(explainer)
     n = min(rt.config.sanity.samples, len(rt.source))
-    shards = [s for s in storage.plan_shards(len(rt.source), rt.config.shard_size) if s.start < n]
+    shards = sanity_shards(rt)
     records = [storage.get_record(path, "explain", s.index, k) for s in shards]
     if 0 in records:
         raise RuntimeError(f"sanity {explainer}: its explain shards {[s.index for s in shards]} are not all done")
-    expected = storage.digest64("sanity", records, rt.config.sanity.model_dump(mode="json"), rt.config.seed,
-                                METRICS_VERSION,
-                                [[u, list(m)] for u, m in rt.sanity_units])
+    expected = expected_record(rt, records)
     whole = Shard(0, 0, n)
     if storage.get_record(path, "sanity", k) == expected:
         return common.receipt("sanity", whole, True, t0, explainer=explainer)

@@ -87,6 +87,10 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
 
 
 def test_rerun_rewrites_nothing(reference_run) -> None:
+    from tasks.stages.plan import nothing_to_do, plan_run
+
+    plan = plan_run(parse_config(SMALL).model_dump_json(), reference_run)
+    assert nothing_to_do(plan, reference_run)  # the CLI then starts no flow and no server
     before = _files(reference_run / "store.zarr")
     result = _run(SMALL, reference_run)
     assert _files(reference_run / "store.zarr") == before
@@ -103,7 +107,14 @@ def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -
     before = _files(store)
     changed = json.loads(json.dumps(SMALL))
     changed["explain"]["explainers"][1]["params"] = {"layer": "block3"}
+    from tasks.stages.plan import plan_run
+
+    plan = plan_run(parse_config(changed).model_dump_json(), run_dir)  # predicted before any work
     result = _run(changed, run_dir)
+    assert plan["store"] == "ready"
+    assert {st: c["computed"] for st, c in plan["stages"].items()} == \
+        {st: c["computed"] for st, c in result["counts"].items()}
+    assert plan["explainers"]["grad_cam"]["explain"] == {"computed": 3, "reused": 0}
     assert result["counts"]["load"]["computed"] == 0 and result["counts"]["neurons"]["computed"] == 0
     assert result["counts"]["explain"] == {"computed": 3, "reused": 3, "failed": 0}
     assert result["counts"]["evaluate"] == {"computed": 3, "reused": 3, "failed": 0}

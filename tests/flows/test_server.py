@@ -1,0 +1,88 @@
+"""The temporary Prefect server of a run dies with the run, however the run ends, and a
+server that does not come up is a clear error, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.flows.helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_killed_run_takes_its_temporary_server_with_it(tmp_path) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "tiny", "shard_size": 8, "data": {"n_samples": 8},
+                                   "explain": {"batch_size": 8, "explainers": [{"method": "saliency"}]},
+                                   "evaluate": {"steps": 8}, "neurons": {"enabled": False},
+                                   "sanity": {"enabled": False}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--run-dir", str(tmp_path / "run")],
+                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = None
+        deadline = time.monotonic() + 120
+        while server is None and time.monotonic() < deadline and run.poll() is None:
+            # the CLI re-executes itself once (same pid); the server is its uvicorn child
+            kids = [p for p in _children(run.pid) if b"uvicorn" in open(f"/proc/{p}/cmdline", "rb").read()]
+            server = kids[0] if kids else None
+            time.sleep(0.2)
+        assert server is not None, "the run started no temporary server"
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 15
+        while _alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server), f"the temporary server {server} outlived the killed run"
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+
+def test_a_server_that_does_not_answer_is_a_clear_error(monkeypatch) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.server import ServerStartError, prefect_api
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        with pytest.raises(ServerStartError, match="ATTRIFLOW_SERVER_TIMEOUT=300") as err:
+            with prefect_api(timeout=0.01):
+                pass
+    assert "did not answer within 0 s" in str(err.value) and "PREFECT_API_URL" in str(err.value)
+
+
+def test_a_finished_rerun_needs_no_prefect_server(reference_run, tmp_path) -> None:
+    """Every shard finished: `attriflow run` says so and exits without a flow, so an
+    unreachable PREFECT_API_URL does not matter (a flow would fail to connect)."""
+    from tests.flows.helpers import SMALL, cli
+
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    out = cli(["run", str(cfg), "--run-dir", str(reference_run)], {}, "http://127.0.0.1:9/api")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "nothing to compute" in out.stdout and "explain: 0 computed, 6 reused" in out.stdout
+    plan = cli(["plan", str(cfg), "--run-dir", str(reference_run), "--json"], {}, "http://127.0.0.1:9/api")
+    assert json.loads(plan.stdout)["stages"]["evaluate"] == {"computed": 0, "reused": 6}
