@@ -29,9 +29,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.storage import RunLockedError, run_lock
 
     try:  # model, data and explainers checked before Prefect starts or the run directory exists
-        get_runtime(cfg.model_dump_json())  # cached: the flow in this process reuses it
+        rt = get_runtime(cfg.model_dump_json())  # cached: the flow in this process reuses it
     except planning_errors() as err:
         return _fail(str(err), 1)
+    skipped = rt.source.skipped
+    if skipped:  # said now, not only at the end of the report
+        shown = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+        more = f"; ... ({len(skipped)} in all, listed in the manifest and the report)" if len(skipped) > 3 else ""
+        print(f"attriflow: warning: {len(skipped)} input file(s) skipped: {shown}{more}", file=sys.stderr)
 
     try:
         with run_lock(run_dir):  # fail at once, before Prefect starts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]]) -> l
     """Wait for futures with a progress bar; names of the ones that failed."""
     items = list(futures)
     failed = []
+    t0 = time.perf_counter()
     with tqdm(total=len(items), desc=stage, unit="shard", file=sys.stderr, disable=None) as bar:
         for label, fut in items:
             fut.wait()
@@ -40,6 +42,10 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]]) -> l
             if not state.is_completed():
                 failed.append(f"{label} ({state.name}: {state.message or ''})".strip())
             bar.update(1)
+        if bar.disable and items:  # no terminal (a log file, a batch job): one line per stage instead
+            print(f"{stage}: {len(items) - len(failed)}/{len(items)} shard task(s) done"
+                  f"{f', {len(failed)} failed' if failed else ''} (waited {time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
     return failed
 
 

@@ -82,10 +82,16 @@ def _last_line(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- weights
+#: Entries of a training checkpoint that hold the weights, in order of preference.
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from ``path``: ``torch.load(weights_only=True)``, or safetensors for a
-    ``.safetensors`` file (timm's Hugging Face checkpoints). A checkpoint dict holding a
-    ``state_dict`` entry is unwrapped.
+    ``.safetensors`` file (timm's Hugging Face checkpoints). A training checkpoint (a dict
+    whose weights are under ``state_dict``, ``model``, ``model_state_dict`` or
+    ``state_dict_ema``, as torchvision's and timm's training scripts save them) is unwrapped,
+    and the ``module.`` prefix of a DataParallel / DDP model is removed.
 
     Parameters
     ----------
@@ -130,8 +136,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "If you trust the file, convert it once to a plain state dict: "
             "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth')"
         ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    for key in CHECKPOINT_KEYS:  # a training checkpoint: the weights are one of its entries
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and \
+                not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            obj = obj[key]
+            break
+    if isinstance(obj, dict) and any(isinstance(k, str) and k.startswith("module.") for k in obj) and \
+            all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}  # saved from DataParallel / DDP
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{str(path)!r} does not hold a state dict")
     return obj
@@ -170,7 +182,13 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], path
             parts.append(f"unexpected keys: {', '.join(unexpected[:10])}")
         if mismatched:
             parts.append(f"shape mismatches (file vs model): {', '.join(mismatched[:10])}")
-        raise ModelLoadError(f"weights {str(path)!r} do not match the architecture; " + "; ".join(parts))
+        hint = ""
+        heads = [k for k in state if k in own and isinstance(state[k], torch.Tensor) and state[k].dim() >= 1
+                 and tuple(own[k].shape) != tuple(state[k].shape) and state[k].shape[1:] == own[k].shape[1:]]
+        if heads and not missing and not unexpected:  # only the classifier's output count differs
+            hint = (f"; the file's classifier has {int(state[heads[-1]].shape[0])} outputs: set model.num_classes: "
+                    f"{int(state[heads[-1]].shape[0])} (a factory: pass it in model.kwargs)")
+        raise ModelLoadError(f"weights {str(path)!r} do not match the architecture; " + "; ".join(parts) + hint)
     module.load_state_dict(state)
 
 

@@ -35,8 +35,23 @@ def test_torchvision_model_from_local_weights(tmp_path) -> None:
 def test_mismatched_weights_name_the_keys(tmp_path) -> None:
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=5).state_dict(), path)
-    with pytest.raises(ModelLoadError, match=r"fc.weight \(5, 512\) vs \(1000, 512\)"):
+    with pytest.raises(ModelLoadError, match=r"fc.weight \(5, 512\) vs \(1000, 512\).*model.num_classes: 5"):
         build_model(ModelConfig(arch="resnet18", weights=str(path)))
+
+
+@pytest.mark.parametrize("wrap", ["model", "state_dict_ema", "ddp"])
+def test_training_checkpoints_are_unwrapped(tmp_path, wrap) -> None:
+    """torchvision's reference scripts save {"model": ..., "optimizer": ...}; timm's may keep
+    an EMA copy; DataParallel prefixes every key with "module."."""
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    state = net.state_dict()
+    obj = ({f"module.{k}": v for k, v in state.items()} if wrap == "ddp"
+           else {wrap: state, "epoch": 7, "optimizer": {"lr": 0.1}})
+    torch.save(obj, tmp_path / "ckpt.pth")
+    loaded = build_model(ModelConfig(arch="resnet18", weights=str(tmp_path / "ckpt.pth"), num_classes=3))
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(loaded.module(x), net(x))
 
 
 def test_pickled_checkpoint_is_refused(tmp_path) -> None:
