@@ -110,8 +110,17 @@ def _run_flow(cfg: Any, run_dir: Path) -> int:
     from flows.server import ServerStartError, prefect_api
 
     try:
-        with prefect_api():  # PREFECT_API_URL, or a temporary server that dies with this process
-            result = execute(cfg, str(run_dir))
+        with prefect_api(stop_at_exit=True):  # PREFECT_API_URL, or a temporary server that dies with us
+            try:
+                result = execute(cfg, str(run_dir))
+            except KeyboardInterrupt:
+                print("attriflow: interrupted: letting the running shard tasks finish (Ctrl-C again to "
+                      "stop at once)", file=sys.stderr, flush=True)
+                _join_task_threads()
+                return _fail(f"interrupted: finished shards are kept in {run_dir}; run the same command to "
+                             "resume (`attriflow plan` shows what is left)", 130)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        return _fail(f"interrupted: finished shards are kept in {run_dir}", 130)
     except (RunFailedError, StoreLayoutError, ServerStartError, *planning_errors()) as err:
         return _fail(str(err), 1)
     print(f"store:   {result['store']}")
@@ -119,6 +128,18 @@ def _run_flow(cfg: Any, run_dir: Path) -> int:
     print(f"summary: {result['report']}")
     _print_counts(result["counts"])
     return 0
+
+
+def _join_task_threads(timeout: float = 300.0) -> None:
+    """Wait for the task runner's worker threads (their running shard tasks) to end, so that
+    they finish writing and logging while the Prefect API is still there."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon and t.name.startswith("ThreadPoolExecutor"):
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def status_of(run_dir: Path) -> dict[str, Any]:

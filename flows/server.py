@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import IO
@@ -89,7 +90,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def prefect_api(timeout: float | None = None) -> Iterator[str]:
+def prefect_api(timeout: float | None = None, stop_at_exit: bool = False) -> Iterator[str]:
     """The Prefect API URL for one run, starting a temporary server when none is configured.
 
     Parameters
@@ -97,6 +98,11 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
     timeout : float, optional
         Seconds to wait for the temporary server's health check, per attempt (two attempts);
         default ``ATTRIFLOW_SERVER_TIMEOUT`` or 90.
+    stop_at_exit : bool
+        Stop the temporary server when the interpreter shuts down, after Prefect has sent
+        its last logs and events (their senders stop at thread shutdown, registered after
+        this one, so they run first), instead of when the context exits. For a process that
+        ends after the run (the CLI); the server dies with the process in any case.
 
     Yields
     ------
@@ -140,9 +146,25 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
             f"the temporary Prefect server {problem} (twice). On a busy machine wait longer "
             "(ATTRIFLOW_SERVER_TIMEOUT=300 attriflow run ...) or start one server and reuse it: "
             "`prefect server start` in another shell, then PREFECT_API_URL=http://127.0.0.1:4200/api")
+    if stop_at_exit:
+        threading._register_atexit(_stop, proc)  # type: ignore[attr-defined]  # as Prefect's services do
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                _flush_logs()  # Prefect's log records reach the server before it stops
     finally:
-        _stop(proc)
-        log.close()
+        if not stop_at_exit:
+            _stop(proc)
+            log.close()
+
+
+def _flush_logs() -> None:
+    """Send Prefect's queued log records to the API now (they are sent in the background)."""
+    try:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()
+    except Exception:  # noqa: BLE001 - a log that cannot be sent must not hide the run's outcome
+        pass

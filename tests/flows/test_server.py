@@ -86,3 +86,42 @@ def test_a_finished_rerun_needs_no_prefect_server(reference_run, tmp_path) -> No
     assert "nothing to compute" in out.stdout and "explain: 0 computed, 6 reused" in out.stdout
     plan = cli(["plan", str(cfg), "--run-dir", str(reference_run), "--json"], {}, "http://127.0.0.1:9/api")
     assert json.loads(plan.stdout)["stages"]["evaluate"] == {"computed": 0, "reused": 6}
+
+
+def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path) -> None:
+    """SIGINT (a terminal's Ctrl-C) while shards run: the running tasks finish, the run says
+    how to resume and exits 130 without a traceback, its server is gone, and a rerun
+    computes only what is left."""
+    cfg = tmp_path / "slow.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "slow", "shard_size": 4, "data": {"n_samples": 16},
+        "explain": {"batch_size": 8, "explainers": [
+            {"method": "saliency"}, {"method": "occlusion", "params": {"window": 8, "stride": 4}}]},
+        "evaluate": {"steps": 8}, "neurons": {"enabled": False}, "sanity": {"enabled": False}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    run_dir = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--run-dir", str(run_dir)],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in run.stderr:  # one line per stage when not a terminal: interrupt after the loads
+            lines.append(line)
+            if line.startswith("load: "):
+                break
+        server = [p for p in _children(run.pid) if b"uvicorn" in open(f"/proc/{p}/cmdline", "rb").read()]
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    err = "".join(lines) + err
+    assert run.returncode == 130, err[-3000:]
+    assert "run the same command to resume" in err and "Traceback" not in err
+    assert server and not any(_alive(p) for p in server)
+    from tasks.config import load_config
+    from tasks.stages.plan import plan_run
+
+    plan = plan_run(load_config(cfg).model_dump_json(), run_dir)
+    assert plan["stages"]["load"] == {"computed": 0, "reused": 4}  # finished shards kept
+    assert 0 < plan["stages"]["explain"]["computed"] < 8  # the interrupted work is what is left
