@@ -40,11 +40,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         with run_lock(run_dir):  # fail at once, before Prefect starts
-            plan = plan_run(cfg.model_dump_json(), run_dir)
-            if nothing_to_do(plan, run_dir):  # finished: no flow, no Prefect server
-                print(f"nothing to compute: every shard of {run_dir} is finished and its report written")
-                _print_counts({st: {**c, "computed": 0} for st, c in plan["stages"].items()})
-                return 0
+            if (run_dir / "report" / "summary.md").exists():  # a finished run: no flow, no Prefect server
+                plan = plan_run(cfg.model_dump_json(), run_dir, stop_early=True)
+                if nothing_to_do(plan, run_dir):
+                    print(f"nothing to compute: every shard of {run_dir} is finished and its report written")
+                    _print_counts(plan["stages"])
+                    return 0
             # the flow takes the same lock again in this process (re-entrant)
             return _run_flow(cfg, run_dir)
     except RunLockedError as err:

@@ -21,7 +21,11 @@ from tasks.stages.prepare import _layout
 STAGES = ("load", "explain", "neurons", "evaluate", "sanity")
 
 
-def plan_run(config_json: str, run_dir: str | Path) -> dict[str, Any]:
+class _WorkFound(Exception):
+    """Raised by the early-stopping plan at the first shard that would be computed."""
+
+
+def plan_run(config_json: str, run_dir: str | Path, stop_early: bool = False) -> dict[str, Any]:
     """Per stage, the shards a run of the config into ``run_dir`` would compute and reuse.
 
     Parameters
@@ -30,12 +34,15 @@ def plan_run(config_json: str, run_dir: str | Path) -> dict[str, Any]:
         The validated run config as JSON.
     run_dir : str or Path
         The run directory.
+    stop_early : bool
+        Stop at the first shard that would be computed (``store: "work"``, counts partial):
+        enough to know that a flow is needed, without decoding every image.
 
     Returns
     -------
     dict
-        ``store``: ``new`` (no store yet: everything is computed), ``ready`` or
-        ``other-layout`` (the run would be refused); ``stages``: per stage ``{"computed":
+        ``store``: ``new`` (no store yet: everything is computed), ``ready``,
+        ``other-layout`` (the run would be refused) or, with ``stop_early``, ``work``; ``stages``: per stage ``{"computed":
         n, "reused": m}`` (``neurons`` / ``sanity`` are empty when disabled); ``explainers``:
         the same per explainer for explain, evaluate and sanity.
 
@@ -61,6 +68,8 @@ def plan_run(config_json: str, run_dir: str | Path) -> dict[str, Any]:
 
     def tally(stage: str, done: bool, name: str | None = None) -> None:
         key = "reused" if done else "computed"
+        if stop_early and not done:
+            raise _WorkFound
         counts[stage][key] += 1
         if name is not None:
             per[name][stage][key] += 1
@@ -71,6 +80,17 @@ def plan_run(config_json: str, run_dir: str | Path) -> dict[str, Any]:
             return 0
         return int(arr[shard] if k is None else arr[k, shard])
 
+    if stop_early and state != "ready":
+        return {"store": state, "stages": counts, "explainers": per}
+    try:
+        _tally_all(rt, shards, names, stored, tally)
+    except _WorkFound:
+        return {"store": "work", "stages": counts, "explainers": per}
+    return {"store": state, "stages": counts, "explainers": per}
+
+
+def _tally_all(rt: Any, shards: list[Any], names: list[str], stored: Any, tally: Any) -> None:
+    cfg = rt.config
     explain_expected: dict[tuple[int, int], int] = {}
     for s in shards:
         batch = rt.source.load(s.start, s.stop)
@@ -88,7 +108,6 @@ def plan_run(config_json: str, run_dir: str | Path) -> dict[str, Any]:
         for k, name in enumerate(names):
             rec = sanity.expected_record(rt, [explain_expected[(k, s.index)] for s in first])
             tally("sanity", stored("sanity", k) == rec, name)
-    return {"store": state, "stages": counts, "explainers": per}
 
 
 def nothing_to_do(plan: dict[str, Any], run_dir: str | Path) -> bool:
