@@ -53,3 +53,23 @@ def stored_targets(path: Path, rt: Any, shard: Shard) -> torch.Tensor:
     group = zarr.open_group(str(path), mode="r")
     name = "prediction" if rt.config.explain.target == "prediction" else "label"
     return torch.from_numpy(np.asarray(group[name][shard.start : shard.stop], dtype=np.int64))
+
+
+def explainer_index(rt: Any, name: str) -> int:
+    """Position of explainer ``name`` in the run's config: its index on the store's
+    ``explainer`` axis and in the per-explainer records."""
+    return [e.name for e in rt.config.explain.explainers].index(name)
+
+
+def finished_record(path: Any, stage: str, shard: int, explainer: int | None, task: str) -> int:
+    """The completion record of the upstream ``stage`` shard a task builds on.
+
+    Raises
+    ------
+    RuntimeError
+        ``"<task>: its <stage> shard is not done"`` when that shard has no record.
+    """
+    record = storage.get_record(path, stage, shard, explainer)
+    if record == 0:
+        raise RuntimeError(f"{task}: its {stage} shard is not done")
+    return record

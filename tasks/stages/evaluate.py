@@ -27,7 +27,7 @@ from tasks.runtime import (
     get_runtime,
 )
 from tasks.stages import common
-from tasks.stages.common import shard_task, store_path, stored_targets
+from tasks.stages.common import explainer_index, finished_record, shard_task, store_path, stored_targets
 from tasks.storage import Shard
 
 
@@ -43,11 +43,8 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
     t0 = time.perf_counter()
     rt = get_runtime(config_json)
     path = store_path(run_dir)
-    names = [e.name for e in rt.config.explain.explainers]
-    k = names.index(explainer)
-    explain_record = storage.get_record(path, "explain", shard.index, k)
-    if explain_record == 0:
-        raise RuntimeError(f"evaluate {explainer} shard {shard.index}: its explain shard is not done")
+    k = explainer_index(rt, explainer)
+    explain_record = finished_record(path, "explain", shard.index, k, f"evaluate {explainer} shard {shard.index}")
     ev = rt.config.evaluate
     expected = expected_record(rt, explain_record)
     if storage.get_record(path, "evaluate", shard.index, k) == expected:

@@ -18,7 +18,7 @@ from tasks.runtime import (
     get_runtime,
 )
 from tasks.stages import common
-from tasks.stages.common import shard_task, store_path, stored_targets
+from tasks.stages.common import explainer_index, finished_record, shard_task, store_path, stored_targets
 from tasks.storage import Shard
 
 
@@ -63,12 +63,9 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     t0 = time.perf_counter()
     rt = get_runtime(config_json)
     path = store_path(run_dir)
-    names = [e.name for e in rt.config.explain.explainers]
-    k = names.index(explainer)
+    k = explainer_index(rt, explainer)
     exp = rt.explainers[explainer]
-    load_record = storage.get_record(path, "load", shard.index)
-    if load_record == 0:
-        raise RuntimeError(f"explain {explainer} shard {shard.index}: its load shard is not done")
+    load_record = finished_record(path, "load", shard.index, None, f"explain {explainer} shard {shard.index}")
     expected = expected_record(rt, explainer, load_record)
     if storage.get_record(path, "explain", shard.index, k) == expected:
         return common.receipt("explain", shard, True, t0, explainer=explainer)

@@ -16,7 +16,7 @@ from tasks.runtime import (
     get_runtime,
 )
 from tasks.stages import common
-from tasks.stages.common import shard_task, store_path, stored_targets
+from tasks.stages.common import finished_record, shard_task, store_path, stored_targets
 from tasks.storage import Shard
 
 
@@ -59,9 +59,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
     rt = get_runtime(config_json)
     path = store_path(run_dir)
     nc = rt.config.neurons
-    load_record = storage.get_record(path, "load", shard.index)
-    if load_record == 0:
-        raise RuntimeError(f"neurons shard {shard.index}: its load shard is not done")
+    load_record = finished_record(path, "load", shard.index, None, f"neurons shard {shard.index}")
     expected = expected_record(rt, load_record)
     if storage.get_record(path, "neurons", shard.index) == expected:
         return common.receipt("neurons", shard, True, t0)

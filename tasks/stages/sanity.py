@@ -18,7 +18,7 @@ from tasks.runtime import (
     get_runtime,
 )
 from tasks.stages import common
-from tasks.stages.common import shard_task, store_path, stored_targets
+from tasks.stages.common import explainer_index, shard_task, store_path, stored_targets
 from tasks.storage import Shard
 
 
@@ -48,8 +48,7 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     t0 = time.perf_counter()
     rt = get_runtime(config_json)
     path = store_path(run_dir)
-    names = [e.name for e in rt.config.explain.explainers]
-    k = names.index(explainer)
+    k = explainer_index(rt, explainer)
     n = min(rt.config.sanity.samples, len(rt.source))
     shards = sanity_shards(rt)
     records = [storage.get_record(path, "explain", s.index, k) for s in shards]
