@@ -31,6 +31,7 @@ class ReportOptions:
     seed: int = 0
     threshold: float = 0.5
     grid_samples: int = 6
+    include_inactive: bool = False  # also the store's entries the config no longer uses
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> ReportOptions:
@@ -43,6 +44,7 @@ class ReportOptions:
             seed=int(manifest.get("seed", cls.seed)),
             threshold=float(san.get("threshold", cls.threshold)),
             grid_samples=int(rep.get("grid_samples", cls.grid_samples)),
+            include_inactive=bool(rep.get("include_inactive", False)),
         )
 
 
@@ -170,6 +172,8 @@ def cost_table(ds: xr.Dataset) -> pd.DataFrame:
     n = ds.sizes["sample"]
     shard = int(manifest.get("config", {}).get("shard_size", n)) or n
     sizes = np.array([min(shard, n - s) for s in range(0, n, shard)], dtype=np.float64)
+    if "shard_samples" in ds.coords:  # a store's current view: the configured samples of each shard
+        sizes = np.asarray(ds["shard_samples"].values, dtype=np.float64)
     rows = []
     for i in explainer_order(ds):
         row: dict[str, Any] = {"family": str(ds["family"].values[i]), "explainer": str(ds["explainer"].values[i])}

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 SPLIT_SIZES = {"train": 6000, "test": 1000}
+#: Bumped whenever rendering changes: run stores identify embedded samples by it.
+RENDER_VERSION = 1
 #: Mean and standard deviation the reference CNN normalises with (per RGB channel).
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)

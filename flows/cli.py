@@ -1,4 +1,4 @@
-"""The ``attriflow`` command line: run, status, methods, report, train-reference."""
+"""The ``attriflow`` command line: run, plan, gc, migrate, status, methods, report, train-reference."""
 
 from __future__ import annotations
 
@@ -43,7 +43,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             if (run_dir / "report" / "summary.md").exists():  # a finished run: no flow, no Prefect server
                 plan = plan_run(cfg.model_dump_json(), run_dir, stop_early=True)
                 if nothing_to_do(plan, run_dir):
-                    print(f"nothing to compute: every shard of {run_dir} is finished and its report written")
+                    if plan["config_changed"]:  # e.g. a dropped explainer: new selection, new report
+                        from tasks.stages import prepare_run, render_report
+
+                        prepare_run.fn(cfg.model_dump_json(), str(run_dir))
+                        render_report(run_dir)
+                        print(f"nothing to compute: every shard of {run_dir} is finished; the store's selection "
+                              "and the report were updated for this config")
+                    else:
+                        print(f"nothing to compute: every shard of {run_dir} is finished and its report written")
                     _print_counts(plan["stages"])
                     return 0
             # the flow takes the same lock again in this process (re-entrant)
@@ -75,16 +83,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
+    print_plan(plan, run_dir)
+    return 0
+
+
+def print_plan(plan: dict[str, Any], run_dir: Path) -> None:
+    """The plan in words: the store's state, counts per stage and explainer, what is kept inactive."""
     state = {"new": "no store yet: everything is computed",
              "ready": "store found: finished shards are reused",
-             "other-layout": "the store has another layout: `attriflow run` would refuse this run directory"}
+             "grows": (f"store found; it grows by {plan['new_entries']} entr{'y' if plan['new_entries'] == 1 else 'ies'}"
+                       f" and {plan['new_samples']} sample(s); finished shards are reused"),
+             "other-layout": f"`attriflow run` would refuse this run directory: {plan.get('reason', '')}"}
     print(f"{run_dir}: {state[plan['store']]}")
+    if plan["store"] == "other-layout":
+        return
+    if plan["stored_samples"]:
+        print(f"  samples: {plan['samples']} configured, {plan['stored_samples'] + plan['new_samples']} in the store")
     _print_counts(plan["stages"])
     for name, stages in plan["explainers"].items():
         parts = ", ".join(f"{st} {c['computed']} computed / {c['reused']} reused" for st, c in stages.items()
-                          if c["computed"] or c["reused"])
-        print(f"  {name}: {parts}")
-    return 0
+                          if isinstance(c, dict) and (c["computed"] or c["reused"]))
+        print(f"  {name} ({stages['entry']}): {parts}")
+    for feature in plan["recreated"]:
+        print(f"  {feature}: its settings changed; its results are redone")
+    if plan["inactive"]:
+        print(f"  kept inactive (in the store, not in the report; `attriflow gc` lists and removes them): "
+              f"{', '.join(plan['inactive'])}")
 
 
 def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
@@ -105,10 +129,9 @@ def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
 
 def _run_flow(cfg: Any, run_dir: Path) -> int:
     from flows.run import RunFailedError, execute
+    from flows.server import ServerStartError, prefect_api
     from tasks.runtime import planning_errors
     from tasks.storage import StoreLayoutError
-
-    from flows.server import ServerStartError, prefect_api
 
     try:
         with prefect_api(stop_at_exit=True):  # PREFECT_API_URL, or a temporary server that dies with us
@@ -144,33 +167,36 @@ def _join_task_threads(timeout: float = 300.0) -> None:
 
 
 def status_of(run_dir: Path) -> dict[str, Any]:
-    """Done and total shards per stage and explainer, read from the store's records."""
-    from tasks.stages import store_path
-    from tasks.storage import open_dataset, read_records
+    """Done and total shards per stage and explainer of the store's current config (the shards
+    holding its samples; its entries), read from the store's records."""
+    import numpy as np
 
-    from tasks.storage import exists
+    from tasks.stages import store_path
+    from tasks.storage import exists, open_dataset, read_records
 
     path = store_path(run_dir)
     if not exists(path):
         raise FileNotFoundError(f"no store at {str(path)!r}")
     ds = open_dataset(path)
     records = read_records(path)
-    n_shards = int(records["load"].shape[0])
-    out: dict[str, Any] = {"run_dir": str(run_dir), "n_samples": int(ds.sizes["sample"]),
-                           "n_shards": n_shards, "stages": {}}
-    out["stages"]["load"] = {"done": int((records["load"] != 0).sum()), "total": n_shards}
+    size = int(json.loads(ds.attrs["fixed"])["shard_size"])
+    shards = np.unique(np.flatnonzero(ds["sample_order"].values >= 0) // size)
+    order = ds["active_order"].values
+    active = [int(i) for i in np.flatnonzero(order >= 0)[np.argsort(order[order >= 0], kind="stable")]]
+    names = [str(ds["explainer"].values[i]) for i in active]
+    n_shards = len(shards)
+    out: dict[str, Any] = {"run_dir": str(run_dir), "n_samples": int((ds["sample_order"].values >= 0).sum()),
+                           "stored_samples": int(ds.sizes["sample"]), "n_shards": n_shards,
+                           "inactive": [str(x) for x in ds["entry"].values[order < 0]], "stages": {}}
+    out["stages"]["load"] = {"done": int((records["load"][shards] != 0).sum()), "total": n_shards}
     if "neurons" in records:
-        out["stages"]["neurons"] = {"done": int((records["neurons"] != 0).sum()), "total": n_shards}
+        out["stages"]["neurons"] = {"done": int((records["neurons"][shards] != 0).sum()), "total": n_shards}
     if "sanity" in records:
-        out["stages"]["sanity"] = {
-            str(name): {"done": int(records["sanity"][i] != 0), "total": 1}
-            for i, name in enumerate(ds["explainer"].values)
-        }
+        out["stages"]["sanity"] = {name: {"done": int(records["sanity"][i] != 0), "total": 1}
+                                   for i, name in zip(active, names)}
     for stage in ("explain", "evaluate"):
-        out["stages"][stage] = {
-            str(name): {"done": int((records[stage][i] != 0).sum()), "total": n_shards}
-            for i, name in enumerate(ds["explainer"].values)
-        }
+        out["stages"][stage] = {name: {"done": int((records[stage][i][shards] != 0).sum()), "total": n_shards}
+                                for i, name in zip(active, names)}
     return out
 
 
@@ -183,6 +209,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0
     print(f"{st['run_dir']}: {st['n_samples']} samples in {st['n_shards']} shards")
+    if st["inactive"]:
+        print(f"  kept inactive: {', '.join(st['inactive'])}")
     load = st["stages"]["load"]
     print(f"  load      {load['done']}/{load['total']}")
     if "neurons" in st["stages"]:
@@ -190,6 +218,59 @@ def cmd_status(args: argparse.Namespace) -> int:
     for stage in ("explain", "evaluate", "sanity"):
         for name, c in st["stages"].get(stage, {}).items():
             print(f"  {stage:<9} {name:<24} {c['done']}/{c['total']}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """List the store's inactive entries; with ``--delete``, remove them."""
+    from tasks.stages import store_path
+    from tasks.storage import RunLockedError, exists, inactive_entries, remove_inactive, run_lock
+
+    run_dir = Path(args.run_dir)
+    path = store_path(run_dir)
+    if not exists(path):
+        return _fail(f"no store at {str(path)!r}")
+    try:
+        with run_lock(run_dir):
+            rows = inactive_entries(path)
+            if args.json and not args.delete:
+                print(json.dumps(rows, indent=2))
+                return 0
+            if not rows:
+                print(f"{run_dir}: no inactive entry")
+                return 0
+            for r in rows:
+                size = "" if r["attribution_bytes"] is None else f", {r['attribution_bytes'] / 2**20:.1f} MiB of maps"
+                print(f"  {r['entry']:<28} {r['method']} {json.dumps(r['params'])} "
+                      f"({r['explain_shards_done']} explain shard(s) done{size})")
+            if not args.delete:
+                print(f"{len(rows)} inactive entr{'y' if len(rows) == 1 else 'ies'}; `attriflow gc {run_dir} --delete` "
+                      "removes them")
+                return 0
+            try:
+                removed = remove_inactive(path)
+            except ValueError as err:
+                return _fail(str(err))
+            print(f"removed {len(removed)} inactive entr{'y' if len(removed) == 1 else 'ies'}")
+            return 0
+    except RunLockedError as err:
+        return _fail(str(err))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Convert a store written by an older attriflow (schema 2) in place."""
+    from tasks.migrate import MigrationError, migrate
+    from tasks.storage import RunLockedError, run_lock
+
+    run_dir = Path(args.run_dir)
+    try:
+        with run_lock(run_dir):
+            result = migrate(run_dir)
+    except (MigrationError, RunLockedError, FileNotFoundError) as err:
+        return _fail(str(err))
+    print(f"migrated {run_dir} to store schema 3 (old metadata in {result['backup']})")
+    for stage, kept in result["kept"].items():
+        print(f"{stage:>9}: {kept} record(s) kept, {result['cleared'][stage]} to redo")
     return 0
 
 
@@ -307,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("gc", help="list the store's inactive entries (dropped explainers, earlier settings); "
+                                  "--delete removes them")
+    p.add_argument("run_dir")
+    p.add_argument("--delete", action="store_true", help="remove the inactive entries from the store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc)
+    p = sub.add_parser("migrate", help="convert a run directory's store written by an older attriflow in place")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_migrate)
     p = sub.add_parser("status", help="done/total shards per stage and explainer")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")

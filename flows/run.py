@@ -111,7 +111,7 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
             key: evaluate_task.submit(config_json, run_dir, key[0], s, wait_for=[explains[key]])
             for key in explains for s in shards if s.index == key[1]
         }
-        first = [s for s in shards if s.start < config.sanity.samples]
+        first = [s for s in shards if s.index in plan["sanity_shards"]]
         sanity = {
             e: sanity_task.submit(config_json, run_dir, e, wait_for=[explains[(e, s.index)] for s in first])
             for e in plan["explainers"] if config.sanity.enabled

@@ -293,9 +293,12 @@ class SanityConfig(_Strict):
 
 class ReportConfig(_Strict):
     """The report: ``grid_samples`` images in the map grid (kept as 8-bit previews in the
-    store), ``bootstrap`` resamples for the 95 % intervals (seeded by the run seed)."""
+    store), ``bootstrap`` resamples for the 95 % intervals (seeded by the run seed);
+    ``include_inactive``: also show the store's entries the config no longer uses (dropped
+    explainers, earlier parameter settings), labelled ``name@digest``."""
 
     grid_samples: int = Field(6, ge=1, le=64)
+    include_inactive: bool = False
     bootstrap: int = Field(1000, ge=100, le=100_000)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 

@@ -21,6 +21,8 @@ are checked in order until ``data.n_samples`` usable ones are found.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.embedded import CLASSES, MAX_RENDER_SIZE, SPLIT_SIZES, make_split
+from data.embedded import CLASSES, MAX_RENDER_SIZE, RENDER_VERSION, SPLIT_SIZES, make_split
 from tasks.annotations import Obj, largest, parse_voc, read_coco, read_manifest
 from tasks.classes import ClassNamesError, class_names
 from tasks.config import DataConfig
@@ -126,7 +128,13 @@ class DatasetSource:
     size : tuple of int
         ``(H, W)`` of every image, in pixels.
     sample_ids, sample_names : tuple
-        Position-independent id and name (file path, relative where possible) per sample.
+        Position-independent id (the embedded dataset's index; a 63-bit digest of the name
+        for files) and name (file path, relative where possible) per sample.
+    sample_keys : tuple of str
+        Each sample's identity in a run store, ``name#digest``: the digest covers the file's
+        bytes (the embedded dataset: its split, seed and index), the label and the
+        annotated objects, so a store recognises a sample after the folder is reordered
+        or grown, and a changed file or annotation is a new sample.
     has_mask, has_box : bool
         Whether the dataset has ground truth (annotated files: boxes, masks made from them).
     preprocess : Preprocess
@@ -148,9 +156,28 @@ class DatasetSource:
     skipped: list[dict[str, str]] = field(default_factory=list)
     boxes_dropped: int = 0
     boxes_clipped: int = 0
+    sample_keys: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    def load_at(self, positions: Sequence[int]) -> Batch:
+        """Samples at ``positions`` (this source's order, any order), loaded by contiguous runs."""
+        runs: list[list[int]] = []
+        for p in positions:
+            if runs and p == runs[-1][-1] + 1:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        parts = [self.load(r[0], r[-1] + 1) for r in runs]
+        if len(parts) == 1:
+            return parts[0]
+        h, w = self.size
+        cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
+        objects = None if parts[0].objects is None else [o for b in parts for o in b.objects]
+        images = np.concatenate([b.images for b in parts]) if parts else np.zeros((0, 3, h, w), np.float32)
+        return Batch(images, np.concatenate([b.labels for b in parts]), cat([b.masks for b in parts]),
+                     cat([b.boxes for b in parts]), objects)
 
     def load(self, start: int, stop: int) -> Batch:
         """Samples ``start:stop`` (positions in this source's order).
@@ -345,14 +372,59 @@ def _build(cfg: DataConfig, preprocess: Preprocess, desc: str, classes: tuple[st
     if not kept:
         first = f"; first: {skipped[0]['file']}: {skipped[0]['reason']}" if skipped else ""
         raise DatasetError(f"{desc}: no usable image found ({len(skipped)} skipped{first})")
+    keys = _unique([f"{it.name}#{_content_digest(it.path, it.label, objs)}" for it, objs in kept])
     return FileSource(
         description=desc, classes=classes, size=preprocess.size,
-        sample_ids=tuple(range(len(kept))), sample_names=tuple(it.name for it, _ in kept),
+        sample_ids=tuple(name_id(it.name) for it, _ in kept), sample_names=tuple(it.name for it, _ in kept),
+        sample_keys=keys,
         has_mask=has_box, has_box=has_box, preprocess=preprocess, skipped=skipped,
         boxes_dropped=dropped, boxes_clipped=clipped,
         files=tuple(it.path for it, _ in kept), labels=tuple(it.label for it, _ in kept),
         objects=tuple(o for _, o in kept) if has_box else None,
     )
+
+
+def data_files_stamp(cfg: DataConfig) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime_ns, size) of the dataset's folders and its manifest, annotation and class
+    files: adding, removing or renaming an image (or editing an annotation file) changes it,
+    so a process that reruns a config after the data changed lists the data again. A file
+    overwritten in place is seen by its content digest (``sample_keys``) when listed."""
+    if cfg.kind == "embedded":
+        return ()
+    out = []
+    for value in (cfg.root, cfg.path, cfg.annotations, cfg.classes if isinstance(cfg.classes, str) else None):
+        if not value:
+            continue
+        top = Path(value)
+        for p in [top, *(sorted(d for d in top.rglob("*") if d.is_dir()) if top.is_dir() else [])]:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((str(p), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def name_id(name: str) -> int:
+    """A file sample's stable id: 63 bits of the sha256 of its name (seeds derive from it,
+    so a reordered folder draws the same random numbers for each image)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _content_digest(path: Path, label: int, objects: Objects) -> str:
+    h = hashlib.sha256(path.read_bytes())
+    h.update(json.dumps([label, [[k, list(b)] for k, b in objects]]).encode())
+    return h.hexdigest()[:16]
+
+
+def _unique(keys: list[str]) -> tuple[str, ...]:
+    """Keys made unique (a manifest may list one file twice): repeats get ``~2``, ``~3`` ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        seen[k] = seen.get(k, 0) + 1
+        out.append(k if seen[k] == 1 else f"{k}~{seen[k]}")
+    return tuple(out)
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
@@ -494,6 +566,7 @@ def open_source(cfg: DataConfig, preprocess: Preprocess,
             description=f"embedded digits-on-textures, {cfg.split} split, seed {cfg.seed}",
             classes=CLASSES, size=preprocess.size, sample_ids=tuple(range(n)),
             sample_names=tuple(f"{cfg.split}-{i:05d}" for i in range(n)),
+            sample_keys=tuple(f"{cfg.split}-{i:05d}#embedded-v{RENDER_VERSION}-seed{cfg.seed}" for i in range(n)),
             has_mask=True, has_box=True, preprocess=preprocess, split=cfg.split, seed=cfg.seed,
         )
     build = {"imagefolder": _imagefolder, "voc": _voc, "manifest": _manifest, "coco": _coco}[cfg.kind]

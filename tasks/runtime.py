@@ -23,12 +23,12 @@ import torch
 
 from analysis.metrics.sanity import randomisation_units
 from explainers import Explainer, UnsupportedModelError, get_explainer
-from explainers._hooks import capture_outputs
 from explainers._batching import auto_batch_size
-from tasks.neurons import check_layers, conv_activation_layers
+from explainers._hooks import capture_outputs
 from tasks.config import RunConfig
-from tasks.datasets import DatasetSource, open_source, resolve_preprocess
+from tasks.datasets import DatasetSource, data_files_stamp, open_source, resolve_preprocess
 from tasks.models import LoadedModel, cached_model, check_model_output, model_files_stamp
+from tasks.neurons import check_layers, conv_activation_layers
 
 
 def worker_slot() -> int | None:
@@ -179,10 +179,11 @@ def _check_classes(cfg: RunConfig, source: DatasetSource, loaded: LoadedModel, n
 
 def get_runtime(config_json: str) -> Runtime:
     """Build (or reuse) the runtime of a config; raises the loaders' clear errors. Reused
-    while the config and the model's files (:func:`tasks.models.model_files_stamp`) are
-    unchanged, so a model file edited between two runs of one process is reloaded."""
+    while the config, the model's files (:func:`tasks.models.model_files_stamp`) and the
+    dataset's folders and files (:func:`tasks.datasets.data_files_stamp`) are unchanged, so
+    a model file edited or images added between two runs of one process are seen."""
     cfg = RunConfig.model_validate_json(config_json)
-    return _runtime(config_json, model_files_stamp(cfg.model))
+    return _runtime(config_json, model_files_stamp(cfg.model) + data_files_stamp(cfg.data))
 
 
 @functools.lru_cache(maxsize=2)

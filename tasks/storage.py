@@ -1,4 +1,4 @@
-"""The run store: one Zarr v3 group read and written through xarray.
+"""The run store: one Zarr v3 group read and written through xarray, grown in place.
 
 Layout (dims ``explainer, sample, y, x, metric, point, shard, corner``):
 
@@ -13,18 +13,42 @@ Layout (dims ``explainer, sample, y, x, metric, point, shard, corner``):
   ``explain_seconds(explainer, shard)``: wall time of each shard's attribution (the one
   non-reproducible variable, see ``NONDETERMINISTIC``);
 - ``sanity(explainer, sanity_sample, depth, similarity)``: cascading randomisation
-  similarities of the first samples' maps (coords ``randomised(depth)``: the unit
+  similarities of the config's first samples' maps (coords ``randomised(depth)``: the unit
   re-initialised at each depth, top first), record ``record_sanity(explainer)``;
-- ``preview(preview, y, x, rgb)``: the first images as uint8 for the report's figures;
+- ``preview(preview, y, x, rgb)``: the first stored images as uint8 for the report's figures;
 - ``score(explainer, sample, metric)`` and ``curve(explainer, sample, metric, point)``;
-- completion records ``record_load(shard)``, ``record_explain(explainer, shard)`` and
-  ``record_evaluate(explainer, shard)``: uint64 provenance digests, 0 = not done, one
-  chunk per element, each written only after the data it covers;
-- coordinates ``explainer``, ``family(explainer)``, ``method(explainer)``,
-  ``params(explainer)`` (JSON), ``sample`` (dataset index), ``sample_name(sample)``,
-  ``metric``, ``higher_is_better(metric)``;
-- group attrs: ``schema_version`` and ``manifest`` (JSON of the resolved config, its hash,
-  seed, package versions, git commit).
+- completion records ``record_load(shard)``, ``record_explain(explainer, shard)``,
+  ``record_evaluate(explainer, shard)`` (and ``record_neurons``, ``record_sanity``): uint64
+  provenance digests, 0 = not done, one chunk per element, each written only after the data
+  it covers;
+- coordinates ``explainer`` (the config's name of an active entry, ``entry`` for an inactive
+  one), ``entry`` (``name@digest``: the entry's identity), ``family``, ``method``,
+  ``params`` (JSON), ``active_order`` (the entry's position in the current config, -1 when
+  the config does not use it); ``sample`` (a stable id), ``sample_name``, ``sample_key``
+  (name and content digest: the sample's identity), ``sample_order`` (position in the current
+  config, -1 when not configured); ``metric``, ``higher_is_better(metric)``;
+- group attrs: ``schema_version``, ``fixed`` and ``features`` (JSON: what fixes the shapes)
+  and ``manifest`` (JSON of the current config, its hash, seed, package versions, git commit).
+
+Why one growing array per variable rather than one group per explainer
+-----------------------------------------------------------------------
+An experiment grows along two axes: entries (an added explainer, or a new parameter setting
+of one, kept as a versioned entry ``name@digest``) and samples (more images). Both are
+appended with Zarr's ``resize``: the chunk grid is ``(1, shard_size, ...)``, so a new entry
+or a new shard is a new row of chunks, and growing rewrites only array metadata; no chunk of
+a finished entry or shard is touched. One group per explainer would make adding an entry an
+atomic directory rename too, but the sample axis would still need resizing in every group,
+and a reader would have to stitch the groups; one dataset keeps ``xr.open_zarr(store)`` the
+whole experiment, ``explainer`` a plain dimension.
+
+Crash safety and readers: a grow resizes every data array first, then writes the new
+coordinate values, then the commit markers ``entry`` and ``sample_key`` (whose lengths are
+the committed sizes), then the consolidated metadata, which is what ``xr.open_zarr`` reads
+(written by an atomic rename, like every Zarr chunk and metadata file). An interrupted grow
+is redone by the next run from the committed sizes (array extents beyond them hold no
+recorded data: stages run only after a grow is committed), and a reader opening the store
+meanwhile sees the old consolidated snapshot: old shapes, whole chunks. Entries and samples
+never move, except by ``attriflow gc``, which writes a new store and swaps it in.
 
 Every write after initialisation is a region write aligned to whole chunks, so shards
 never touch the same chunk and concurrent writers cannot corrupt each other. A shard is
@@ -39,10 +63,11 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +77,9 @@ import xarray as xr
 import zarr
 
 from analysis.metrics.sanity import SIMILARITIES
-SCHEMA_VERSION = 2
+
+#: 3: growable axes (entries, samples), sample keys, active/selected coordinates.
+SCHEMA_VERSION = 3
 #: A store: a local path, or an fsspec URL (``memory://``, ``s3://`` ... with its backend installed).
 StoreRef = Path | str
 STORE_NAME = "store.zarr"
@@ -74,11 +101,23 @@ CURVE_METRICS = ("deletion_auc", "insertion_auc")
 STAGES = ("load", "explain", "evaluate", "neurons", "sanity")
 #: Wall-clock measurements: the only variables that differ between two identical runs.
 NONDETERMINISTIC = ("explain_seconds",)
+#: Dimensions that grow in place (``point``: the longest curve so far; shorter ones are NaN-padded).
+GROWING = ("explainer", "sample", "shard", "point", "metric")
+#: Coordinates whose length is the committed size of their axis (written last by a grow).
+MARKERS = {"explainer": "entry", "sample": "sample_key", "metric": "metric"}
+#: Optional parts of the store, recreated (their records cleared) when their shape changes.
+FEATURES: dict[str, tuple[str, ...]] = {
+    "neurons": ("record_neurons", "neuron_correlation", "neuron_precision", "selected_correlation",
+                "selected_precision", "overlap_code", "overlap_jaccard", "overlap_code_total",
+                "overlap_jaccard_total", "unit_box", "layer", "unit_layer", "unit_channel"),
+    "preview": ("preview",),
+    "sanity": ("sanity", "record_sanity", "depth", "randomised", "similarity"),
+}
 
 
 @dataclass(frozen=True)
 class Shard:
-    """A range of samples ``[start, stop)`` handled by one task; ``index`` is its number."""
+    """A range ``[start, stop)`` of the store's samples handled by one task; ``index`` is its number."""
 
     index: int
     start: int
@@ -101,57 +140,81 @@ def digest64(*parts: Any) -> int:
 
 
 @dataclass(frozen=True)
-class StoreLayout:
-    """Everything that fixes the shape of a store; a rerun must match it exactly."""
+class Entry:
+    """One explainer result set: ``key`` is ``name@digest`` (the digest covers the method, its
+    version and parameters, the seed, the target, the numerics and the model)."""
 
-    sample_ids: tuple[int, ...]
-    sample_names: tuple[str, ...]
+    key: str
+    name: str
+    family: str
+    method: str
+    params: str  # JSON of the resolved parameters
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """The shapes and coordinates of a store.
+
+    ``height``, ``width``, ``shard_size``, ``has_mask`` and ``has_box`` are fixed for a
+    store's life; entries, samples and metrics are appended; ``n_points`` only grows; the
+    features (neurons, previews, sanity) are recreated when their shape changes.
+    """
+
     height: int
     width: int
     shard_size: int
-    explainers: tuple[str, ...]
-    families: tuple[str, ...]
-    methods: tuple[str, ...]
     has_mask: bool
     has_box: bool
+    entries: tuple[Entry, ...]
+    sample_ids: tuple[int, ...]
+    sample_names: tuple[str, ...]
+    sample_keys: tuple[str, ...]
     n_points: int
     neuron_layers: tuple[tuple[str, int], ...] = ()
-    n_previews: int = 0  # first samples whose image is kept (uint8) for figures
+    n_previews: int = 0  # first stored samples whose image is kept (uint8) for figures
     sanity_units: tuple[str, ...] = ()  # randomisation units, top first (empty: no sanity check)
-    n_sanity: int = 0  # first samples of the sanity check
+    n_sanity: int = 0  # first configured samples of the sanity check
+    metrics: tuple[str, ...] = tuple(METRICS)  # the stored ones first, then metrics added since
 
     @property
     def n_samples(self) -> int:
-        """Number of samples."""
-        return len(self.sample_ids)
+        """Number of stored samples."""
+        return len(self.sample_keys)
 
     @property
     def n_shards(self) -> int:
         """Number of shards."""
         return -(-self.n_samples // self.shard_size)
 
-    def key(self) -> dict[str, Any]:
-        """What must be equal for an existing store to be reused."""
-        return {
-            "samples": hashlib.sha256(np.asarray(self.sample_ids, np.int64).tobytes()).hexdigest(),
-            "n_samples": self.n_samples,
-            "height": self.height,
-            "width": self.width,
-            "shard_size": self.shard_size,
-            "explainers": list(self.explainers),
-            "methods": list(self.methods),
-            "has_mask": self.has_mask,
-            "has_box": self.has_box,
-            "n_points": self.n_points,
-            "neuron_layers": [list(x) for x in self.neuron_layers],
-            "n_previews": self.n_previews,
-            "sanity_units": list(self.sanity_units),
-            "n_sanity": self.n_sanity,
-        }
+    def fixed(self) -> dict[str, Any]:
+        """What must be equal for an existing store to be grown."""
+        return {"height": self.height, "width": self.width, "shard_size": self.shard_size,
+                "has_mask": self.has_mask, "has_box": self.has_box}
+
+    def features(self) -> dict[str, Any]:
+        """The shape of each optional part (a change recreates it)."""
+        return {"neurons": [list(x) for x in self.neuron_layers], "preview": self.n_previews,
+                "sanity": [list(self.sanity_units), self.n_sanity]}
+
+
+@dataclass
+class StoreState:
+    """What an existing store holds: its schema, fixed shape, features and committed axes."""
+
+    schema: int
+    fixed: dict[str, Any]
+    features: dict[str, Any]
+    entries: list[str]
+    sample_keys: list[str]
+    n_points: int
+    metrics: list[str] = field(default_factory=list)
+    records: dict[str, np.ndarray] = field(default_factory=dict)
+    config_hash: str = ""  # of the config that last prepared the store
 
 
 class StoreLayoutError(ValueError):
-    """An existing store whose layout differs from what the config asks for."""
+    """An existing store that cannot hold what the config asks for (another image size,
+    shard size, ground truth or schema)."""
 
 
 def _lazy(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any) -> da.Array:
@@ -176,8 +239,10 @@ def exists(path: StoreRef) -> bool:
     return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
 
 
-def _open_group(path: StoreRef, mode: str = "r+") -> zarr.Group:
-    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+def _open_group(path: StoreRef, mode: str = "r+", consolidated: bool | None = None) -> zarr.Group:
+    if consolidated is None:
+        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    return zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=consolidated)
 
 
 def consolidate(path: StoreRef) -> None:
@@ -187,22 +252,14 @@ def consolidate(path: StoreRef) -> None:
         zarr.consolidate_metadata(str(path))
 
 
-def init_store(path: StoreRef, layout: StoreLayout, params: Sequence[str], attrs: dict[str, str]) -> None:
-    """Create the store's metadata and coordinates (no data chunk is written).
+def _obj(xs: Any) -> np.ndarray:
+    return np.array(list(xs), dtype=object)  # variable-length strings
 
-    Parameters
-    ----------
-    path : Path
-        ``RUN_DIR/store.zarr``; must not exist yet.
-    layout : StoreLayout
-        Shapes and coordinates.
-    params : sequence of str
-        JSON of each explainer's resolved parameters.
-    attrs : dict of str to str
-        Group attributes (``manifest`` and friends).
-    """
+
+def _variables(layout: StoreLayout) -> dict[str, Any]:
+    """Every data variable of a layout as ``(dims, lazy zeros)`` with its chunking."""
     n, h, w, s = layout.n_samples, layout.height, layout.width, layout.shard_size
-    e, m, p = len(layout.explainers), len(METRICS), layout.n_points
+    e, m, p = len(layout.entries), len(layout.metrics), layout.n_points
     k = layout.n_shards
     data: dict[str, Any] = {
         "attribution": (("explainer", "sample", "y", "x"), _lazy((e, n, h, w), (1, s, h, w), np.float32)),
@@ -242,28 +299,51 @@ def init_store(path: StoreRef, layout: StoreLayout, params: Sequence[str], attrs
         data["gt_mask"] = (("sample", "y", "x"), _lazy((n, h, w), (s, h, w), bool))
     if layout.has_box:
         data["gt_box"] = (("sample", "corner"), _lazy((n, 4), (s, 4), np.int64))
-    obj = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731  (variable-length strings)
-    coords = {
-        "explainer": ("explainer", obj(layout.explainers)),
-        "family": ("explainer", obj(layout.families)),
-        "method": ("explainer", obj(layout.methods)),
-        "params": ("explainer", obj(params)),
+    return data
+
+
+def _entry_coords(entries: Sequence[Entry]) -> dict[str, np.ndarray]:
+    return {"entry": _obj(e.key for e in entries), "family": _obj(e.family for e in entries),
+            "method": _obj(e.method for e in entries), "params": _obj(e.params for e in entries)}
+
+
+def _metric_coords(metrics: Sequence[str]) -> dict[str, np.ndarray]:
+    return {"metric": _obj(metrics),
+            "higher_is_better": np.array([METRICS[m]["higher_is_better"] for m in metrics], dtype=bool),
+            "category": _obj(METRICS[m]["category"] for m in metrics)}
+
+
+def _coords(layout: StoreLayout) -> dict[str, Any]:
+    ent = _entry_coords(layout.entries)
+    coords: dict[str, Any] = {
+        "explainer": ("explainer", _obj(e.name for e in layout.entries)),
+        **{name: ("explainer", values) for name, values in ent.items()},
+        "active_order": ("explainer", np.arange(len(layout.entries), dtype=np.int64)),
         "sample": ("sample", np.asarray(layout.sample_ids, np.int64)),
-        "sample_name": ("sample", obj(layout.sample_names)),
-        "metric": ("metric", obj(METRICS)),
-        "higher_is_better": ("metric", np.array([v["higher_is_better"] for v in METRICS.values()])),
-        "category": ("metric", obj(v["category"] for v in METRICS.values())),
-        "corner": ("corner", obj(["y0", "x0", "y1", "x1"])),
+        "sample_name": ("sample", _obj(layout.sample_names)),
+        "sample_key": ("sample", _obj(layout.sample_keys)),
+        "sample_order": ("sample", np.arange(layout.n_samples, dtype=np.int64)),
+        **{name: ("metric", values) for name, values in _metric_coords(layout.metrics).items()},
+        "corner": ("corner", _obj(["y0", "x0", "y1", "x1"])),
     }
+    coords.update(_feature_coords(layout))
+    return coords
+
+
+def _feature_coords(layout: StoreLayout) -> dict[str, Any]:
+    coords: dict[str, Any] = {}
     if layout.sanity_units:
         coords["depth"] = ("depth", np.arange(1, len(layout.sanity_units) + 1))
-        coords["randomised"] = ("depth", obj(layout.sanity_units))
-        coords["similarity"] = ("similarity", obj(SIMILARITIES))
+        coords["randomised"] = ("depth", _obj(layout.sanity_units))
+        coords["similarity"] = ("similarity", _obj(SIMILARITIES))
     if layout.neuron_layers:
-        coords["layer"] = ("layer", obj(n for n, _ in layout.neuron_layers))
-        coords["unit_layer"] = ("unit", obj(n for n, c in layout.neuron_layers for _ in range(c)))
+        coords["layer"] = ("layer", _obj(n for n, _ in layout.neuron_layers))
+        coords["unit_layer"] = ("unit", _obj(n for n, c in layout.neuron_layers for _ in range(c)))
         coords["unit_channel"] = ("unit", np.array([i for _, c in layout.neuron_layers for i in range(c)]))
-    ds = xr.Dataset(data, coords=coords, attrs={"schema_version": SCHEMA_VERSION, **attrs})
+    return coords
+
+
+def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
     encoding: dict[str, dict[str, Any]] = {}
     for name, var in ds.data_vars.items():
         enc: dict[str, Any] = {"chunks": var.data.chunksize}
@@ -274,6 +354,40 @@ def init_store(path: StoreRef, layout: StoreLayout, params: Sequence[str], attrs
         elif var.dtype.kind == "f":
             enc["fill_value"] = np.nan
         encoding[name] = enc
+    return encoding
+
+
+_EMPTY = {"neurons": [], "preview": 0, "sanity": [[], 0]}
+
+
+def changed_features(stored: dict[str, Any], layout: StoreLayout) -> list[str]:
+    """Features whose shape the layout changes (recreated, their results redone). A feature
+    the config turns off keeps its stored variables and results."""
+    return [f for f, v in layout.features().items() if stored.get(f) != v and v != _EMPTY[f]]
+
+
+def _store_attrs(layout: StoreLayout, stored: dict[str, Any] | None = None) -> dict[str, Any]:
+    features = layout.features()
+    if stored:
+        features = {f: stored.get(f, v) if v == _EMPTY[f] else v for f, v in features.items()}
+    return {"schema_version": SCHEMA_VERSION, "fixed": json.dumps(layout.fixed(), sort_keys=True),
+            "features": json.dumps(features, sort_keys=True)}
+
+
+def init_store(path: StoreRef, layout: StoreLayout, attrs: dict[str, str]) -> None:
+    """Create the store's metadata and coordinates (no data chunk is written).
+
+    Parameters
+    ----------
+    path : Path or str
+        ``RUN_DIR/store.zarr`` (or a URL); must not exist yet.
+    layout : StoreLayout
+        Shapes and coordinates.
+    attrs : dict of str to str
+        Group attributes (``manifest`` and friends).
+    """
+    ds = xr.Dataset(_variables(layout), coords=_coords(layout), attrs={**_store_attrs(layout), **attrs})
+    encoding = _encoding(ds)
     if not isinstance(path, Path):  # a URL: no atomic rename; the root metadata is written last
         ds.to_zarr(path, mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3)
         consolidate(path)
@@ -285,14 +399,130 @@ def init_store(path: StoreRef, layout: StoreLayout, params: Sequence[str], attrs
     os.replace(tmp, path)  # a store either exists with all its metadata or not at all
 
 
-def read_layout_key(path: StoreRef) -> dict[str, Any]:
-    """The layout key recorded when the store was created."""
-    return json.loads(_open_group(path, "r").attrs["layout"])
+def read_state(path: StoreRef) -> StoreState:
+    """The committed state of an existing store (its own array metadata, not the consolidated
+    copy) and its completion records."""
+    group = _open_group(path, "r", consolidated=False)
+    attrs = dict(group.attrs)
+    schema = int(attrs.get("schema_version", 1))
+    if schema < SCHEMA_VERSION or "fixed" not in attrs:
+        return StoreState(schema, {}, {}, [], [], 0)
+    names = set(group.array_keys())
+    records = {stage: np.asarray(group[f"record_{stage}"][:]) for stage in STAGES if f"record_{stage}" in names}
+    return StoreState(
+        schema=schema, fixed=json.loads(attrs["fixed"]), features=json.loads(attrs["features"]),
+        entries=[str(v) for v in group["entry"][:]], sample_keys=[str(v) for v in group["sample_key"][:]],
+        n_points=int(group["curve"].shape[-1]), records=records, metrics=[str(m) for m in group["metric"][:]],
+        config_hash=str(json.loads(attrs.get("manifest", "{}")).get("config_hash", "")),
+    )
+
+
+def grow_store(path: StoreRef, layout: StoreLayout, state: StoreState, attrs: dict[str, str]) -> dict[str, Any]:
+    """Grow an existing store to ``layout`` (which extends ``state``'s entries and samples).
+
+    Data arrays are resized first, then the new coordinate values are written, then the
+    commit markers (``entry``, ``sample_key``), then a changed feature is recreated, and the
+    attributes and the consolidated metadata last; see the module docstring. Idempotent:
+    rerunning it after an interruption gives the store an uninterrupted call gives.
+
+    Returns
+    -------
+    dict
+        ``recreated``: the features whose variables were recreated (their records cleared).
+    """
+    n_e, n_s, n_m = len(state.entries), len(state.sample_keys), len(state.metrics)
+    if (list(layout.sample_keys[:n_s]) != state.sample_keys or [e.key for e in layout.entries[:n_e]] != state.entries
+            or list(layout.metrics[:n_m]) != state.metrics):
+        raise ValueError("grow_store: the layout does not extend the store's entries, samples and metrics")
+    group = _open_group(path, "r+", consolidated=False)
+    sizes = {"explainer": len(layout.entries), "sample": layout.n_samples, "shard": layout.n_shards,
+             "point": max(layout.n_points, state.n_points), "metric": len(layout.metrics)}
+    marker_names = set(MARKERS.values())
+    changed = False
+    for name, arr in list(group.arrays()):
+        dims = arr.metadata.dimension_names or ()
+        target = tuple(sizes.get(d, size) if d in GROWING else size for d, size in zip(dims, arr.shape))
+        if name not in marker_names and target != arr.shape:
+            arr.resize(target)
+            changed = True
+    from tasks.runtime import fault_point  # crash tests: SIGKILL at a named point
+
+    fault_point("grow.after_resize")
+    new = layout.entries[n_e:]
+    if new:
+        for name, values in {**_entry_coords(new), "explainer": _obj(e.key for e in new)}.items():
+            if name != "entry":
+                group[name][n_e:] = values
+        group["active_order"][n_e:] = np.full(len(new), -1, np.int64)
+    if layout.n_samples > n_s:
+        group["sample"][n_s:] = np.asarray(layout.sample_ids[n_s:], np.int64)
+        group["sample_name"][n_s:] = _obj(layout.sample_names[n_s:])
+        group["sample_order"][n_s:] = np.full(layout.n_samples - n_s, -1, np.int64)
+    if len(layout.metrics) > n_m:
+        for name, values in _metric_coords(layout.metrics[n_m:]).items():
+            if name != "metric":
+                group[name][n_m:] = values
+    for dim, marker in MARKERS.items():  # the commit: the markers' lengths are the stored sizes
+        arr = group[marker]
+        if arr.shape[0] != sizes[dim]:
+            arr.resize((sizes[dim],))
+            changed = True
+        if dim == "explainer" and new:
+            arr[n_e:] = _obj(e.key for e in new)
+        if dim == "sample" and layout.n_samples > n_s:
+            arr[n_s:] = _obj(layout.sample_keys[n_s:])
+        if dim == "metric" and len(layout.metrics) > n_m:
+            arr[n_m:] = _obj(layout.metrics[n_m:])
+    fault_point("grow.after_markers")
+    recreated = changed_features(state.features, layout)
+    if recreated:
+        _recreate(path, layout, recreated)
+    group = _open_group(path, "r+", consolidated=False)
+    wanted = {**_store_attrs(layout, state.features), **attrs}
+    if any(group.attrs.get(k) != v for k, v in wanted.items()):
+        group.attrs.update(wanted)
+        changed = True
+    if changed or recreated:
+        consolidate(path)
+    return {"recreated": recreated}
+
+
+def _recreate(path: StoreRef, layout: StoreLayout, features: list[str]) -> None:
+    """Delete and recreate the variables of ``features`` at their new shape (records cleared).
+    A recreated preview clears the load records of the shards that write it."""
+    group = _open_group(path, "r+", consolidated=False)
+    names = set(group.array_keys())
+    for f in features:
+        for name in FEATURES[f]:
+            if name in names:
+                del group[name]
+    wanted = {n for f in features for n in FEATURES[f]}
+    data = {k: v for k, v in _variables(layout).items() if k in wanted}
+    coords = {k: v for k, v in _feature_coords(layout).items() if k in wanted}
+    if data:
+        ds = xr.Dataset(data, coords=coords, attrs=dict(group.attrs))  # xarray's append rewrites the attrs
+        ds.to_zarr(str(path), mode="a", compute=False, encoding=_encoding(ds), consolidated=False, zarr_format=3)
+    if "preview" in features and layout.n_previews:
+        arr = _open_group(path, "r+", consolidated=False)["record_load"]
+        arr[: -(-layout.n_previews // layout.shard_size)] = 0
+
+
+def set_selection(path: StoreRef, active_order: Sequence[int], sample_order: Sequence[int]) -> None:
+    """Mark which entries and samples the current config uses, in its order (-1: not used),
+    and label entries: an active entry by its name, an inactive one by its key."""
+    group = _open_group(path, "r+", consolidated=False)
+    active = np.asarray(active_order, np.int64)
+    keys = [str(v) for v in group["entry"][:]]
+    labels = _obj(k.split("@")[0] if a >= 0 else k for k, a in zip(keys, active))
+    for name, values in (("active_order", active), ("sample_order", np.asarray(sample_order, np.int64)),
+                         ("explainer", labels)):
+        if not np.array_equal(np.asarray(group[name][:]).astype(values.dtype), values):
+            group[name][:] = values
 
 
 def set_attrs(path: StoreRef, attrs: dict[str, str]) -> bool:
-    """Update group attributes when they differ; returns whether anything was written."""
-    group = _open_group(path)
+    """Update group attributes when they differ and refresh the consolidated metadata."""
+    group = _open_group(path, consolidated=False)
     changed = {k: v for k, v in attrs.items() if group.attrs.get(k) != v}
     if changed:
         group.attrs.update(changed)
@@ -300,25 +530,51 @@ def set_attrs(path: StoreRef, attrs: dict[str, str]) -> bool:
     return bool(changed)
 
 
-def set_params(path: StoreRef, params: Sequence[str]) -> bool:
-    """Record each explainer's resolved parameters (JSON) when they changed."""
-    arr = _open_group(path)["params"]
-    current = [str(v) for v in arr[:]]
-    if current == list(params):
-        return False
-    arr[:] = np.array(list(params), dtype=object)
-    return True
-
-
 def open_dataset(path: StoreRef) -> xr.Dataset:
-    """Open the store with xarray: data variables lazy, coordinates loaded (so that
-    ``ds.groupby("family")`` works; a bare ``xr.open_zarr`` leaves them as dask arrays)."""
+    """Open the whole store with xarray: every entry and sample, data variables lazy,
+    coordinates loaded (so that ``ds.groupby("family")`` works; a bare ``xr.open_zarr``
+    leaves them as dask arrays)."""
     ds = xr.open_zarr(str(path), consolidated=True)
     return ds.assign_coords({name: ds[name].load() for name in ds.coords})
 
 
+def select_current(ds: xr.Dataset, include_inactive: bool = False) -> xr.Dataset:
+    """The current config's view of a store: its entries in its order (then, with
+    ``include_inactive``, the inactive entries in store order), its samples in store order
+    (the order they were first added: a reordered folder keeps its order; a fresh run's
+    store order is the config's), the shards holding those samples (coordinate
+    ``shard_samples``: how many each holds). Previews are kept when the view's first samples
+    are the stored first ones (else they are left out)."""
+    if "active_order" not in ds.coords:
+        return ds
+    order = ds["active_order"].values
+    active = np.flatnonzero(order >= 0)
+    rows = list(active[np.argsort(order[active], kind="stable")])
+    if include_inactive:
+        rows += list(np.flatnonzero(order < 0))
+    chosen = np.flatnonzero(ds["sample_order"].values >= 0)  # in store order: previews and sanity follow it
+    view = ds.isel(explainer=rows, sample=chosen)
+    if "metric" in view.dims:  # metrics that attriflow no longer computes stay stored, unreported
+        view = view.sel(metric=[m for m in view["metric"].values if str(m) in METRICS])
+    size = int(json.loads(ds.attrs["fixed"])["shard_size"])
+    shards, per_shard = np.unique(chosen // size, return_counts=True)
+    view = view.isel(shard=shards).assign_coords(shard_samples=("shard", per_shard))
+    if "preview" in view:
+        k = min(view.sizes["preview"], len(chosen))
+        if (chosen[:k] < ds.sizes["preview"]).all():
+            view = view.isel(preview=chosen[:k])
+        else:
+            view = view.drop_vars("preview")
+    return view
+
+
+def open_current(path: StoreRef, include_inactive: bool = False) -> xr.Dataset:
+    """``select_current(open_dataset(path))``: what the report reads."""
+    return select_current(open_dataset(path), include_inactive)
+
+
 def write_region(path: StoreRef, variables: dict[str, tuple[tuple[str, ...], np.ndarray]],
-                 region: dict[str, slice]) -> None:
+                 region: dict[str, slice], rows: np.ndarray | None = None) -> None:
     """Write whole-chunk regions of data variables through xarray.
 
     Parameters
@@ -329,7 +585,22 @@ def write_region(path: StoreRef, variables: dict[str, tuple[tuple[str, ...], np.
         Name to ``(dims, array)``; every variable must span all dims named in ``region``.
     region : dict of str to slice
         Chunk-aligned slices.
+    rows : array of int, optional
+        When the arrays hold only some samples of the region's ``sample`` slice: their offsets
+        in it. The other samples keep their stored values (the chunks belong to one shard
+        task, so reading and rewriting them is safe).
     """
+    span = region.get("sample")
+    if rows is not None and span is not None and len(rows) != span.stop - span.start:
+        group = _open_group(path, "r")
+        merged = {}
+        for name, (dims, arr) in variables.items():
+            cur = np.asarray(group[name][tuple(region.get(d, slice(None)) for d in dims)])
+            index: list[Any] = [slice(None)] * cur.ndim
+            index[dims.index("sample")] = np.asarray(rows)
+            cur[tuple(index)] = arr
+            merged[name] = (dims, cur)
+        variables = merged
     ds = xr.Dataset({k: xr.Variable(dims, arr) for k, (dims, arr) in variables.items()})
     ds.to_zarr(str(path), region=region, mode="r+", consolidated=False)
 
@@ -353,6 +624,84 @@ def read_records(path: StoreRef) -> dict[str, np.ndarray]:
     """All completion records as arrays (``load``: (shard,), others: (explainer, shard))."""
     group = _open_group(path, "r")
     return {stage: np.asarray(group[f"record_{stage}"][:]) for stage in STAGES if f"record_{stage}" in group}
+
+
+def entry_index(path: StoreRef, key: str) -> int:
+    """Position of entry ``key`` on the store's ``explainer`` axis.
+
+    Raises
+    ------
+    KeyError
+        When the store has no such entry (the run's prepare task has not grown it).
+    """
+    keys = [str(v) for v in _open_group(path, "r")["entry"][:]]
+    if key not in keys:
+        raise KeyError(f"the store has no entry {key!r} (it holds {', '.join(keys)})")
+    return keys.index(key)
+
+
+def inactive_entries(path: StoreRef) -> list[dict[str, Any]]:
+    """Entries the current config does not use: key, method, params, finished explain
+    shards and bytes of their attribution chunks (local stores)."""
+    group = _open_group(path, "r")
+    order = np.asarray(group["active_order"][:])
+    done = np.asarray(group["record_explain"][:]) != 0
+    out = []
+    for k in np.flatnonzero(order < 0):
+        size = None
+        if isinstance(path, Path):
+            chunks = path / "attribution" / "c" / str(int(k))
+            size = sum(f.stat().st_size for f in chunks.rglob("*") if f.is_file()) if chunks.exists() else 0
+        out.append({"entry": str(group["entry"][k]), "method": str(group["method"][k]),
+                    "params": json.loads(str(group["params"][k])), "explain_shards_done": int(done[k].sum()),
+                    "attribution_bytes": size})
+    return out
+
+
+def recover(path: StoreRef) -> None:
+    """Finish a ``remove_inactive`` swap that was interrupted between its two renames (the new
+    store is complete by then) and drop the old copy."""
+    if not isinstance(path, Path):
+        return
+    tmp, old = path.with_name(path.name + ".gc"), path.with_name(path.name + ".old")
+    if not path.exists() and old.exists() and tmp.exists():
+        os.replace(tmp, path)
+    if path.exists() and old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_inactive(path: Path) -> list[str]:
+    """Remove the inactive entries: the store without them is written next to it and swapped in
+    (``os.replace``), so an interruption leaves the old store or the new one, never a mix.
+    Returns the removed entry keys.
+
+    Raises
+    ------
+    ValueError
+        For a store at a URL (no atomic swap there).
+    """
+    if not isinstance(path, Path):
+        raise ValueError(f"attriflow gc --delete needs a local store, not {path!r}")
+    ds = open_dataset(path)  # coordinates in memory, data variables lazy in their chunks
+    order = ds["active_order"].values
+    removed = [str(k) for k in ds["entry"].values[order < 0]]
+    if not removed:
+        return []
+    keep = ds.isel(explainer=np.flatnonzero(order >= 0))
+    for name, var in keep.variables.items():
+        var.encoding.pop("preferred_chunks", None)
+        if name in keep.coords:
+            var.encoding.pop("chunks", None)
+    tmp, old = path.with_name(path.name + ".gc"), path.with_name(path.name + ".old")
+    recover(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    keep.to_zarr(str(tmp), mode="w", consolidated=False, zarr_format=3)
+    consolidate(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return removed
 
 
 _HELD: set[str] = set()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from prefect.cache_policies import NO_CACHE
 
 from tasks import storage
@@ -17,16 +17,9 @@ from tasks.runtime import (
     fault_raise,
     get_runtime,
 )
-from tasks.stages import common
+from tasks.stages import common, load
 from tasks.stages.common import explainer_index, finished_record, shard_task, store_path, stored_targets
 from tasks.storage import Shard
-
-
-def _numerics(rt: Any) -> tuple[Any, ...]:
-    """The numeric settings that enter a map's provenance (fp32 row-major adds nothing, so
-    stores made before these options keep their records)."""
-    e = rt.config.explain
-    return () if (e.precision, e.channels_last) == ("fp32", False) else (e.precision, e.channels_last)
 
 
 def _sync(device: torch.device) -> None:
@@ -49,31 +42,38 @@ def _passes(exp: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     return forward, backward
 
 
-def expected_record(rt: Any, explainer: str, load_record: int) -> int:
-    """The provenance digest of one explainer's finished shard: its load record, the
-    explainer's digest (method, version, parameters), the run seed, the target and the
-    numeric settings."""
-    return storage.digest64("explain", load_record, rt.explainers[explainer].digest(), rt.config.seed,
-                            rt.config.explain.target, *_numerics(rt))
+def expected_record(rt: Any, explainer: str, keys: Sequence[str]) -> int:
+    """The provenance digest of one explainer's finished shard of samples ``keys``: their
+    load record, the explainer's digest (method, version, parameters), the run seed, the
+    target and the numeric settings."""
+    return storage.digest64("explain", load.expected_record(rt, keys), rt.explainers[explainer].digest(),
+                            rt.config.seed, rt.config.explain.target, *common.numerics(rt))
+
+
+def candidates(rt: Any, explainer: str, view: common.ShardView) -> list[int]:
+    """The explain records that make ``view``'s shard done (see ``ShardView.key_sets``)."""
+    return [expected_record(rt, explainer, keys) for keys in view.key_sets]
 
 
 @shard_task(name="explain-shard", cache_policy=NO_CACHE, task_run_name="explain-{explainer}-{shard.index}")
 def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) -> dict[str, Any]:
-    """Compute and store one explainer's attributions for one shard."""
+    """Compute and store one explainer's attributions for one shard's configured samples."""
     t0 = time.perf_counter()
     rt = get_runtime(config_json)
     path = store_path(run_dir)
-    k = explainer_index(rt, explainer)
+    view = common.shard_view(rt, path, shard)
+    k = explainer_index(rt, path, explainer)
     exp = rt.explainers[explainer]
-    load_record = finished_record(path, "load", shard.index, None, f"explain {explainer} shard {shard.index}")
-    expected = expected_record(rt, explainer, load_record)
-    if storage.get_record(path, "explain", shard.index, k) == expected:
+    finished_record(path, "load", shard.index, None, f"explain {explainer} shard {shard.index}",
+                    load.candidates(rt, view))
+    expected = candidates(rt, explainer, view)
+    if common.accepted(storage.get_record(path, "explain", shard.index, k), expected):
         return common.receipt("explain", shard, True, t0, explainer=explainer)
     fault_raise(run_dir, f"explain-{explainer}-{shard.index}")
-    batch = rt.source.load(shard.start, shard.stop)
+    batch = rt.source.load_at(view.positions)
     inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
-    targets = stored_targets(path, rt, shard).to(rt.device)
-    ids = rt.source.sample_ids[shard.start : shard.stop]
+    targets = stored_targets(path, rt, view).to(rt.device)
+    ids = [rt.source.sample_ids[p] for p in view.positions]
     seeds = torch.tensor([derive_seed(rt.config.seed, i, explainer) for i in ids], dtype=torch.int64)
     _sync(rt.device)
     started = time.perf_counter()
@@ -84,8 +84,7 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     seconds = np.array([[time.perf_counter() - started]])
     forward, backward = _passes(exp, len(ids))
     maps_np = maps.cpu().numpy()
-    group = zarr.open_group(str(path), mode="r")
-    finite_output = np.asarray(group["finite_output"][shard.start : shard.stop], dtype=bool)
+    finite_output = common.read_rows(path, "finite_output", view).astype(bool)
     flagged = ~np.isfinite(maps_np).reshape(len(maps_np), -1).all(axis=1) | ~finite_output
     storage.write_region(
         path,
@@ -94,10 +93,11 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
          "forward_passes": (("explainer", "sample"), forward[None]),
          "backward_passes": (("explainer", "sample"), backward[None])},
         {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)},
+        rows=view.rows_array(),
     )
     storage.write_region(path, {"explain_seconds": (("explainer", "shard"), seconds)},
                          {"explainer": slice(k, k + 1), "shard": slice(shard.index, shard.index + 1)})
     fault_point("explain.after_write")
-    storage.set_record(path, "explain", shard.index, expected, k)
+    storage.set_record(path, "explain", shard.index, expected[-1], k)
     fault_point("explain.after_record")
     return common.receipt("explain", shard, False, t0, explainer=explainer)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,6 @@ from prefect.cache_policies import NO_CACHE
 from tasks import storage
 from tasks.datasets import ground_truth
 from tasks.runtime import (
-    array_digest,
     fault_point,
     fault_raise,
     get_runtime,
@@ -24,29 +23,34 @@ from tasks.stages.common import shard_task, store_path
 from tasks.storage import Shard
 
 
-def expected_record(rt: Any, batch: Any) -> int:
-    """The provenance digest a finished load shard of ``batch`` carries: its images, labels
-    and ground truth, the model and the device. Boxes of several classes (files with
-    annotations): the ground truth is the union of the explained class's boxes, so it also
-    depends on the target and, for predictions, on the model."""
-    objects = () if batch.objects is None else (json.dumps(batch.objects, default=int), rt.config.explain.target)
-    return storage.digest64(
-        "load", array_digest(batch.images, batch.labels, batch.masks, batch.boxes),
-        rt.model.digest, rt.device.type, *objects,
-    )
+def expected_record(rt: Any, keys: Sequence[str]) -> int:
+    """The provenance digest of a finished load shard holding the samples ``keys``: their
+    keys (names, file contents, labels and objects), the preprocessing, the model and the
+    device. Boxes of several classes (files with annotations): the ground truth is the
+    union of the explained class's boxes, so it also depends on the target."""
+    objects = () if getattr(rt.source, "objects", None) is None else (rt.config.explain.target,)
+    return storage.digest64("load", common.keys_digest(keys), rt.source.preprocess.to_json(), list(rt.source.size),
+                            rt.model.digest, rt.device.type, *objects)
+
+
+def candidates(rt: Any, view: common.ShardView) -> list[int]:
+    """The load records that make ``view``'s shard done (see ``ShardView.key_sets``)."""
+    return [expected_record(rt, keys) for keys in view.key_sets]
 
 
 @shard_task(name="load-shard", cache_policy=NO_CACHE, task_run_name="load-{shard.index}")
 def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
-    """Write labels, predictions, probabilities and ground truth of one shard."""
+    """Write labels, predictions, probabilities, ground truth and previews of one shard's
+    configured samples."""
     t0 = time.perf_counter()
     rt = get_runtime(config_json)
     path = store_path(run_dir)
-    batch = rt.source.load(shard.start, shard.stop)
-    expected = expected_record(rt, batch)
-    if storage.get_record(path, "load", shard.index) == expected:
+    view = common.shard_view(rt, path, shard)
+    expected = candidates(rt, view)
+    if common.accepted(storage.get_record(path, "load", shard.index), expected):
         return common.receipt("load", shard, True, t0)
     fault_raise(run_dir, f"load-{shard.index}")
+    batch = rt.source.load_at(view.positions)
     preds, probs, finite = [], [], []
     step = rt.batch_size()
     with torch.inference_mode():
@@ -73,13 +77,15 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
         variables["gt_mask"] = (("sample", "y", "x"), masks.astype(bool))
     if boxes is not None:
         variables["gt_box"] = (("sample", "corner"), boxes.astype(np.int64))
-    storage.write_region(path, variables, region)
+    storage.write_region(path, variables, region, rows=view.rows_array())
     group = zarr.open_group(str(path), mode="r")
     if "preview" in group and shard.start < group["preview"].shape[0]:
         stop = min(shard.stop, group["preview"].shape[0])
-        thumbs = np.round(batch.images[: stop - shard.start].transpose(0, 2, 3, 1) * 255).astype(np.uint8)
-        storage.write_region(path, {"preview": (("preview", "y", "x", "rgb"), thumbs)},
-                             {"preview": slice(shard.start, stop)})
+        rows = [i for i, r in enumerate(view.rows) if shard.start + r < stop]
+        if len(rows) == stop - shard.start:  # previews are whole (the first stored samples are configured)
+            thumbs = np.round(batch.images[rows].transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+            storage.write_region(path, {"preview": (("preview", "y", "x", "rgb"), thumbs)},
+                                 {"preview": slice(shard.start, stop)})
     fault_point("load.after_write")
-    storage.set_record(path, "load", shard.index, expected)
+    storage.set_record(path, "load", shard.index, expected[-1])
     return common.receipt("load", shard, False, t0)

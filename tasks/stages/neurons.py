@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from tasks.runtime import (
     fault_point,
     get_runtime,
 )
-from tasks.stages import common
+from tasks.stages import common, load
 from tasks.stages.common import finished_record, shard_task, store_path, stored_targets
 from tasks.storage import Shard
 
@@ -42,16 +43,21 @@ def _unit_boxes(model: torch.nn.Module, layers: list[str], image: torch.Tensor,
     return boxes
 
 
-def expected_record(rt: Any, load_record: int) -> int:
-    """The provenance digest of a finished neurons shard: its load record, the stage's
-    settings, the run seed and the layers scored."""
-    return storage.digest64("neurons", load_record, rt.config.neurons.model_dump(mode="json"), rt.config.seed,
-                            [list(x) for x in rt.neuron_layers])
+def expected_record(rt: Any, keys: Sequence[str]) -> int:
+    """The provenance digest of a finished neurons shard of samples ``keys``: their load
+    record, the stage's settings, the run seed and the layers scored."""
+    return storage.digest64("neurons", load.expected_record(rt, keys), rt.config.neurons.model_dump(mode="json"),
+                            rt.config.seed, [list(x) for x in rt.neuron_layers])
+
+
+def candidates(rt: Any, view: common.ShardView) -> list[int]:
+    """The neurons records that make ``view``'s shard done (see ``ShardView.key_sets``)."""
+    return [expected_record(rt, keys) for keys in view.key_sets]
 
 
 @shard_task(name="select-neurons", cache_policy=NO_CACHE, task_run_name="neurons-{shard.index}")
 def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
-    """Neuron-selection scores, selections, overlaps and unit boxes of one shard."""
+    """Neuron-selection scores, selections, overlaps and unit boxes of one shard's configured samples."""
     from analysis.neurons import overlap, select_top_k
     from tasks.neurons import score_image
 
@@ -59,13 +65,14 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
     rt = get_runtime(config_json)
     path = store_path(run_dir)
     nc = rt.config.neurons
-    load_record = finished_record(path, "load", shard.index, None, f"neurons shard {shard.index}")
-    expected = expected_record(rt, load_record)
-    if storage.get_record(path, "neurons", shard.index) == expected:
+    view = common.shard_view(rt, path, shard)
+    finished_record(path, "load", shard.index, None, f"neurons shard {shard.index}", load.candidates(rt, view))
+    expected = candidates(rt, view)
+    if common.accepted(storage.get_record(path, "neurons", shard.index), expected):
         return common.receipt("neurons", shard, True, t0)
-    batch = rt.source.load(shard.start, shard.stop)
+    batch = rt.source.load_at(view.positions)
     inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
-    targets = stored_targets(path, rt, shard)
+    targets = stored_targets(path, rt, view)
     layers = [n for n, _ in rt.neuron_layers]
     offsets = np.cumsum([0] + [c for _, c in rt.neuron_layers])
     n, u = len(inputs), int(offsets[-1])
@@ -78,7 +85,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
     boxes = np.full((n, u, 4), -1, np.int64)
     tot_code = np.full(n, np.nan, np.float32)
     tot_jac = np.full(n, np.nan, np.float32)
-    for i, sample_id in enumerate(rt.source.sample_ids[shard.start : shard.stop]):
+    for i, sample_id in enumerate(rt.source.sample_ids[p] for p in view.positions):
         gen = torch.Generator().manual_seed(derive_seed(rt.config.seed, sample_id, "neurons"))
         scores = score_image(rt.module, layers, inputs[i], int(targets[i]), copies=nc.copies,
                              noise=nc.noise, mode=nc.mode, min_activation=nc.min_activation,
@@ -93,7 +100,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
             ov_code[i, li], ov_jac[i, li] = overlap(sel_c[i, lo:hi], sel_p[i, lo:hi])
             chosen += [(li, int(c)) for c in np.nonzero(sel_c[i, lo:hi] | sel_p[i, lo:hi])[0]]
         tot_code[i], tot_jac[i] = overlap(sel_c[i], sel_p[i])  # all layers' units together
-        if shard.start + i < nc.box_samples:
+        if shard.start + view.rows[i] < nc.box_samples:  # the first stored samples
             for (li, ch), box in _unit_boxes(rt.module, layers, inputs[i], chosen).items():
                 boxes[i, offsets[li] + ch] = box
     region = {"sample": slice(shard.start, shard.stop)}
@@ -107,7 +114,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
         "overlap_code_total": (("sample",), tot_code),
         "overlap_jaccard_total": (("sample",), tot_jac),
         "unit_box": (("sample", "unit", "corner"), boxes),
-    }, region)
+    }, region, rows=view.rows_array())
     fault_point("neurons.after_write")
-    storage.set_record(path, "neurons", shard.index, expected)
+    storage.set_record(path, "neurons", shard.index, expected[-1])
     return common.receipt("neurons", shard, False, t0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +17,97 @@ from tasks.runtime import (
     git_commit,
     package_versions,
 )
-from tasks.stages.common import STORE_POINTER, shard_task, store_path
+from tasks.stages.common import STORE_POINTER, entry_key, shard_task, shard_views, store_path
+from tasks.stages.sanity import sanity_shards
 from tasks.storage import StoreLayout
 
 
-def _layout(config_json: str) -> StoreLayout:
+@dataclass
+class Target:
+    """What a config makes of a store: the grown layout and the config's selection in it.
+
+    Attributes
+    ----------
+    layout : StoreLayout
+        The store's entries and samples after growth (the stored ones first, unchanged).
+    active_order, sample_order : list of int
+        Per stored entry / sample, its position in the config (-1: not used).
+    new_entries, new_samples : int
+        How many the config appends.
+    recreated : list of str
+        Features (neurons, preview, sanity) whose shape changes (their results are redone).
+    """
+
+    layout: StoreLayout
+    active_order: list[int]
+    sample_order: list[int]
+    new_entries: int
+    new_samples: int
+    recreated: list[str]
+
+
+def target(config_json: str, state: storage.StoreState | None) -> Target:
+    """The layout a run of the config gives a store in ``state`` (None: a new store).
+
+    Raises
+    ------
+    storage.StoreLayoutError
+        When the store was written by an older schema, or its image size, shard size or
+        ground truth differ from the config's.
+    """
     rt = get_runtime(config_json)
     cfg = rt.config
     h, w = rt.source.size
-    entries = cfg.explain.explainers
+    names = [e.name for e in cfg.explain.explainers]
+    mine = [storage.Entry(entry_key(rt, n), n, str(rt.explainers[n].spec.family), rt.explainers[n].spec.name,
+                          json.dumps(rt.explainers[n].params(), sort_keys=True)) for n in names]
+    old_entries = list(state.entries) if state else []
+    old_samples = list(state.sample_keys) if state else []
+    stored = [storage.Entry(k, k.split("@")[0], "", "", "") for k in old_entries]
+    entries = stored + [e for e in mine if e.key not in set(old_entries)]
+    known = set(old_samples)
+    src = rt.source
+    fresh = [i for i, k in enumerate(src.sample_keys) if k not in known]
     n_points = -(-(h * w) // pixels_per_step(h * w, cfg.evaluate.steps)) + 1
-    return StoreLayout(
-        sample_ids=rt.source.sample_ids,
-        sample_names=rt.source.sample_names,
-        height=h,
-        width=w,
-        shard_size=cfg.shard_size,
-        explainers=tuple(e.name for e in entries),
-        families=tuple(str(rt.explainers[e.name].spec.family) for e in entries),
-        methods=tuple(e.method for e in entries),
-        has_mask=rt.source.has_mask,
-        has_box=rt.source.has_box,
+    layout = StoreLayout(
+        height=h, width=w, shard_size=cfg.shard_size, has_mask=src.has_mask, has_box=src.has_box,
+        entries=tuple(entries),
+        sample_ids=tuple([0] * len(old_samples) + [src.sample_ids[i] for i in fresh]),
+        sample_names=tuple([""] * len(old_samples) + [src.sample_names[i] for i in fresh]),
+        sample_keys=tuple(old_samples + [src.sample_keys[i] for i in fresh]),
         n_points=n_points,
         neuron_layers=rt.neuron_layers,
-        n_previews=min(max(cfg.report.grid_samples, cfg.neurons.box_samples if rt.neuron_layers else 0),
-                       len(rt.source)),
+        n_previews=max(cfg.report.grid_samples, cfg.neurons.box_samples if rt.neuron_layers else 0),  # not capped
+        # by the sample count, so that a dataset growing past it does not recreate the previews
         sanity_units=tuple(u for u, _ in rt.sanity_units),
-        n_sanity=min(cfg.sanity.samples, len(rt.source)) if rt.sanity_units else 0,
+        n_sanity=min(cfg.sanity.samples, len(src)) if rt.sanity_units else 0,
+        metrics=tuple(state.metrics if state else []) + tuple(m for m in storage.METRICS
+                                                              if not state or m not in state.metrics),
+    )
+    if state is not None:
+        if state.schema < storage.SCHEMA_VERSION:
+            raise storage.StoreLayoutError(
+                f"the store in this run directory was written by an older attriflow (store schema {state.schema}; "
+                f"this version writes schema {storage.SCHEMA_VERSION}, whose records identify samples by content and "
+                "keep every explainer setting): run `attriflow migrate RUN_DIR` to convert it in place "
+                "(its metadata is backed up; finished shards are recomputed once), or choose another --run-dir")
+        diff = sorted(k for k, v in layout.fixed().items() if state.fixed.get(k) != v)
+        if diff:
+            why = {"height": "data.image_size", "width": "data.image_size", "shard_size": "shard_size",
+                   "has_mask": "the dataset's ground truth", "has_box": "the dataset's ground truth"}
+            raise storage.StoreLayoutError(
+                f"the store was created with another {', '.join(dict.fromkeys(why[d] for d in diff))} "
+                f"({', '.join(f'{d}: {state.fixed.get(d)} -> {layout.fixed()[d]}' for d in diff)}); a store can "
+                "grow by explainers, settings and samples, not change these: choose another --run-dir")
+    position = {e.key: i for i, e in enumerate(mine)}
+    where = {k: i for i, k in enumerate(src.sample_keys)}
+    return Target(
+        layout=layout,
+        active_order=[position.get(e.key, -1) for e in entries],
+        sample_order=[where.get(k, -1) for k in layout.sample_keys],
+        new_entries=len(entries) - len(old_entries),
+        new_samples=len(fresh),
+        recreated=[] if state is None else storage.changed_features(state.features, layout),
     )
 
 
@@ -82,15 +147,17 @@ def _manifest(config_json: str, layout: StoreLayout) -> dict[str, Any]:
                    "params": e.params(), "version": e.spec.version, "cost": e.cost()}
             for name, e in rt.explainers.items()
         },
+        "entries": {e.name: entry_key(rt, e.name) for e in cfg.explain.explainers},
         "skipped": rt.source.skipped,
-        "layout": layout.key(),
+        "layout": {**layout.fixed(), "features": layout.features()},
         "taxonomy": [[str(f), TAXONOMY[f]] for f in Family],  # a list: the order is the taxonomy's
     }
 
 
 @shard_task(name="prepare-run", cache_policy=NO_CACHE)
 def prepare_run(config_json: str, run_dir: str) -> dict[str, Any]:
-    """Create (or check and reuse) the store and write the manifest.
+    """Create the store, or grow the existing one for the config (new entries and samples
+    appended, features reshaped), mark what the config uses, and write the manifest.
 
     Parameters
     ----------
@@ -102,18 +169,17 @@ def prepare_run(config_json: str, run_dir: str) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``store`` path, ``shards`` as (index, start, stop) and ``explainers`` names.
+        ``store`` path, ``shards`` as (index, start, stop): the store shards holding the
+        config's samples, ``explainers`` names and ``sanity_shards`` (the shards whose maps
+        the sanity check re-explains).
 
     Raises
     ------
     storage.StoreLayoutError
-        When the run directory holds a store of another layout.
+        When the run directory holds a store that cannot grow into this config's (see
+        :func:`target`).
     """
     rt = get_runtime(config_json)
-    layout = _layout(config_json)
-    manifest = _manifest(config_json, layout)
-    attrs = {"manifest": json.dumps(manifest, sort_keys=True), "layout": json.dumps(layout.key(), sort_keys=True)}
-    params = [json.dumps(rt.explainers[n].params(), sort_keys=True) for n in layout.explainers]
     pointer = Path(run_dir) / STORE_POINTER
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     if rt.config.store:
@@ -122,22 +188,23 @@ def prepare_run(config_json: str, run_dir: str) -> dict[str, Any]:
     elif pointer.exists():
         pointer.unlink()
     path = store_path(run_dir)
-    if storage.exists(path):
-        old = storage.read_layout_key(path)
-        if old != layout.key():
-            diff = sorted(k for k in set(old) | set(layout.key()) if old.get(k) != layout.key().get(k))
-            raise storage.StoreLayoutError(
-                f"{str(path)!r} was created with a different layout ({', '.join(diff)} differ); "
-                "finished shards cannot be reused: choose another --run-dir"
-            )
-        storage.set_params(path, params)
-        storage.set_attrs(path, attrs)
+    storage.recover(path)
+    state = storage.read_state(path) if storage.exists(path) else None
+    goal = target(config_json, state)
+    layout = goal.layout
+    manifest = _manifest(config_json, layout)
+    attrs = {"manifest": json.dumps(manifest, sort_keys=True)}
+    if state is None:
+        storage.init_store(path, layout, attrs)
     else:
-        storage.init_store(path, layout, params, attrs)
+        storage.grow_store(path, layout, state, attrs)
+    storage.set_selection(path, goal.active_order, goal.sample_order)
+    storage.set_attrs(path, attrs)
     (Path(run_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    shards = storage.plan_shards(layout.n_samples, layout.shard_size)
+    views = shard_views(rt.source, layout.sample_keys, layout.shard_size)
     return {
         "store": str(path),
-        "shards": [(s.index, s.start, s.stop) for s in shards],
-        "explainers": list(layout.explainers),
+        "shards": [(v.shard.index, v.shard.start, v.shard.stop) for v in views],
+        "explainers": [e.name for e in rt.config.explain.explainers],
+        "sanity_shards": sanity_shards(rt, layout.sample_keys) if rt.config.sanity.enabled else [],
     }

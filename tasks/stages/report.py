@@ -34,7 +34,7 @@ def write_report(run_dir: str) -> str:
     from analysis.report import metric_summary, wide_table
 
     path = render_report(run_dir)
-    ds = storage.open_dataset(store_path(run_dir))
+    ds = storage.open_current(store_path(run_dir))
     name = json.loads(ds.attrs["manifest"])["name"]
     create_markdown_artifact(path.read_text(), key=artifact_key(name, "summary"),
                              description=f"attriflow report of {run_dir}")
@@ -61,6 +61,21 @@ def _save(fig: Any, out: Path, name: str, caption: str) -> Any:
     return Figure(name, caption, buf.getvalue())
 
 
+#: Variables up to this size are read into memory once (the report reads them many times);
+#: larger ones (maps, curves, masks) stay lazy.
+SMALL_BYTES = 64 * 2**20
+
+
+def _load_small(ds: Any) -> Any:
+    return ds.assign({name: var.load() for name, var in ds.data_vars.items() if var.nbytes <= SMALL_BYTES})
+
+
+def _shards_of(ds: Any) -> np.ndarray:
+    """The shards holding the samples the current config uses."""
+    size = int(json.loads(ds.attrs["fixed"])["shard_size"]) if "fixed" in ds.attrs else ds.sizes["sample"]
+    return np.unique(np.flatnonzero(ds["sample_order"].values >= 0) // size)
+
+
 def render_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report/`` from the store alone: ``index.html`` (self-contained),
     ``summary.md`` and every figure as PNG and SVG; returns the summary path."""
@@ -68,10 +83,16 @@ def render_report(run_dir: str | Path) -> Path:
     from analysis.html import render_run_html
     from analysis.report import ReportOptions, manifest_of
 
-    ds = storage.open_dataset(store_path(run_dir))
+    raw = storage.open_dataset(store_path(run_dir))
+    options = ReportOptions.from_manifest(manifest_of(raw))
+    ds = storage.select_current(raw, options.include_inactive)
+    config = manifest_of(raw).get("config", {})
+    for feature in ("neurons", "sanity"):  # a stage the config turned off keeps its results, unreported
+        if not config.get(feature, {}).get("enabled", True):
+            ds = ds.drop_vars([v for v in storage.FEATURES[feature] if v in ds.variables])
+    ds = _load_small(ds)
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    options = ReportOptions.from_manifest(manifest_of(ds))
     figures: dict[str, Any] = {}
     figures["distributions"] = _save(plots.plot_metric_distributions(ds), out, "metric_distributions",
                                      "Per-sample metric distributions, explainers in taxonomy order, coloured by family")
@@ -87,7 +108,7 @@ def render_report(run_dir: str | Path) -> Path:
     if sanity is not None:
         figures["sanity"] = _save(sanity, out, "sanity", "Cascading randomisation: similarity against depth")
     neurons_done = storage.read_records(store_path(run_dir)).get("neurons")
-    if "neuron_correlation" in ds and neurons_done is not None and (neurons_done != 0).all():
+    if "neuron_correlation" in ds and neurons_done is not None and (neurons_done[_shards_of(raw)] != 0).all():
         figures["neuron_scatter"] = _save(plots.plot_neuron_scatter(ds), out, "neuron_scatter",
                                           "Neuron selection: |correlation| against precision per channel")
         if "preview" in ds:
@@ -112,7 +133,7 @@ def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Any] = {}
     for run_dir in run_dirs:
-        ds = storage.open_dataset(store_path(run_dir))
+        ds = storage.open_current(store_path(run_dir))
         label = str(manifest_of(ds).get("name", Path(run_dir).name))
         if label in runs:
             label = f"{label} ({Path(run_dir).name})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,21 +19,33 @@ from tasks.runtime import (
     get_runtime,
 )
 from tasks.stages import common
-from tasks.stages.common import explainer_index, shard_task, store_path, stored_targets
+from tasks.stages.common import explainer_index, shard_task, store_path
 from tasks.storage import Shard
 
 
-def sanity_shards(rt: Any) -> list[Shard]:
-    """The shards holding the samples the sanity check re-explains (the first ones)."""
+def sanity_samples(rt: Any, store_keys: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The sanity check's samples: the first ``sanity.samples`` of the config's samples in
+    store order (a fresh run's: the config's first; a reordered folder keeps them); their
+    keys and their positions in the store."""
     n = min(rt.config.sanity.samples, len(rt.source))
-    return [s for s in storage.plan_shards(len(rt.source), rt.config.shard_size) if s.start < n]
+    where = common.source_index(rt.source)
+    positions = [i for i, k in enumerate(store_keys) if k in where][:n]
+    return [store_keys[i] for i in positions], positions
 
 
-def expected_record(rt: Any, explain_records: list[int]) -> int:
-    """The provenance digest of a finished sanity check: the explain records of its shards,
-    the stage's settings, the run seed, the metrics' version and the randomisation units."""
-    return storage.digest64("sanity", explain_records, rt.config.sanity.model_dump(mode="json"), rt.config.seed,
-                            METRICS_VERSION, [[u, list(m)] for u, m in rt.sanity_units])
+def sanity_shards(rt: Any, store_keys: Sequence[str]) -> list[int]:
+    """Indices of the store shards holding the sanity check's samples."""
+    _, positions = sanity_samples(rt, store_keys)
+    return sorted({p // rt.config.shard_size for p in positions})
+
+
+def expected_record(rt: Any, keys: Sequence[str], explain_records: list[int]) -> int:
+    """The provenance digest of a finished sanity check of samples ``keys``: the explain
+    records of their shards, the stage's settings, the run seed, the metrics' version and
+    the randomisation units."""
+    return storage.digest64("sanity", common.keys_digest(keys), explain_records,
+                            rt.config.sanity.model_dump(mode="json"), rt.config.seed, METRICS_VERSION,
+                            [[u, list(m)] for u, m in rt.sanity_units])
 
 
 @shard_task(name="sanity-check", cache_policy=NO_CACHE, task_run_name="sanity-{explainer}")
@@ -48,23 +61,26 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     t0 = time.perf_counter()
     rt = get_runtime(config_json)
     path = store_path(run_dir)
-    k = explainer_index(rt, explainer)
-    n = min(rt.config.sanity.samples, len(rt.source))
-    shards = sanity_shards(rt)
-    records = [storage.get_record(path, "explain", s.index, k) for s in shards]
+    k = explainer_index(rt, path, explainer)
+    keys, positions = sanity_samples(rt, common.stored_keys(path))
+    n = len(keys)
+    shards = sanity_shards(rt, common.stored_keys(path))
+    records = [storage.get_record(path, "explain", s, k) for s in shards]
     if 0 in records:
-        raise RuntimeError(f"sanity {explainer}: its explain shards {[s.index for s in shards]} are not all done")
-    expected = expected_record(rt, records)
+        raise RuntimeError(f"sanity {explainer}: its explain shards {shards} are not all done")
+    expected = expected_record(rt, keys, records)
     whole = Shard(0, 0, n)
     if storage.get_record(path, "sanity", k) == expected:
         return common.receipt("sanity", whole, True, t0, explainer=explainer)
-    batch = rt.source.load(0, n)
+    where = common.source_index(rt.source)
+    batch = rt.source.load_at([where[key] for key in keys])
     inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
-    targets = stored_targets(path, rt, whole).to(rt.device)
-    seeds = torch.tensor([derive_seed(rt.config.seed, i, explainer) for i in rt.source.sample_ids[:n]],
-                         dtype=torch.int64)
     group = zarr.open_group(str(path), mode="r")
-    trained = np.asarray(group["attribution"][k, :n], dtype=np.float64)
+    name = "prediction" if rt.config.explain.target == "prediction" else "label"
+    targets = torch.from_numpy(np.asarray(group[name].get_orthogonal_selection(positions), np.int64)).to(rt.device)
+    seeds = torch.tensor([derive_seed(rt.config.seed, rt.source.sample_ids[where[key]], explainer) for key in keys],
+                         dtype=torch.int64)
+    trained = np.asarray(group["attribution"].get_orthogonal_selection((k, positions)), dtype=np.float64)
     units = [(u, list(m)) for u, m in rt.sanity_units]
     out = np.full((1, n, len(units), 3), np.nan, dtype=np.float32)
     for depth, _unit, model in cascading_randomisation(rt.module, units, rt.config.seed):
@@ -73,7 +89,8 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
             maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.explain_batch,
                                  seeds=seeds).float()
         out[0, :, depth - 1] = similarities(trained, maps.double().cpu().numpy())
-    out[0, np.asarray(group["flagged"][k, :n], dtype=bool)] = np.nan  # non-finite model output
+    flagged = np.asarray(group["flagged"].get_orthogonal_selection((k, positions)), dtype=bool)
+    out[0, flagged] = np.nan  # non-finite model output
     storage.write_region(path, {"sanity": (("explainer", "sanity_sample", "depth", "similarity"), out)},
                          {"explainer": slice(k, k + 1)})
     fault_point("sanity.after_write")

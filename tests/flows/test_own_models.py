@@ -109,6 +109,24 @@ def test_timm_model_on_a_manifest_of_photos_at_a_non_square_size(prefect_server,
     summary = (tmp_path / "run" / "report" / "summary.md").read_text()
     assert "40 x 56" in summary and "scaled to cover 42 x 58 px" in summary and "person, cup, cat" in summary
 
+    # the manifest is reordered and gains a photo listed first: the store knows its samples by
+    # content, so only the new sample's shard runs and the others keep their place
+    from skimage import data
+
+    from tasks.config import parse_config
+    from tasks.stages.plan import plan_run
+
+    Image.fromarray(data.rocket()).save(tmp_path / "rocket.png")
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0], "rocket.png,cup,0,0,600,427", *reversed(lines[1:])]) + "\n")
+    plan = plan_run(parse_config(cfg).model_dump_json(), tmp_path / "run")
+    grown = run(cfg, tmp_path / "run")
+    assert plan["new_samples"] == 1 and {st: c["computed"] for st, c in plan["stages"].items()} == _computed(grown)
+    assert _computed(grown) == {"load": 1, "explain": 2, "neurons": 0, "evaluate": 2, "sanity": 0}
+    ds = xr.open_zarr(tmp_path / "run" / "store.zarr")
+    assert [str(n) for n in ds["sample_name"].values] == ["astronaut.png", "coffee.png", "chelsea.png", "rocket.png"]
+    assert list(ds["sample_order"].values) == [3, 2, 1, 0]
+
 
 def test_an_exported_program_gives_the_eager_models_maps(reference_run, prefect_server, tmp_path) -> None:
     from explainers import UnsupportedModelError

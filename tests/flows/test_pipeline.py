@@ -99,6 +99,8 @@ def test_rerun_rewrites_nothing(reference_run) -> None:
 
 
 def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -> None:
+    """A new setting of one explainer is a new entry: only its shards run, the old setting's
+    maps stay in the store (inactive), no finished chunk is rewritten."""
     import shutil
 
     run_dir = tmp_path / "run"
@@ -111,7 +113,7 @@ def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -
 
     plan = plan_run(parse_config(changed).model_dump_json(), run_dir)  # predicted before any work
     result = _run(changed, run_dir)
-    assert plan["store"] == "ready"
+    assert plan["store"] == "grows" and plan["new_entries"] == 1 and plan["inactive"][0].startswith("grad_cam@")
     assert {st: c["computed"] for st, c in plan["stages"].items()} == \
         {st: c["computed"] for st, c in result["counts"].items()}
     assert plan["explainers"]["grad_cam"]["explain"] == {"computed": 3, "reused": 0}
@@ -120,10 +122,12 @@ def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -
     assert result["counts"]["evaluate"] == {"computed": 3, "reused": 3, "failed": 0}
     after = _files(store)
     rewritten = {k for k in after if after[k] != before.get(k)}
-    assert any(k.startswith("attribution/c/1/") for k in rewritten)
-    assert not any(k.startswith(("attribution/c/0/", "score/c/0/", "label", "prediction")) for k in rewritten)
+    assert any(k.startswith("attribution/c/2/") for k in rewritten)
+    assert not any(k.startswith(("attribution/c/0/", "attribution/c/1/", "score/c/0/", "score/c/1/", "label",
+                                 "prediction")) for k in rewritten)
     ds = xr.open_zarr(store)
-    assert json.loads(ds["params"].values[1])["layer"] == "block3"
+    assert json.loads(ds["params"].values[2])["layer"] == "block3" and list(ds["active_order"].values) == [0, -1, 1]
+    assert str(ds["explainer"].values[1]).startswith("grad_cam@") and ds["explainer"].values[2] == "grad_cam"
 
 
 def test_sigkill_then_resume_equals_uninterrupted(reference_run, prefect_server, tmp_path) -> None:
@@ -192,11 +196,11 @@ def test_unknown_layer_fails_before_any_work_listing_valid_ones(tmp_path, prefec
     assert not (tmp_path / "run").exists()
 
 
-def test_layout_change_is_refused(reference_run) -> None:
+def test_a_store_of_another_image_size_is_refused(reference_run) -> None:
     from tasks.storage import StoreLayoutError
 
-    with pytest.raises(StoreLayoutError, match="n_samples"):
-        _run({**SMALL, "data": {"n_samples": 16}}, reference_run)
+    with pytest.raises(StoreLayoutError, match=r"data.image_size .*64 -> 48"):
+        _run({**SMALL, "data": {"n_samples": 24, "image_size": 48}}, reference_run)
 
 
 def test_methods_json_lists_taxonomy_and_costs(prefect_server) -> None:

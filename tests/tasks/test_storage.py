@@ -11,17 +11,18 @@ import xarray as xr
 from tasks import storage
 
 
-def _layout(**kw):
-    base = dict(sample_ids=tuple(range(10)), sample_names=tuple(f"s{i}" for i in range(10)), height=4,
-                width=4, shard_size=4, explainers=("a", "b"), families=("gradient", "cam"),
-                methods=("saliency", "grad_cam"), has_mask=True, has_box=False, n_points=3)
+def _layout(n=10, entries=(("a", "gradient", "saliency"), ("b", "cam", "grad_cam")), **kw):
+    base = dict(sample_ids=tuple(range(n)), sample_names=tuple(f"s{i}" for i in range(n)),
+                sample_keys=tuple(f"s{i}#k" for i in range(n)), height=4, width=4, shard_size=4,
+                entries=tuple(storage.Entry(f"{e}@0", e, f, m, "{}") for e, f, m in entries),
+                has_mask=True, has_box=False, n_points=3)
     base.update(kw)
     return storage.StoreLayout(**base)
 
 
 def test_init_template_and_region_writes(tmp_path) -> None:
     path = tmp_path / "store.zarr"
-    storage.init_store(path, _layout(), ["{}", '{"layer": "x"}'], {"manifest": "{}"})
+    storage.init_store(path, _layout(), {"manifest": "{}"})
     ds = xr.open_zarr(path)
     assert ds["attribution"].dims == ("explainer", "sample", "y", "x")
     assert ds["attribution"].encoding["chunks"] == (1, 4, 4, 4)
@@ -71,3 +72,60 @@ def test_digest64_is_stable_and_nonzero() -> None:
     assert storage.digest64("a", 1, {"b": 2}) == storage.digest64("a", 1, {"b": 2})
     assert storage.digest64("a", 1) != storage.digest64("a", 2)
     assert storage.digest64("x") > 0
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_growth_appends_chunk_rows_and_an_interrupted_grow_is_redone(tmp_path, monkeypatch) -> None:
+    """Entries and samples are appended by ``resize``: finished chunks are not rewritten; a
+    grow interrupted after its resizes leaves readers the old consolidated shapes and is
+    redone by the next call into the store an uninterrupted grow gives."""
+    import tasks.runtime
+
+    metrics = tuple(storage.METRICS)
+    small = _layout(metrics=metrics[:-1])  # a metric attriflow added since the store was made
+    big = _layout(n=14, entries=(("a", "gradient", "saliency"), ("b", "cam", "grad_cam"), ("c", "cam", "grad_cam")),
+                  metrics=metrics)
+    paths = {name: tmp_path / name / "store.zarr" for name in ("straight", "interrupted")}
+    for path in paths.values():
+        storage.init_store(path, small, {"manifest": "{}"})
+        data = np.ones((1, 4, 4, 4), np.float32)
+        storage.write_region(path, {"attribution": (("explainer", "sample", "y", "x"), data)},
+                             {"explainer": slice(0, 1), "sample": slice(0, 4)})
+        storage.set_record(path, "explain", 0, 7, 0)
+    before = {k: v for k, v in _tree(paths["straight"]).items() if k.startswith("attribution/c/")}
+    storage.grow_store(paths["straight"], big, storage.read_state(paths["straight"]), {"manifest": "{}"})
+    after = _tree(paths["straight"])
+    assert all(after[k] == v for k, v in before.items())  # same bytes, same mtime
+    ds = xr.open_zarr(paths["straight"])
+    assert ds["attribution"].shape == (3, 14, 4, 4) and list(ds["entry"].values) == ["a@0", "b@0", "c@0"]
+    assert list(ds["explainer"].values) == ["a", "b", "c@0"] and list(ds["active_order"].values) == [0, 1, -1]
+    assert list(ds["sample_order"].values[10:]) == [-1] * 4 and list(ds["sample_key"].values[-1:]) == ["s13#k"]
+    assert (ds["attribution"].values[0, :4] == 1).all() and np.isnan(ds["attribution"].values[:, 10:]).all()
+    assert storage.read_records(paths["straight"])["explain"].tolist() == [[7, 0, 0, 0]] + [[0, 0, 0, 0]] * 2
+    assert list(ds["metric"].values) == list(metrics) and ds["score"].shape == (3, 14, len(metrics))
+    assert ds["category"].values[-1] == storage.METRICS[metrics[-1]]["category"]
+
+    class Killed(Exception):
+        pass
+
+    def die(name):
+        if name == "grow.after_resize":
+            raise Killed
+
+    path = paths["interrupted"]
+    monkeypatch.setattr(tasks.runtime, "fault_point", die)
+    with pytest.raises(Killed):
+        storage.grow_store(path, big, storage.read_state(path), {"manifest": "{}"})
+    monkeypatch.undo()
+    reader = xr.open_zarr(path)  # the consolidated metadata of before the grow: whole, old shapes
+    assert reader["attribution"].shape == (2, 10, 4, 4) and (reader["attribution"].values[0, :4] == 1).all()
+    state = storage.read_state(path)
+    assert len(state.entries) == 2 and len(state.sample_keys) == 10  # the markers were not committed
+    storage.grow_store(path, big, state, {"manifest": "{}"})
+    ours = {k: v[0] for k, v in _tree(path).items()}
+    ref = {k: v[0] for k, v in _tree(paths["straight"]).items()}
+    assert ours == ref
