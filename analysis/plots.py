@@ -318,7 +318,8 @@ def plot_neuron_scatter(ds: xr.Dataset, max_points: int = 60_000) -> Figure:
     for ax, layer in zip(axes.ravel(), layers):
         part = df[df["layer"] == layer].sort_values("selected by", key=lambda c: c.map(SELECTION_ORDER.index))
         sns.scatterplot(data=part, x="correlation", y="log10 precision", hue="selected by",
-                        hue_order=SELECTION_ORDER, palette=palette, s=8, linewidth=0, ax=ax, legend=False)
+                        hue_order=SELECTION_ORDER, palette=palette, s=8, linewidth=0, ax=ax, legend=False,
+                        rasterized=True)  # thousands of points: an image inside the SVG, axes and text vector
         ax.set_title(layer, fontsize=9)
     for ax in axes.ravel()[len(layers):]:
         ax.set_visible(False)

@@ -49,6 +49,7 @@ def _save(fig: Any, out: Path, name: str, caption: str) -> Any:
     """Write a figure as PNG and SVG; return it encoded for the HTML page."""
     import io
 
+    import matplotlib
     import matplotlib.pyplot as plt
 
     from analysis.html import Figure
@@ -56,7 +57,8 @@ def _save(fig: Any, out: Path, name: str, caption: str) -> Any:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     (out / f"{name}.png").write_bytes(buf.getvalue())
-    fig.savefig(out / f"{name}.svg")
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as <text>, not glyph paths: smaller, faster
+        fig.savefig(out / f"{name}.svg")
     plt.close(fig)
     return Figure(name, caption, buf.getvalue())
 

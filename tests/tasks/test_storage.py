@@ -40,6 +40,14 @@ def test_init_template_and_region_writes(tmp_path) -> None:
     assert storage.read_records(path)["explain"].tolist() == [[0, 0, 0], [0, 0, 12345]]
 
 
+def test_store_ref_keeps_urls_and_makes_file_urls_paths(tmp_path) -> None:
+    from pathlib import Path
+
+    assert storage.store_ref(f"file://{tmp_path}/s.zarr") == Path(f"{tmp_path}/s.zarr")
+    assert storage.store_ref("memory://x/s.zarr") == "memory://x/s.zarr"
+    assert storage.store_ref(tmp_path / "s.zarr") == tmp_path / "s.zarr"
+
+
 def test_plan_shards() -> None:
     assert storage.plan_shards(10, 4) == [storage.Shard(0, 0, 4), storage.Shard(1, 4, 8), storage.Shard(2, 8, 10)]
 
