@@ -513,7 +513,7 @@ def set_selection(path: StoreRef, active_order: Sequence[int], sample_order: Seq
     group = _open_group(path, "r+", consolidated=False)
     active = np.asarray(active_order, np.int64)
     keys = [str(v) for v in group["entry"][:]]
-    labels = _obj(k.split("@")[0] if a >= 0 else k for k, a in zip(keys, active))
+    labels = _obj(k.rsplit("@", 1)[0] if a >= 0 else k for k, a in zip(keys, active))
     for name, values in (("active_order", active), ("sample_order", np.asarray(sample_order, np.int64)),
                          ("explainer", labels)):
         if not np.array_equal(np.asarray(group[name][:]).astype(values.dtype), values):

@@ -103,6 +103,8 @@ def source_index(source: Any) -> dict[str, int]:
     """Position of each sample key in a source (cached per source object)."""
     hit = _WHERE.get(id(source))
     if hit is None or hit[0] is not source:
+        if len(_WHERE) >= 4:  # the runtimes' sources (a few per process): drop the oldest
+            _WHERE.pop(next(iter(_WHERE)))
         hit = (source, {k: i for i, k in enumerate(source.sample_keys)})
         _WHERE[id(source)] = hit
     return hit[1]

@@ -63,7 +63,7 @@ def target(config_json: str, state: storage.StoreState | None) -> Target:
                           json.dumps(rt.explainers[n].params(), sort_keys=True)) for n in names]
     old_entries = list(state.entries) if state else []
     old_samples = list(state.sample_keys) if state else []
-    stored = [storage.Entry(k, k.split("@")[0], "", "", "") for k in old_entries]
+    stored = [storage.Entry(k, k.rsplit("@", 1)[0], "", "", "") for k in old_entries]
     entries = stored + [e for e in mine if e.key not in set(old_entries)]
     known = set(old_samples)
     src = rt.source

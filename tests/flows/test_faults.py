@@ -37,7 +37,7 @@ def test_dask_local_cluster_gives_the_local_runners_store(reference_run, tmp_pat
 @pytest.mark.parametrize("point", ["evaluate.after_write:3", "report.after_figures:1"])
 def test_killed_during_analysis_or_report_resumes_to_the_same_store(point, reference_run, prefect_server,
                                                                     tmp_path) -> None:
-    """(The kill during explanation is ``test_sigkill_then_resume_equals_uninterrupted``.)"""
+    """(Kills during explanation and store growth: ``test_growth.py``.)"""
     cfg = tmp_path / "small.yaml"
     cfg.write_text(yaml.safe_dump(SMALL))
     run_dir = tmp_path / "run"

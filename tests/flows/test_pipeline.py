@@ -130,30 +130,6 @@ def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -
     assert str(ds["explainer"].values[1]).startswith("grad_cam@") and ds["explainer"].values[2] == "grad_cam"
 
 
-def test_sigkill_then_resume_equals_uninterrupted(reference_run, prefect_server, tmp_path) -> None:
-    cfg_path = tmp_path / "small.yaml"
-    cfg_path.write_text(yaml.safe_dump(SMALL))
-    run_dir = tmp_path / "crashed"
-    killed = _cli(["run", str(cfg_path), "--run-dir", str(run_dir)],
-                  {"ATTRIFLOW_FAULT": "explain.after_write:4"}, prefect_server)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    records = json.loads(_cli(["status", str(run_dir), "--json"], {}, prefect_server).stdout)
-    assert records["stages"]["load"]["done"] == 3
-    done = sum(v["done"] for v in records["stages"]["explain"].values())
-    assert done == 3, "killed after the 4th explain write, before its record"
-    resumed = _cli(["run", str(cfg_path), "--run-dir", str(run_dir)], {}, prefect_server)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "explain: 3 computed, 3 reused" in resumed.stdout
-    ours = {k: v[0] for k, v in _files(run_dir / "store.zarr", reproducible=True).items()}
-    ref = {k: v[0] for k, v in _files(reference_run / "store.zarr", reproducible=True).items()}
-    assert ours.keys() == ref.keys()
-    assert [k for k in ours if ours[k] != ref[k]] == []
-    from tasks.storage import NONDETERMINISTIC
-
-    xr.testing.assert_identical(xr.open_zarr(run_dir / "store.zarr").drop_vars(NONDETERMINISTIC).load(),
-                                xr.open_zarr(reference_run / "store.zarr").drop_vars(NONDETERMINISTIC).load())
-
-
 def test_locked_run_dir_is_refused_at_once(reference_run, prefect_server) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
