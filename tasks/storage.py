@@ -33,8 +33,9 @@ Layout (dims ``explainer, sample, y, x, metric, point, shard, corner``):
 Why one growing array per variable rather than one group per explainer
 -----------------------------------------------------------------------
 An experiment grows along two axes: entries (an added explainer, or a new parameter setting
-of one, kept as a versioned entry ``name@digest``) and samples (more images). Both are
-appended with Zarr's ``resize``: the chunk grid is ``(1, shard_size, ...)``, so a new entry
+of one, kept as a versioned entry ``name@digest``) and samples (more images); metrics added
+to attriflow and longer curves grow ``metric`` and ``point`` the same way. Entries and
+samples are appended with Zarr's ``resize``: the chunk grid is ``(1, shard_size, ...)``, so a new entry
 or a new shard is a new row of chunks, and growing rewrites only array metadata; no chunk of
 a finished entry or shard is touched. One group per explainer would make adding an entry an
 atomic directory rename too, but the sample axis would still need resizing in every group,
