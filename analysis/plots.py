@@ -172,15 +172,17 @@ def plot_curves(ds: xr.Dataset, families: list[str] | None = None) -> Figure:
     metric_index = [str(x) for x in ds["metric"].values]
     for c, cname in enumerate(curve_names):
         curves = np.asarray(ds["curve"].isel(metric=metric_index.index(cname)).values, dtype=np.float64)
-        x = np.linspace(0, 1, curves.shape[-1])
         for r, family in enumerate(families):
             ax = axes[r, c]
             for k in explainer_order(ds):
                 if fams[k] != family:
                     continue
-                finite = np.isfinite(curves[k]).all(axis=1)
-                if finite.any():
-                    ax.plot(x, curves[k][finite].mean(axis=0), label=names[k], linewidth=1.2)
+                # a store keeps its longest curve length: shorter curves are NaN-padded at the end
+                points = curves[k][:, np.isfinite(curves[k]).any(axis=0)]
+                finite = np.isfinite(points).all(axis=1)
+                if finite.any() and points.shape[-1] > 1:
+                    x = np.linspace(0, 1, points.shape[-1])
+                    ax.plot(x, points[finite].mean(axis=0), label=names[k], linewidth=1.2)
             ax.set_title(f"{cname.replace('_auc', '')}: {family}", fontsize=9)
             ax.set_xlabel(f"fraction of pixels {'removed' if cname.startswith('deletion') else 'inserted'}", fontsize=8)
             ax.legend(fontsize=7)

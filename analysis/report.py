@@ -95,6 +95,12 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little")
 
 
+#: Family suffix of the store's inactive entries in a report with ``report.include_inactive``:
+#: they keep the scores of the evaluation settings they were last scored with, so they get
+#: their own sub-totals and are never marked best.
+INACTIVE_SUFFIX = "-inactive"
+
+
 def subtotal_label(family: str) -> str:
     """Row label of a family's sub-total (all its explainers' samples pooled)."""
     return f"all {family}"
@@ -147,7 +153,8 @@ def metric_summary(ds: xr.Dataset, options: ReportOptions | None = None) -> pd.D
     df["best"] = False
     if df.empty:  # nothing scored yet (every evaluate shard failed): an empty table, same columns
         return df
-    for (metric, subtotal), part in df.groupby(["metric", "subtotal"]):
+    ranked = ~df["family"].astype(str).str.endswith(INACTIVE_SUFFIX)  # inactive entries are shown, not ranked
+    for (metric, subtotal), part in df[ranked].groupby(["metric", "subtotal"]):
         finite = part["mean"].dropna()
         if finite.empty:
             continue

@@ -40,8 +40,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         with run_lock(run_dir):  # fail at once, before Prefect starts
+            plan = plan_run(cfg.model_dump_json(), run_dir, stop_early=True)
+            if plan["store"] == "other-layout":  # a store this config cannot grow: said before Prefect starts
+                return _fail(plan["reason"], 1)
             if (run_dir / "report" / "summary.md").exists():  # a finished run: no flow, no Prefect server
-                plan = plan_run(cfg.model_dump_json(), run_dir, stop_early=True)
                 if nothing_to_do(plan, run_dir):
                     if plan["config_changed"]:  # e.g. a dropped explainer: new selection, new report
                         from tasks.stages import prepare_run, render_report
@@ -84,7 +86,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return 0
     print_plan(plan, run_dir)
-    return 0
+    return 1 if plan["store"] == "other-layout" else 0
 
 
 def print_plan(plan: dict[str, Any], run_dir: Path) -> None:
@@ -98,7 +100,8 @@ def print_plan(plan: dict[str, Any], run_dir: Path) -> None:
     if plan["store"] == "other-layout":
         return
     if plan["stored_samples"]:
-        print(f"  samples: {plan['samples']} configured, {plan['stored_samples'] + plan['new_samples']} in the store")
+        grows = f", {plan['new_samples']} to add" if plan["new_samples"] else ""
+        print(f"  samples: {plan['samples']} configured; the store holds {plan['stored_samples']}{grows}")
     _print_counts(plan["stages"])
     for name, stages in plan["explainers"].items():
         parts = ", ".join(f"{st} {c['computed']} computed / {c['reused']} reused" for st, c in stages.items()
@@ -107,7 +110,8 @@ def print_plan(plan: dict[str, Any], run_dir: Path) -> None:
     for feature in plan["recreated"]:
         print(f"  {feature}: its settings changed; its results are redone")
     if plan["inactive"]:
-        print(f"  kept inactive (in the store, not in the report; `attriflow gc` lists and removes them): "
+        shown = "in the report (report.include_inactive)" if plan.get("include_inactive") else "not in the report"
+        print(f"  kept inactive (in the store, {shown}; `attriflow gc` lists and removes them): "
               f"{', '.join(plan['inactive'])}")
 
 
@@ -252,6 +256,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
             except ValueError as err:
                 return _fail(str(err))
             print(f"removed {len(removed)} inactive entr{'y' if len(removed) == 1 else 'ies'}")
+            if (run_dir / "report" / "summary.md").exists():  # it may have shown them (report.include_inactive)
+                from tasks.stages import render_report
+
+                print(f"report:  {render_report(run_dir).with_name('index.html')} (rewritten)")
             return 0
     except RunLockedError as err:
         return _fail(str(err))
@@ -268,6 +276,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             result = migrate(run_dir)
     except (MigrationError, RunLockedError, FileNotFoundError) as err:
         return _fail(str(err))
+    if result.get("current"):
+        print(f"{run_dir}: the store already has schema 3; nothing to migrate")
+        return 0
     print(f"migrated {run_dir} to store schema 3 (old metadata in {result['backup']})")
     for stage, kept in result["kept"].items():
         print(f"{stage:>9}: {kept} record(s) kept, {result['cleared'][stage]} to redo")

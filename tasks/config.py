@@ -199,6 +199,13 @@ class ExplainerEntry(_Strict):
             raise ValueError(f"unknown explainer {value!r}; registered: {', '.join(sorted(REGISTRY))}")
         return value
 
+    @field_validator("label")
+    @classmethod
+    def _no_at(cls, value: str | None) -> str | None:
+        if value is not None and "@" in value:
+            raise ValueError(f"label {value!r}: '@' is reserved for the store's entries (name@digest)")
+        return value
+
     @model_validator(mode="after")
     def _params_valid(self) -> ExplainerEntry:
         from explainers import get_explainer, validate_params

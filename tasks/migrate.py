@@ -44,7 +44,8 @@ def migrate(run_dir: str | Path) -> dict[str, Any]:
     -------
     dict
         ``kept``: records carried over per stage; ``cleared``: records to redo per stage;
-        ``backup``: the folder holding the old metadata.
+        ``backup``: the folder holding the old metadata; ``current``: True (and nothing
+        else done) when the store already has this version's schema.
 
     Raises
     ------
@@ -58,6 +59,8 @@ def migrate(run_dir: str | Path) -> dict[str, Any]:
         raise MigrationError(f"{path!r}: attriflow migrate needs a local store")
     ds = storage.open_dataset(path)
     schema = int(ds.attrs.get("schema_version", 1))
+    if schema == storage.SCHEMA_VERSION:
+        return {"kept": {}, "cleared": {}, "backup": None, "current": True}
     if schema != 2:
         raise MigrationError(f"{str(path)!r} has store schema {schema}; attriflow migrate converts schema 2")
     from tasks.config import parse_config

@@ -400,6 +400,17 @@ def init_store(path: StoreRef, layout: StoreLayout, attrs: dict[str, str]) -> No
     os.replace(tmp, path)  # a store either exists with all its metadata or not at all
 
 
+def _committed(values: Any) -> list[str]:
+    """A marker's committed values: up to the first empty one (a grow killed between the
+    marker's resize and its values leaves empty strings, never a real key)."""
+    out = []
+    for v in values:
+        if not str(v):
+            break
+        out.append(str(v))
+    return out
+
+
 def read_state(path: StoreRef) -> StoreState:
     """The committed state of an existing store (its own array metadata, not the consolidated
     copy) and its completion records."""
@@ -412,8 +423,8 @@ def read_state(path: StoreRef) -> StoreState:
     records = {stage: np.asarray(group[f"record_{stage}"][:]) for stage in STAGES if f"record_{stage}" in names}
     return StoreState(
         schema=schema, fixed=json.loads(attrs["fixed"]), features=json.loads(attrs["features"]),
-        entries=[str(v) for v in group["entry"][:]], sample_keys=[str(v) for v in group["sample_key"][:]],
-        n_points=int(group["curve"].shape[-1]), records=records, metrics=[str(m) for m in group["metric"][:]],
+        entries=_committed(group["entry"][:]), sample_keys=_committed(group["sample_key"][:]),
+        n_points=int(group["curve"].shape[-1]), records=records, metrics=_committed(group["metric"][:]),
         config_hash=str(json.loads(attrs.get("manifest", "{}")).get("config_hash", "")),
     )
 
@@ -541,7 +552,9 @@ def open_dataset(path: StoreRef) -> xr.Dataset:
 
 def select_current(ds: xr.Dataset, include_inactive: bool = False) -> xr.Dataset:
     """The current config's view of a store: its entries in its order (then, with
-    ``include_inactive``, the inactive entries in store order), its samples in store order
+    ``include_inactive``, the inactive entries in store order, their family suffixed
+    ``-inactive``: they keep the scores of the evaluation settings they were last scored
+    with, so the report pools and ranks them apart), its samples in store order
     (the order they were first added: a reordered folder keeps its order; a fresh run's
     store order is the config's), the shards holding those samples (coordinate
     ``shard_samples``: how many each holds). Previews are kept when the view's first samples
@@ -555,6 +568,10 @@ def select_current(ds: xr.Dataset, include_inactive: bool = False) -> xr.Dataset
         rows += list(np.flatnonzero(order < 0))
     chosen = np.flatnonzero(ds["sample_order"].values >= 0)  # in store order: previews and sanity follow it
     view = ds.isel(explainer=rows, sample=chosen)
+    if include_inactive:  # their own family rows: scored under the settings they were last evaluated with
+        inactive = view["active_order"].values < 0
+        view = view.assign_coords(family=("explainer", _obj(
+            f"{f}-inactive" if off else str(f) for f, off in zip(view["family"].values, inactive))))
     if "metric" in view.dims:  # metrics that attriflow no longer computes stay stored, unreported
         view = view.sel(metric=[m for m in view["metric"].values if str(m) in METRICS])
     size = int(json.loads(ds.attrs["fixed"])["shard_size"])

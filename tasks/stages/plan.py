@@ -92,7 +92,8 @@ def plan_run(config_json: str, run_dir: str | Path, stop_early: bool = False) ->
            for n in names}
     out: dict[str, Any] = {"store": "new", "stages": counts, "explainers": per, "inactive": [],
                            "new_entries": len(names), "new_samples": len(rt.source), "samples": len(rt.source),
-                           "stored_samples": 0, "recreated": [], "config_changed": True}
+                           "stored_samples": 0, "recreated": [], "config_changed": True,
+                           "include_inactive": cfg.report.include_inactive}
     try:
         goal = target(config_json, state)
     except storage.StoreLayoutError as err:

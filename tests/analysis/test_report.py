@@ -138,3 +138,30 @@ def test_a_store_with_no_score_yet_still_renders() -> None:
     assert plot_metric_distributions(ds) is not None
     page = render_run_html(ds, {}, {}, {"gradient": (0, 0, 1), "cam": (1, 0, 0), "perturbation": (0, 1, 0)})
     assert "Provenance" in page and "# attriflow run" in render_markdown(ds)
+
+
+def test_inactive_entries_are_shown_apart_and_never_marked_best() -> None:
+    """``report.include_inactive``: an earlier setting keeps the scores of its own evaluation
+    settings, so it is pooled in its own family rows and never marked best (a store's view
+    suffixes its family ``-inactive``)."""
+    ds = _store()
+    ds = ds.assign_coords(family=("explainer", ["perturbation", "cam-inactive", "gradient", "gradient"]))
+    summary = metric_summary(ds)
+    rows = summary[(summary["explainer"] == "gc") & (summary["metric"] == "deletion_auc")]
+    assert not rows["best"].any()  # gc is the lowest deletion, but inactive
+    best = summary[(summary["metric"] == "deletion_auc") & ~summary["subtotal"] & summary["best"]]
+    assert list(best["explainer"]) != ["gc"] and len(best) == 1
+
+
+def test_curves_of_different_lengths_are_drawn() -> None:
+    """A store keeps its longest curve length; a shorter curve is NaN-padded and still drawn."""
+    from analysis.plots import plot_curves
+
+    ds = _store(8)
+    curve = np.full((4, 8, 3, 9), np.nan)
+    curve[:, :, 0, :5] = np.linspace(1, 0, 5)  # 4 steps, padded to 9 points
+    curve[:, :, 1, :] = np.linspace(0, 1, 9)
+    ds = ds.assign(curve=(("explainer", "sample", "metric", "point"), curve))
+    fig = plot_curves(ds, ["cam"])
+    assert [len(ax.lines) for ax in fig.axes] == [1, 1]
+    assert len(fig.axes[0].lines[0].get_xdata()) == 5

@@ -81,3 +81,8 @@ def test_shipped_example_configs_parse() -> None:
     assert example.model.arch == "resnet50" and example.data.kind == "imagefolder"
     for name in sorted(p.name for p in configs.glob("*.yaml")):
         load_config(configs / name)  # every example validates as written
+
+
+def test_a_label_cannot_look_like_a_store_entry() -> None:
+    with pytest.raises(ConfigError, match="'@' is reserved"):
+        parse_config({"explain": {"explainers": [{"method": "saliency", "label": "saliency@dea860bc"}]}})

@@ -133,6 +133,10 @@ def test_growth_appends_chunk_rows_and_an_interrupted_grow_is_redone(tmp_path, m
     assert reader["attribution"].shape == (2, 10, 4, 4) and (reader["attribution"].values[0, :4] == 1).all()
     state = storage.read_state(path)
     assert len(state.entries) == 2 and len(state.sample_keys) == 10  # the markers were not committed
+    import zarr
+
+    zarr.open_group(str(path), mode="r+", use_consolidated=False)["entry"].resize((3,))  # killed after the
+    assert storage.read_state(path).entries == ["a@0", "b@0"]  # marker's resize, before its values
     storage.grow_store(path, big, state, {"manifest": "{}"})
     ours = {k: v[0] for k, v in _tree(path).items()}
     ref = {k: v[0] for k, v in _tree(paths["straight"]).items()}
