@@ -90,7 +90,7 @@ def target(config_json: str, state: storage.StoreState | None) -> Target:
                 f"the store in this run directory was written by an older attriflow (store schema {state.schema}; "
                 f"this version writes schema {storage.SCHEMA_VERSION}, whose records identify samples by content and "
                 "keep every explainer setting): run `attriflow migrate RUN_DIR` to convert it in place "
-                "(its metadata is backed up; finished shards are recomputed once), or choose another --run-dir")
+                "(its metadata is backed up; finished shards whose records still hold are kept), or choose another --run-dir")
         diff = sorted(k for k, v in layout.fixed().items() if state.fixed.get(k) != v)
         if diff:
             why = {"height": "data.image_size", "width": "data.image_size", "shard_size": "shard_size",
