@@ -15,11 +15,67 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from tasks.config import ConfigError, load_config
+def _finished_answer(args: argparse.Namespace) -> int | None:
+    """Answer a rerun of a finished run from its marker (:mod:`tasks.finished`) without
+    loading torch, Prefect or the store; None when the full check is needed (also when
+    runner options are given: the full path validates them)."""
+    from tasks import finished
+
+    if args.dask_address or args.dask_workers is not None or args.retries is not None:
+        return None
+    try:
+        raw = finished.read_raw(args.config)
+        run_dir = (Path(args.run_dir) if args.run_dir else finished.default_run_dir(raw)).resolve()
+        counts = finished.check(run_dir, finished.config_key(raw, args.config, run_dir))
+    except Exception:  # noqa: BLE001 - any doubt: the full path checks (and reports a bad file properly)
+        return None
+    if counts is None:
+        return None
+    print(f"nothing to compute: every shard of {run_dir} is finished and its report written")
+    _print_counts(counts)
+    return 0
+
+
+def _snapshot(args: argparse.Namespace, raw: Any, cfg: Any, rt: Any, run_dir: Path) -> dict[str, Any] | None:
+    """The finished marker's stamps of this run's config, code and inputs, taken before it
+    computes; None when they cannot be taken (then no marker is left)."""
+    from tasks import finished
 
     try:
-        cfg = load_config(args.config)
+        files, roots = finished.inputs_of(cfg, raw, rt.source)
+        return finished.snapshot(finished.config_key(raw, args.config, run_dir), files, roots)
+    except Exception:  # noqa: BLE001 - no marker, never a failed run
+        return None
+
+
+def _leave_marker(run_dir: Path, before: dict[str, Any] | None, counts: dict[str, dict[str, int]]) -> None:
+    """After a run (or a full check) that left nothing to compute: the finished marker,
+    unless the config, code or inputs changed while it ran."""
+    from tasks import finished
+
+    if before is None:
+        return
+    totals = {stage: {"computed": 0, "reused": c.get("computed", 0) + c.get("reused", 0)}
+              for stage, c in counts.items()}
+    try:
+        finished.write(run_dir, before, totals)
+    except OSError:
+        pass  # no marker: the next rerun takes the full check
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    answered = _finished_answer(args)
+    if answered is not None:
+        return answered
+    from tasks import finished
+    from tasks.config import ConfigError, load_config, parse_config
+
+    try:
+        raw = finished.read_raw(args.config)  # what the marker stamps: the config as this run read it
+    except Exception:  # noqa: BLE001 - load_config below says what is wrong with the file
+        raw = None
+    try:  # the config as read once: what runs is what the marker stamps
+        cfg = parse_config(raw, repr(str(args.config))) if raw is not None else load_config(args.config)
         cfg = with_runner_options(cfg, args)
     except ConfigError as err:
         return _fail(str(err))
@@ -32,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         rt = get_runtime(cfg.model_dump_json())  # cached: the flow in this process reuses it
     except planning_errors() as err:
         return _fail(str(err), 1)
+    before = _snapshot(args, raw, cfg, rt, run_dir) if raw is not None or args.config is None else None
     skipped = rt.source.skipped
     if skipped:  # said now, not only at the end of the report
         shown = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
@@ -55,9 +112,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                     else:
                         print(f"nothing to compute: every shard of {run_dir} is finished and its report written")
                     _print_counts(plan["stages"])
+                    _leave_marker(run_dir, before, plan["stages"])
                     return 0
             # the flow takes the same lock again in this process (re-entrant)
-            return _run_flow(cfg, run_dir)
+            code, counts = _run_flow(cfg, run_dir)
+            if code == 0 and counts is not None and not any(c.get("failed") for c in counts.values()):
+                _leave_marker(run_dir, before, counts)
+            return code
     except RunLockedError as err:
         return _fail(str(err))
 
@@ -131,7 +192,8 @@ def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
     return parse_config({**cfg.model_dump(mode="json"), "runner": runner}, "the command line")
 
 
-def _run_flow(cfg: Any, run_dir: Path) -> int:
+def _run_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int]] | None]:
+    """Run the flow; (exit code, per-stage counts of a run that finished)."""
     from flows.run import RunFailedError, execute
     from flows.server import ServerStartError, prefect_api
     from tasks.runtime import planning_errors
@@ -146,16 +208,16 @@ def _run_flow(cfg: Any, run_dir: Path) -> int:
                       "stop at once)", file=sys.stderr, flush=True)
                 _join_task_threads()
                 return _fail(f"interrupted: finished shards are kept in {run_dir}; run the same command to "
-                             "resume (`attriflow plan` shows what is left)", 130)
+                             "resume (`attriflow plan` shows what is left)", 130), None
     except KeyboardInterrupt:  # the second Ctrl-C
-        return _fail(f"interrupted: finished shards are kept in {run_dir}", 130)
+        return _fail(f"interrupted: finished shards are kept in {run_dir}", 130), None
     except (RunFailedError, StoreLayoutError, ServerStartError, *planning_errors()) as err:
-        return _fail(str(err), 1)
+        return _fail(str(err), 1), None
     print(f"store:   {result['store']}")
     print(f"report:  {Path(result['report']).with_name('index.html')} (self-contained, opens offline)")
     print(f"summary: {result['report']}")
     _print_counts(result["counts"])
-    return 0
+    return 0, result["counts"]
 
 
 def _join_task_threads(timeout: float = 300.0) -> None:
@@ -361,7 +423,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(args.run_dirs) == 1:
         if args.out:
             return _fail("--out is for comparisons (several run directories); one run's report goes to RUN_DIR/report")
-        path = render_report(args.run_dirs[0])
+        path = render_report(args.run_dirs[0], svg=True if args.svg else None)
         print(f"report:  {path.with_name('index.html')}")
         print(f"summary: {path}")
         return 0
@@ -421,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="one run directory (report into RUN_DIR/report) or several (side-by-side comparison)")
     p.add_argument("--out", help="comparison output directory (default: compare-A-vs-B next to the first run)")
+    p.add_argument("--svg", action="store_true", help="also write every figure as SVG (default: the run's report.svg)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("train-reference", help="train the shipped reference CNN")
     p.add_argument("--out", help="weights path (default: data/reference_cnn.pt)")
@@ -467,7 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")  # runs are offline; no telemetry banner
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the Dask runner's workers inherit it
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `attriflow plan ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

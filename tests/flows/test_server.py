@@ -84,6 +84,16 @@ def test_a_finished_rerun_needs_no_prefect_server(reference_run, tmp_path) -> No
     out = cli(["run", str(cfg), "--run-dir", str(reference_run)], {}, "http://127.0.0.1:9/api")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "nothing to compute" in out.stdout and "explain: 0 computed, 6 reused" in out.stdout
+    # that full check left the finished marker: the next rerun answers without even importing
+    # torch (a torch that cannot be imported is put first on the path)
+    assert (reference_run / "finished.json").exists()
+    fake = tmp_path / "no-torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported on a finished rerun')\n")
+    again = cli(["run", str(cfg), "--run-dir", str(reference_run)], {"PYTHONPATH": str(fake.parent)},
+                "http://127.0.0.1:9/api")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout == out.stdout
     plan = cli(["plan", str(cfg), "--run-dir", str(reference_run), "--json"], {}, "http://127.0.0.1:9/api")
     assert json.loads(plan.stdout)["stages"]["evaluate"] == {"computed": 0, "reused": 6}
 
