@@ -32,6 +32,7 @@ class ReportOptions:
     threshold: float = 0.5
     grid_samples: int = 6
     include_inactive: bool = False  # also the store's entries the config no longer uses
+    svg: bool = False  # every figure also as SVG
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> ReportOptions:
@@ -45,6 +46,7 @@ class ReportOptions:
             threshold=float(san.get("threshold", cls.threshold)),
             grid_samples=int(rep.get("grid_samples", cls.grid_samples)),
             include_inactive=bool(rep.get("include_inactive", False)),
+            svg=bool(rep.get("svg", False)),
         )
 
 
@@ -302,6 +304,13 @@ def boxes_text(m: dict[str, Any]) -> str:
             "their union")
 
 
+def maps_stored_text(layout: dict[str, Any]) -> str:
+    """``store.attribution_dtype`` and ``store.codec`` in words (older stores: float32, zstd)."""
+    dtype, codec = layout.get("attribution_dtype", "float32"), layout.get("codec", "zstd")
+    note = "exact" if dtype == "float32" else f"rounded to {dtype}; the metrics score the rounded maps"
+    return f"{dtype} ({note}), {codec} compression"
+
+
 def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
     """(field, value) pairs describing where the numbers come from."""
     m = manifest_of(ds)
@@ -325,6 +334,7 @@ def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
         ("ground-truth boxes", boxes_text(m)),
         ("classes", shown or "?"),
         ("device", str(m.get("device", "?"))),
+        ("maps stored as", maps_stored_text(m.get("layout", {}))),
         ("git commit", str(m.get("git_commit", "?"))),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))),
     ]

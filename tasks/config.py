@@ -302,10 +302,13 @@ class ReportConfig(_Strict):
     """The report: ``grid_samples`` images in the map grid (kept as 8-bit previews in the
     store), ``bootstrap`` resamples for the 95 % intervals (seeded by the run seed);
     ``include_inactive``: also show the store's entries the config no longer uses (dropped
-    explainers, earlier parameter settings), labelled ``name@digest``."""
+    explainers, earlier parameter settings), labelled ``name@digest``; ``svg``: write
+    every figure as SVG next to its PNG (off by default: it doubles the figures' cost;
+    ``attriflow report RUN_DIR --svg`` writes them for a finished run)."""
 
     grid_samples: int = Field(6, ge=1, le=64)
     include_inactive: bool = False
+    svg: bool = False  # every figure also as SVG (vector, for papers); PNG always
     bootstrap: int = Field(1000, ge=100, le=100_000)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 
@@ -333,7 +336,29 @@ class RunnerConfig(_Strict):
         return self
 
 
-#: Where and how a run executes, not what it computes: left out of the hash and manifest.
+class StoreConfig(_Strict):
+    """Where the run store lives and how its maps are encoded.
+
+    ``url``: an fsspec URL (default ``RUN_DIR/store.zarr``; ``store: URL`` is short for
+    ``store: {url: URL}``). ``attribution_dtype``: the precision maps are stored in:
+    ``float32`` (default, exact), ``float16`` (2 bytes per value; values above 65504 cannot
+    be stored and maps whose largest value is below 6.1e-5 lose precision: both are
+    flagged or warned about, naming this setting) or ``bfloat16`` (float32's range with 8
+    mantissa bits, about 3 significant digits; kept in float32 arrays whose low 16 bits are
+    zero, which the shuffling codecs store in about 2 bytes per value). The metrics score
+    the stored maps. ``codec``: the lossless compressor of the maps (``zstd``: Zarr's
+    default; ``blosc-zstd`` / ``blosc-lz4``: Blosc with byte shuffle; ``none``). Both are
+    fixed for a store's life and recorded in its provenance; ``benchmarks/SCALE.md``
+    measures bytes per map and throughput of each.
+    """
+
+    url: str | None = None
+    attribution_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    codec: Literal["zstd", "blosc-zstd", "blosc-lz4", "none"] = "zstd"
+
+
+#: Where and how a run executes, not what it computes: left out of the hash and manifest
+#: (the store's encoding is provenance of the store itself: its ``fixed`` layout attrs).
 EXECUTION_ONLY = {"runner", "store"}
 
 
@@ -352,12 +377,17 @@ class RunConfig(_Strict):
     sanity: SanityConfig = Field(default_factory=SanityConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
-    store: str | None = None  # fsspec URL of the store (default: RUN_DIR/store.zarr); not provenance
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) or value is None else value
 
     @model_validator(mode="after")
     def _memory_store_is_local(self) -> RunConfig:
-        if self.store and self.store.startswith("memory://") and self.runner.kind == "dask":
-            raise ValueError("store: a memory:// store lives in one process; Dask workers cannot share it "
+        if self.store.url and self.store.url.startswith("memory://") and self.runner.kind == "dask":
+            raise ValueError("store.url: a memory:// store lives in one process; Dask workers cannot share it "
                              "(use runner.kind: local, or a file or object-store URL)")
         return self
 

@@ -2,7 +2,8 @@
 
 Layout (dims ``explainer, sample, y, x, metric, point, shard, corner``):
 
-- ``attribution(explainer, sample, y, x)`` float32, chunks ``(1, shard_size, H, W)``;
+- ``attribution(explainer, sample, y, x)`` float32 (``store.attribution_dtype``: float16, or
+  float32 holding bfloat16 values; see :func:`round_maps`), chunks ``(1, shard_size, H, W)``;
 - ``label``, ``prediction`` (int64), ``probability`` (float32) per ``sample``;
   ``gt_mask(sample, y, x)`` and ``gt_box(sample, corner)`` where the dataset has them;
 - ``finite_output(sample)``: the model's logits on the clean image are all finite;
@@ -78,9 +79,75 @@ import xarray as xr
 import zarr
 
 from analysis.metrics.sanity import SIMILARITIES
+from tasks import finished
 
 #: 3: growable axes (entries, samples), sample keys, active/selected coordinates.
 SCHEMA_VERSION = 3
+#: ``store.attribution_dtype`` -> the dtype of the ``attribution`` array. bfloat16 has no
+#: Zarr or NumPy type: its maps are rounded to bfloat16 and kept in float32 arrays whose low
+#: 16 bits are zero (the shuffling codecs then store about 2 bytes per value).
+ATTRIBUTION_DTYPES: dict[str, type] = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
+#: float16's largest finite value and smallest normal one.
+FLOAT16_MAX, FLOAT16_TINY = 65504.0, 2.0**-14
+#: ``store.codec`` -> the Zarr v3 compressors of the ``attribution`` array (lossless).
+CODECS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
+
+
+def codec_compressors(name: str) -> list[Any]:
+    """Zarr v3 compressors of a ``store.codec``: ``zstd`` is Zarr's default (level 0: the
+    library's default level, no shuffle); the Blosc codecs byte-shuffle first (clevel 5)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "zstd":
+        return [ZstdCodec(level=0, checksum=False)]
+    if name in ("blosc-zstd", "blosc-lz4"):
+        return [BloscCodec(cname=name.split("-")[1], clevel=5, shuffle="shuffle")]
+    if name == "none":
+        return []
+    raise ValueError(f"store.codec: unknown codec {name!r} (one of {', '.join(CODECS)})")
+
+
+def round_maps(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maps as ``store.attribution_dtype`` stores them.
+
+    Parameters
+    ----------
+    maps : ndarray, shape (N, H, W), float32
+    dtype : {"float32", "float16", "bfloat16"}
+
+    Returns
+    -------
+    stored : ndarray, shape (N, H, W)
+        float32, float16, or float32 holding bfloat16 values (round to nearest even).
+    overflow : ndarray of bool, shape (N,)
+        float16 only: a finite value beyond float16's range (|value| >= 65520) became
+        infinite (the map is then flagged as non-finite and left out of every metric).
+    imprecise : ndarray of bool, shape (N,)
+        float16 only: the map is not all zero but its largest |value| is below 2^-14
+        (6.1e-5), float16's smallest normal number: its values keep fewer than 11
+        significant bits.
+    """
+    n = len(maps)
+    none = np.zeros(n, bool)
+    if dtype == "float32":
+        return maps, none, none
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(maps)).to(torch.bfloat16).float().numpy(), none, none
+    if dtype != "float16":
+        raise ValueError(f"store.attribution_dtype: unknown dtype {dtype!r} (one of {', '.join(ATTRIBUTION_DTYPES)})")
+    flat = np.abs(maps.reshape(n, -1))
+    finite = np.isfinite(flat)
+    peak = np.where(finite, flat, 0).max(axis=1) if flat.size else np.zeros(n)
+    with np.errstate(over="ignore"):
+        stored = maps.astype(np.float16)
+    overflow = (finite & ~np.isfinite(stored.reshape(n, -1))).any(axis=1)  # finite before, not after
+    return stored, overflow, (peak > 0) & (peak < FLOAT16_TINY)
+
+
+#: Stores written before ``store.attribution_dtype`` and ``store.codec`` existed used these.
+FIXED_BEFORE_ENCODINGS = {"attribution_dtype": "float32", "codec": "zstd"}
 #: A store: a local path, or an fsspec URL (``memory://``, ``s3://`` ... with its backend installed).
 StoreRef = Path | str
 STORE_NAME = "store.zarr"
@@ -156,8 +223,8 @@ class Entry:
 class StoreLayout:
     """The shapes and coordinates of a store.
 
-    ``height``, ``width``, ``shard_size``, ``has_mask`` and ``has_box`` are fixed for a
-    store's life; entries, samples and metrics are appended; ``n_points`` only grows; the
+    ``height``, ``width``, ``shard_size``, ``has_mask``, ``has_box`` and the maps' encoding
+    (``attribution_dtype``, ``codec``) are fixed for a store's life; entries, samples and metrics are appended; ``n_points`` only grows; the
     features (neurons, previews, sanity) are recreated when their shape changes.
     """
 
@@ -176,6 +243,8 @@ class StoreLayout:
     sanity_units: tuple[str, ...] = ()  # randomisation units, top first (empty: no sanity check)
     n_sanity: int = 0  # first configured samples of the sanity check
     metrics: tuple[str, ...] = tuple(METRICS)  # the stored ones first, then metrics added since
+    attribution_dtype: str = "float32"  # store.attribution_dtype (see ATTRIBUTION_DTYPES)
+    codec: str = "zstd"  # store.codec of the maps (see CODECS)
 
     @property
     def n_samples(self) -> int:
@@ -190,7 +259,8 @@ class StoreLayout:
     def fixed(self) -> dict[str, Any]:
         """What must be equal for an existing store to be grown."""
         return {"height": self.height, "width": self.width, "shard_size": self.shard_size,
-                "has_mask": self.has_mask, "has_box": self.has_box}
+                "has_mask": self.has_mask, "has_box": self.has_box,
+                "attribution_dtype": self.attribution_dtype, "codec": self.codec}
 
     def features(self) -> dict[str, Any]:
         """The shape of each optional part (a change recreates it)."""
@@ -263,7 +333,8 @@ def _variables(layout: StoreLayout) -> dict[str, Any]:
     e, m, p = len(layout.entries), len(layout.metrics), layout.n_points
     k = layout.n_shards
     data: dict[str, Any] = {
-        "attribution": (("explainer", "sample", "y", "x"), _lazy((e, n, h, w), (1, s, h, w), np.float32)),
+        "attribution": (("explainer", "sample", "y", "x"),
+                        _lazy((e, n, h, w), (1, s, h, w), ATTRIBUTION_DTYPES[layout.attribution_dtype])),
         "label": (("sample",), _lazy((n,), (s,), np.int64)),
         "prediction": (("sample",), _lazy((n,), (s,), np.int64)),
         "probability": (("sample",), _lazy((n,), (s,), np.float32)),
@@ -344,10 +415,12 @@ def _feature_coords(layout: StoreLayout) -> dict[str, Any]:
     return coords
 
 
-def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+def _encoding(ds: xr.Dataset, codec: str = "zstd") -> dict[str, dict[str, Any]]:
     encoding: dict[str, dict[str, Any]] = {}
     for name, var in ds.data_vars.items():
         enc: dict[str, Any] = {"chunks": var.data.chunksize}
+        if name == "attribution":
+            enc["compressors"] = codec_compressors(codec)
         if name.startswith("record_"):
             enc["fill_value"] = 0
         elif name == "unit_box":
@@ -388,7 +461,7 @@ def init_store(path: StoreRef, layout: StoreLayout, attrs: dict[str, str]) -> No
         Group attributes (``manifest`` and friends).
     """
     ds = xr.Dataset(_variables(layout), coords=_coords(layout), attrs={**_store_attrs(layout), **attrs})
-    encoding = _encoding(ds)
+    encoding = _encoding(ds, layout.codec)
     if not isinstance(path, Path):  # a URL: no atomic rename; the root metadata is written last
         ds.to_zarr(path, mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3)
         consolidate(path)
@@ -422,7 +495,8 @@ def read_state(path: StoreRef) -> StoreState:
     names = set(group.array_keys())
     records = {stage: np.asarray(group[f"record_{stage}"][:]) for stage in STAGES if f"record_{stage}" in names}
     return StoreState(
-        schema=schema, fixed=json.loads(attrs["fixed"]), features=json.loads(attrs["features"]),
+        schema=schema, fixed={**FIXED_BEFORE_ENCODINGS, **json.loads(attrs["fixed"])},
+        features=json.loads(attrs["features"]),
         entries=_committed(group["entry"][:]), sample_keys=_committed(group["sample_key"][:]),
         n_points=int(group["curve"].shape[-1]), records=records, metrics=_committed(group["metric"][:]),
         config_hash=str(json.loads(attrs.get("manifest", "{}")).get("config_hash", "")),
@@ -745,7 +819,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
     A lock file left by a process that died is taken over safely: the kernel released its
     flock, so acquiring it proves nobody holds the directory; the dead holder's pid is
-    reported in a warning. A live holder makes this fail at once.
+    reported in a warning. A live holder makes this fail at once. Taking the directory
+    removes its finished-run marker (:mod:`tasks.finished`).
 
     Raises
     ------
@@ -776,6 +851,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                           "which is gone (its finished shards are kept; unfinished ones are redone)", stacklevel=3)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        finished.remove(run_dir)  # whoever holds the directory may change it: no finished answer
         _HELD.add(key)
         try:
             yield

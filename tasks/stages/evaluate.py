@@ -63,7 +63,7 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
     batch = rt.source.load_at(view.positions)
     inputs = rt.model.normalize(torch.from_numpy(batch.images)).to(rt.device)
     group = zarr.open_group(str(path), mode="r")
-    maps = torch.from_numpy(common.read_rows(path, "attribution", view, k)).to(rt.device)
+    maps = torch.from_numpy(common.read_rows(path, "attribution", view, k).astype(np.float32)).to(rt.device)
     targets = stored_targets(path, rt, view).to(rt.device)
     curves = deletion_insertion_curves(
         rt.module, inputs, maps, targets, steps=ev.steps, batch_size=ev.batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,19 @@ def _passes(exp: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     forward = exp.last_forward_passes.numpy().astype(np.int64)
     backward = forward.copy() if static["forward"] == static["backward"] else fixed[1]
     return forward, backward
+
+
+def _warn_encoding(explainer: str, shard: Shard, overflow: np.ndarray, imprecise: np.ndarray) -> None:
+    """Say which maps ``store.attribution_dtype: float16`` cannot hold faithfully."""
+    where = f"explain {explainer} shard {shard.index}"
+    if overflow.any():
+        warnings.warn(f"{where}: {int(overflow.sum())} map(s) exceed float16's range (|value| > 65504) and are "
+                      "stored as non-finite (flagged, left out of every metric); store.attribution_dtype: "
+                      "bfloat16 or float32 keeps them", RuntimeWarning, stacklevel=2)
+    if imprecise.any():
+        warnings.warn(f"{where}: {int(imprecise.sum())} map(s) lie entirely below 6.1e-05 in magnitude, where "
+                      "float16 keeps fewer than 11 significant bits; store.attribution_dtype: bfloat16 or "
+                      "float32 keeps them", RuntimeWarning, stacklevel=2)
 
 
 def expected_record(rt: Any, explainer: str, keys: Sequence[str]) -> int:
@@ -83,7 +97,8 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     _sync(rt.device)
     seconds = np.array([[time.perf_counter() - started]])
     forward, backward = _passes(exp, len(ids))
-    maps_np = maps.cpu().numpy()
+    maps_np, overflow, imprecise = storage.round_maps(maps.cpu().numpy(), rt.config.store.attribution_dtype)
+    _warn_encoding(explainer, shard, overflow, imprecise)
     finite_output = common.read_rows(path, "finite_output", view).astype(bool)
     flagged = ~np.isfinite(maps_np).reshape(len(maps_np), -1).all(axis=1) | ~finite_output
     storage.write_region(

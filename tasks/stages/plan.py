@@ -84,7 +84,8 @@ def plan_run(config_json: str, run_dir: str | Path, stop_early: bool = False) ->
     cfg = rt.config
     path = store_path(run_dir)
     pointer = Path(run_dir) / STORE_POINTER
-    moved = bool(cfg.store) != pointer.exists() or (cfg.store and pointer.read_text().strip() != cfg.store)
+    url = cfg.store.url
+    moved = bool(url) != pointer.exists() or (url and pointer.read_text().strip() != url)
     state = storage.read_state(path) if not moved and storage.exists(path) else None
     names = [e.name for e in cfg.explain.explainers]
     counts = {s: {"computed": 0, "reused": 0} for s in STAGES}

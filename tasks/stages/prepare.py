@@ -71,6 +71,7 @@ def target(config_json: str, state: storage.StoreState | None) -> Target:
     n_points = -(-(h * w) // pixels_per_step(h * w, cfg.evaluate.steps)) + 1
     layout = StoreLayout(
         height=h, width=w, shard_size=cfg.shard_size, has_mask=src.has_mask, has_box=src.has_box,
+        attribution_dtype=cfg.store.attribution_dtype, codec=cfg.store.codec,
         entries=tuple(entries),
         sample_ids=tuple([0] * len(old_samples) + [src.sample_ids[i] for i in fresh]),
         sample_names=tuple([""] * len(old_samples) + [src.sample_names[i] for i in fresh]),
@@ -94,7 +95,8 @@ def target(config_json: str, state: storage.StoreState | None) -> Target:
         diff = sorted(k for k, v in layout.fixed().items() if state.fixed.get(k) != v)
         if diff:
             why = {"height": "data.image_size", "width": "data.image_size", "shard_size": "shard_size",
-                   "has_mask": "the dataset's ground truth", "has_box": "the dataset's ground truth"}
+                   "has_mask": "the dataset's ground truth", "has_box": "the dataset's ground truth",
+                   "attribution_dtype": "store.attribution_dtype", "codec": "store.codec"}
             raise storage.StoreLayoutError(
                 f"the store was created with another {', '.join(dict.fromkeys(why[d] for d in diff))} "
                 f"({', '.join(f'{d}: {state.fixed.get(d)} -> {layout.fixed()[d]}' for d in diff)}); a store can "
@@ -182,9 +184,10 @@ def prepare_run(config_json: str, run_dir: str) -> dict[str, Any]:
     rt = get_runtime(config_json)
     pointer = Path(run_dir) / STORE_POINTER
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    if rt.config.store:
-        if not pointer.exists() or pointer.read_text().strip() != rt.config.store:
-            pointer.write_text(rt.config.store + "\n")
+    url = rt.config.store.url
+    if url:
+        if not pointer.exists() or pointer.read_text().strip() != url:
+            pointer.write_text(url + "\n")
     elif pointer.exists():
         pointer.unlink()
     path = store_path(run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,7 +89,13 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
         with rt.precision():
             maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.explain_batch,
                                  seeds=seeds).float()
-        out[0, :, depth - 1] = similarities(trained, maps.double().cpu().numpy())
+        stored, overflow, _ = storage.round_maps(maps.cpu().numpy(), rt.config.store.attribution_dtype)  # as stored
+        if overflow.any():
+            warnings.warn(f"sanity {explainer}, depth {depth}: {int(overflow.sum())} map(s) of the randomised model "
+                          "exceed float16's range: their similarities are NaN; store.attribution_dtype: bfloat16 or float32 "
+                          "keeps them", RuntimeWarning, stacklevel=2)
+        out[0, :, depth - 1] = similarities(trained, stored.astype(np.float64))
+        out[0, overflow, depth - 1] = np.nan  # not stored faithfully: no similarity
     flagged = np.asarray(group["flagged"].get_orthogonal_selection((k, positions)), dtype=bool)
     out[0, flagged] = np.nan  # non-finite model output
     storage.write_region(path, {"sanity": (("explainer", "sanity_sample", "depth", "similarity"), out)},

@@ -75,10 +75,10 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert ds["sanity"].shape == (2, 16, 5, 3)
     assert list(ds["randomised"].values) == ["fc", "block4", "block3", "block2", "block1"]
     assert np.isfinite(ds["sanity"].sel(similarity="ssim").values).all()
-    # the report: HTML, Markdown and every figure as PNG and SVG
+    # the report: HTML, Markdown and every figure as PNG (SVG on request: report.svg)
     report = reference_run / "report"
     for name in ("metric_distributions", "map_grid", "cost", "sanity", "curves_gradient", "curves_cam"):
-        assert (report / f"{name}.png").stat().st_size > 5_000 and (report / f"{name}.svg").exists()
+        assert (report / f"{name}.png").stat().st_size > 5_000 and not (report / f"{name}.svg").exists()
     page = (report / "index.html").read_text()
     assert page.count("<img ") == page.count('src="data:image/png;base64,') >= 8
     assert "src=\"http" not in page and "<script" not in page and "<link" not in page
@@ -177,6 +177,14 @@ def test_a_store_of_another_image_size_is_refused(reference_run) -> None:
 
     with pytest.raises(StoreLayoutError, match=r"data.image_size .*64 -> 48"):
         _run({**SMALL, "data": {"n_samples": 24, "image_size": 48}}, reference_run)
+    # the maps' encoding is fixed too: refused before any work, naming the setting
+    from tasks.config import parse_config
+    from tasks.stages.plan import plan_run
+
+    cfg = parse_config({**SMALL, "store": {"attribution_dtype": "float16"}})
+    plan = plan_run(cfg.model_dump_json(), reference_run)
+    assert plan["store"] == "other-layout"
+    assert "store.attribution_dtype" in plan["reason"] and "float32 -> float16" in plan["reason"]
 
 
 def test_methods_json_lists_taxonomy_and_costs(prefect_server) -> None:

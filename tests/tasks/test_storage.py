@@ -141,3 +141,62 @@ def test_growth_appends_chunk_rows_and_an_interrupted_grow_is_redone(tmp_path, m
     ours = {k: v[0] for k, v in _tree(path).items()}
     ref = {k: v[0] for k, v in _tree(paths["straight"]).items()}
     assert ours == ref
+
+
+@pytest.mark.parametrize("dtype,codec", [("float16", "blosc-lz4"), ("bfloat16", "blosc-zstd"), ("float32", "none")])
+def test_attribution_dtype_and_codec_are_stored_read_and_kept_when_grown(tmp_path, dtype, codec) -> None:
+    """Maps are rounded as ``store.attribution_dtype`` says, read back through xarray as
+    those values, the codec is the array's, and a grown store keeps both."""
+    import json
+
+    import torch
+
+    path = tmp_path / "store.zarr"
+    storage.init_store(path, _layout(attribution_dtype=dtype, codec=codec), {"manifest": "{}"})
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(4, 4, 4)).astype(np.float32) * np.float32(3.0)
+    stored, overflow, imprecise = storage.round_maps(maps, dtype)
+    assert not overflow.any() and not imprecise.any()
+    storage.write_region(path, {"attribution": (("explainer", "sample", "y", "x"), stored[None])},
+                         {"explainer": slice(0, 1), "sample": slice(0, 4)})
+    back = xr.open_zarr(path)["attribution"].values[0, :4]
+    expected = {"float32": maps, "float16": maps.astype(np.float16).astype(np.float32),
+                "bfloat16": torch.from_numpy(maps).bfloat16().float().numpy()}[dtype]
+    np.testing.assert_array_equal(back.astype(np.float32), expected)
+    if dtype == "bfloat16":  # the low 16 bits are zero: what the shuffling codecs store for free
+        assert not (back.view(np.uint32) & 0xFFFF).any()
+    meta = json.loads((path / "attribution" / "zarr.json").read_text())
+    names = [c["name"] for c in meta["codecs"]]
+    assert names == {"none": ["bytes"], "zstd": ["bytes", "zstd"]}.get(codec, ["bytes", "blosc"])
+    assert meta["data_type"] == ("float16" if dtype == "float16" else "float32")
+    state = storage.read_state(path)
+    assert (state.fixed["attribution_dtype"], state.fixed["codec"]) == (dtype, codec)
+    grown = _layout(n=14, attribution_dtype=dtype, codec=codec)
+    storage.grow_store(path, grown, state, {"manifest": "{}"})
+    assert json.loads((path / "attribution" / "zarr.json").read_text())["codecs"] == meta["codecs"]
+    np.testing.assert_array_equal(xr.open_zarr(path)["attribution"].values[0, :4].astype(np.float32), expected)
+
+
+def test_float16_maps_out_of_range_are_named() -> None:
+    maps = np.stack([np.full((2, 2), 7e4, np.float32), np.full((2, 2), 1e-6, np.float32),
+                     np.zeros((2, 2), np.float32), np.full((2, 2), 0.5, np.float32)])
+    stored, overflow, imprecise = storage.round_maps(maps, "float16")
+    assert overflow.tolist() == [True, False, False, False]
+    assert imprecise.tolist() == [False, True, False, False]  # an all-zero map loses nothing
+    assert np.isinf(stored[0]).all() and stored.dtype == np.float16
+
+
+def test_stores_from_before_the_encodings_read_as_float32_zstd(tmp_path) -> None:
+    import json
+
+    import zarr
+
+    path = tmp_path / "store.zarr"
+    storage.init_store(path, _layout(), {"manifest": "{}"})
+    group = zarr.open_group(str(path), mode="r+")
+    fixed = json.loads(group.attrs["fixed"])
+    del fixed["attribution_dtype"], fixed["codec"]
+    group.attrs["fixed"] = json.dumps(fixed)
+    storage.consolidate(path)
+    state = storage.read_state(path)
+    assert (state.fixed["attribution_dtype"], state.fixed["codec"]) == ("float32", "zstd")
