@@ -8,7 +8,7 @@ holds one layer's (channels x positions) sums per image, never the copies' activ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -28,57 +28,85 @@ def perturb(image: Tensor, copies: Tensor, noise: float, mode: Mode, generator: 
     come from ``generator`` in copy order, so pass copies in increasing order.
     """
     c, h, w = image.shape
-    out = []
-    for i in copies.tolist():
-        if mode == "masking":
-            keep = (torch.rand((1, h, w), generator=generator, dtype=torch.float64) >= noise) if i else \
-                torch.ones((1, h, w), dtype=torch.bool)
-            out.append(image * keep.to(image))
-            continue
-        eps = torch.randn((c, h, w), generator=generator, dtype=torch.float64).to(image) * noise
-        scale = i if mode == "growing" else float(i > 0)
-        out.append(image * (1 + scale * eps))
-    return torch.stack(out)
+    index = copies.tolist()
+    if mode == "masking":
+        keep = torch.stack([torch.rand((1, h, w), generator=generator, dtype=torch.float64) >= noise if i
+                            else torch.ones((1, h, w), dtype=torch.bool) for i in index])
+        return image * keep.to(image)
+    # one draw per copy, in copy order (the stream does not depend on the batching), then
+    # one vectorised pass: the same float32 operations as copy by copy
+    eps = torch.stack([torch.randn((c, h, w), generator=generator, dtype=torch.float64) for _ in index])
+    eps = eps.to(image) * noise
+    scale = torch.tensor([i if mode == "growing" else float(i > 0) for i in index], dtype=eps.dtype,
+                         device=eps.device)
+    return image * (1 + scale.view(-1, 1, 1, 1) * eps)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @dataclass
 class LayerStats:
-    """Running sums over copies for one image and one layer (float64)."""
+    """Running sums over copies for one image and one layer, shifted by the first copy's
+    activation ``shift`` (the clean image: copy 0 of every mode).
 
-    sum_a: Tensor
-    sum_a2: Tensor
-    sum_ay: Tensor
+    Shifting makes the one-pass sums numerically safe without float64 arithmetic on the
+    activations: a position that no perturbation changes contributes exact zeros, and the
+    variance of one that does is computed from its deviations, not as a difference of two
+    large sums (the "shifted data" algorithm; Chan, Golub & LeVeque 1983). Each batch is
+    reduced in the activations' precision (float32, float64 for float64 models, on their
+    device) by one matrix-vector product and two reductions; the per-position sums are
+    accumulated across batches in float64.
+    """
+
+    shift: Tensor  # (C, h, w), compute dtype, the activations' device
+    sum_a: Tensor  # float64: sum of (a - shift)
+    sum_a2: Tensor  # float64: sum of (a - shift)^2
+    sum_ay: Tensor  # float64: sum of (a - shift) * (y - y_shift)
 
     @classmethod
-    def zeros(cls, shape: tuple[int, ...]) -> LayerStats:
-        """Empty sums for activations of shape (C, h, w)."""
-        z = torch.zeros(shape, dtype=torch.float64)
-        return cls(z.clone(), z.clone(), z.clone())
+    def start(cls, first: Tensor) -> LayerStats:
+        """Empty sums shifted by ``first``, one copy's activations (C, h, w)."""
+        shift = first.detach().to(_compute_dtype(first)).clone()  # not a view of the whole batch
+        z = torch.zeros(tuple(first.shape), dtype=torch.float64)
+        return cls(shift, z.clone(), z.clone(), z.clone())
 
-    def add(self, acts: Tensor, y: Tensor) -> None:
-        """Add a batch: activations (B, C, h, w) and outputs (B,)."""
-        a = acts.detach().to(torch.float64).cpu()
-        yy = y.detach().to(torch.float64).cpu().view(-1, 1, 1, 1)
-        self.sum_a += a.sum(0)
-        self.sum_a2 += (a * a).sum(0)
-        self.sum_ay += (a * yy).sum(0)
+    def add(self, acts: Tensor, y_shifted: Tensor) -> None:
+        """Add a batch: activations (B, C, h, w) and outputs minus the output shift (B,)."""
+        a = (acts.detach().to(self.shift.dtype) - self.shift).flatten(1)
+        yy = y_shifted.detach().to(device=a.device, dtype=a.dtype)
+        shape = self.sum_a.shape
+        self.sum_a += a.sum(0).view(shape).cpu().double()
+        self.sum_a2 += (a * a).sum(0).view(shape).cpu().double()
+        self.sum_ay += torch.mv(a.T, yy).view(shape).cpu().double()
+
+    def raw_sum_a2(self, n: int) -> Tensor:
+        """Sum of the unshifted squares, float64 (the scale of rounding errors)."""
+        k = self.shift.cpu().double()
+        return self.sum_a2 + 2 * k * self.sum_a + n * k * k
 
 
 @dataclass
 class OutputStats:
-    """Running sums of the output signal over copies."""
+    """Running sums of the output signal over copies, shifted by the first copy's output."""
 
     n: int = 0
+    shift: float | None = None
     sum_y: float = 0.0
     sum_y2: float = 0.0
-    values: list[float] = field(default_factory=list)
 
-    def add(self, y: Tensor) -> None:
-        """Add a batch of outputs (B,)."""
+    def add(self, y: Tensor) -> Tensor:
+        """Add a batch of outputs (B,); returns them minus the shift (float64, for
+        :meth:`LayerStats.add`)."""
         v = y.detach().to(torch.float64).cpu()
+        if self.shift is None:
+            self.shift = float(v[0])
+        v = v - self.shift
         self.n += len(v)
         self.sum_y += float(v.sum())
         self.sum_y2 += float((v * v).sum())
+        return v
 
 
 def correlation_scores(stats: LayerStats, out: OutputStats) -> np.ndarray:
@@ -91,12 +119,16 @@ def correlation_scores(stats: LayerStats, out: OutputStats) -> np.ndarray:
     cov = n * stats.sum_ay - stats.sum_a * out.sum_y
     var_a = n * stats.sum_a2 - stats.sum_a**2
     var_y = n * out.sum_y2 - out.sum_y**2
-    scale = stats.sum_a2.abs().clamp_min(1e-300) * n
-    varying = var_a > 1e-12 * scale  # relative tolerance against rounding in the sums
-    r = torch.where(varying, cov / torch.sqrt(var_a.clamp_min(1e-300) * max(var_y, 1e-300)),
-                    torch.full_like(cov, float("nan")))
     if var_y <= 0:
-        r = torch.full_like(cov, float("nan"))
+        return np.full(cov.shape[0], np.nan)
+    # tolerance against rounding: 1e-12 of the raw squares (the float64 sums), plus the
+    # rounding of the per-batch reductions in the activations' precision (a few eps of
+    # n * sum of shifted squares); no clamping to tiny constants, whose subnormal products
+    # cost a microcode assist per element on x86
+    eps = torch.finfo(stats.shift.dtype).eps
+    varying = var_a > 1e-12 * (stats.raw_sum_a2(n).abs() * n) + 8 * eps * n * stats.sum_a2
+    denom = torch.sqrt(torch.where(varying, var_a, torch.ones_like(var_a)) * var_y)
+    r = torch.where(varying, (cov / denom).clamp(-1, 1), torch.full_like(cov, float("nan")))
     flat = r.abs().flatten(1).numpy()
     counts = np.isfinite(flat).sum(axis=1)
     sums = np.where(np.isfinite(flat), flat, 0.0).sum(axis=1)
@@ -107,8 +139,9 @@ def precision_scores(stats: LayerStats, n: int, min_activation: float = 0.1) -> 
     """Per channel: 1 / (spatial mean of the variance across copies); channels whose mean
     activation is below ``min_activation`` score NaN (excluded), a constant active channel
     scores +inf (the most precise)."""
-    mean = stats.sum_a / n
-    var = (stats.sum_a2 / n - mean**2).clamp_min(0)
+    dev = stats.sum_a / n
+    mean = stats.shift.cpu().double() + dev
+    var = (stats.sum_a2 / n - dev**2).clamp_min(0)
     spatial_var = var.flatten(1).mean(1).numpy()
     with np.errstate(divide="ignore"):
         score = 1.0 / spatial_var

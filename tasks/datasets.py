@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,22 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 #: A sample's objects: ``(class index, (y0, x0, y1, x1))`` in output pixels, upper corner exclusive.
 Objects = tuple[tuple[int, tuple[int, int, int, int]], ...]
+
+
+#: Bytes of loaded batches a source keeps for the next stage of the same shard.
+BATCH_CACHE_BYTES = 256 * 2**20
+_CACHE_LOCK = threading.Lock()
+
+
+def _nbytes(b: Batch) -> int:
+    return sum(x.nbytes for x in (b.images, b.labels, b.masks, b.boxes) if x is not None)
+
+
+def _copy(b: Batch) -> Batch:
+    # order="K" keeps the memory layout (the embedded images are channels-last in memory),
+    # and so the kernels the model picks: a C-ordered copy changes maps in the last bit
+    c = lambda x: None if x is None else x.copy(order="K")  # noqa: E731
+    return Batch(c(b.images), c(b.labels), c(b.masks), c(b.boxes), b.objects)
 
 
 @dataclass(frozen=True)
@@ -162,7 +179,32 @@ class DatasetSource:
         return len(self.sample_ids)
 
     def load_at(self, positions: Sequence[int]) -> Batch:
-        """Samples at ``positions`` (this source's order, any order), loaded by contiguous runs."""
+        """Samples at ``positions`` (this source's order, any order), loaded by contiguous runs.
+
+        The last batches loaded are kept (up to :data:`BATCH_CACHE_BYTES`, per source, so per
+        process): every stage of a shard reads the same samples, and decoding or rendering
+        them once per stage would cost more than a small model's forward. Callers get
+        their own copy of the arrays."""
+        key = tuple(int(p) for p in positions)
+        with _CACHE_LOCK:
+            cache = self.__dict__.setdefault("_batches", {})
+            hit = cache.pop(key, None)
+            if hit is not None:
+                cache[key] = hit  # most recently used last
+        if hit is None:
+            hit = self._load_runs(key)
+            if _nbytes(hit) > BATCH_CACHE_BYTES:  # larger than the budget: never kept
+                return hit
+            with _CACHE_LOCK:
+                cache[key] = hit
+                while sum(_nbytes(b) for b in cache.values()) > BATCH_CACHE_BYTES:
+                    cache.pop(next(iter(cache)))
+        return _copy(hit)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_batches"}  # the cache stays home
+
+    def _load_runs(self, positions: Sequence[int]) -> Batch:
         runs: list[list[int]] = []
         for p in positions:
             if runs and p == runs[-1][-1] + 1:

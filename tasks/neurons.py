@@ -97,12 +97,12 @@ def score_image(model: nn.Module, layers: list[str], image: Tensor, target: int,
             idx = torch.arange(start, min(start + batch_size, copies))
             batch = perturb(image, idx, noise, mode, generator)
             y = torch.softmax(model(batch).float(), dim=1)[:, target]
-            out.add(y)
+            y_shifted = out.add(y)
             for name in layers:
                 a = current[name]
-                if name not in stats:
-                    stats[name] = LayerStats.zeros(tuple(a.shape[1:]))
-                stats[name].add(a, y)
+                if name not in stats:  # shifted by copy 0's activation (the clean image)
+                    stats[name] = LayerStats.start(a[0])
+                stats[name].add(a, y_shifted)
     return NeuronScores(
         {n: correlation_scores(stats[n], out) for n in layers},
         {n: precision_scores(stats[n], out.n, min_activation) for n in layers},

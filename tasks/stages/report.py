@@ -45,8 +45,9 @@ def write_report(run_dir: str) -> str:
     return str(path)
 
 
-def _save(fig: Any, out: Path, name: str, caption: str) -> Any:
-    """Write a figure as PNG and SVG; return it encoded for the HTML page."""
+def _save(fig: Any, out: Path, name: str, caption: str, svg: bool = False) -> Any:
+    """Write a figure as PNG (and SVG when ``svg``; a stale SVG of an earlier report is
+    removed otherwise); return it encoded for the HTML page."""
     import io
 
     import matplotlib
@@ -57,8 +58,11 @@ def _save(fig: Any, out: Path, name: str, caption: str) -> Any:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     (out / f"{name}.png").write_bytes(buf.getvalue())
-    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as <text>, not glyph paths: smaller, faster
-        fig.savefig(out / f"{name}.svg")
+    if svg:
+        with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as <text>, not glyph paths: smaller, faster
+            fig.savefig(out / f"{name}.svg")
+    else:
+        (out / f"{name}.svg").unlink(missing_ok=True)
     plt.close(fig)
     return Figure(name, caption, buf.getvalue())
 
@@ -78,15 +82,21 @@ def _shards_of(ds: Any) -> np.ndarray:
     return np.unique(np.flatnonzero(ds["sample_order"].values >= 0) // size)
 
 
-def render_report(run_dir: str | Path) -> Path:
+def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
     """Write ``RUN_DIR/report/`` from the store alone: ``index.html`` (self-contained),
-    ``summary.md`` and every figure as PNG and SVG; returns the summary path."""
+    ``summary.md`` and every figure as PNG (and SVG: ``svg``, by default the run's
+    ``report.svg``); returns the summary path."""
     from analysis import plots
     from analysis.html import render_run_html
     from analysis.report import ReportOptions, manifest_of
 
     raw = storage.open_dataset(store_path(run_dir))
     options = ReportOptions.from_manifest(manifest_of(raw))
+    vector = options.svg if svg is None else svg
+
+    def save(fig: Any, out: Path, name: str, caption: str) -> Any:
+        return _save(fig, out, name, caption, svg=vector)
+
     ds = storage.select_current(raw, options.include_inactive)
     config = manifest_of(raw).get("config", {})
     for feature in ("neurons", "sanity"):  # a stage the config turned off keeps its results, unreported
@@ -96,25 +106,25 @@ def render_report(run_dir: str | Path) -> Path:
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
-    figures["distributions"] = _save(plots.plot_metric_distributions(ds), out, "metric_distributions",
+    figures["distributions"] = save(plots.plot_metric_distributions(ds), out, "metric_distributions",
                                      "Per-sample metric distributions, explainers in taxonomy order, coloured by family")
-    figures["grid"] = _save(plots.plot_map_grid(ds, options.grid_samples), out, "map_grid",
+    figures["grid"] = save(plots.plot_map_grid(ds, options.grid_samples), out, "map_grid",
                             "Maps of the first samples (columns in taxonomy order), ground truth outlined")
-    figures["cost"] = _save(plots.plot_cost(ds), out, "cost", "Wall time and forward passes per image")
+    figures["cost"] = save(plots.plot_cost(ds), out, "cost", "Wall time and forward passes per image")
     family_figures = {
-        family: _save(plots.plot_curves(ds, [family]), out, f"curves_{family}",
+        family: save(plots.plot_curves(ds, [family]), out, f"curves_{family}",
                       f"Deletion and insertion curves of the {family} family")
         for family in plots.family_order(ds)
     }
     sanity = plots.plot_sanity(ds, options.threshold)
     if sanity is not None:
-        figures["sanity"] = _save(sanity, out, "sanity", "Cascading randomisation: similarity against depth")
+        figures["sanity"] = save(sanity, out, "sanity", "Cascading randomisation: similarity against depth")
     neurons_done = storage.read_records(store_path(run_dir)).get("neurons")
     if "neuron_correlation" in ds and neurons_done is not None and (neurons_done[_shards_of(raw)] != 0).all():
-        figures["neuron_scatter"] = _save(plots.plot_neuron_scatter(ds), out, "neuron_scatter",
+        figures["neuron_scatter"] = save(plots.plot_neuron_scatter(ds), out, "neuron_scatter",
                                           "Neuron selection: |correlation| against precision per channel")
         if "preview" in ds:
-            figures["neuron_boxes"] = _save(plots.plot_neuron_boxes(ds), out, "neuron_boxes",
+            figures["neuron_boxes"] = save(plots.plot_neuron_boxes(ds), out, "neuron_boxes",
                                             "Receptive boxes of the selected neurons")
     fault_point("report.after_figures")
     (out / "index.html").write_text(render_run_html(ds, figures, family_figures, plots.family_palette(ds)))
@@ -143,7 +153,8 @@ def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
             label += "'"
         runs[label] = ds
     summaries = {label: metric_summary(ds) for label, ds in runs.items()}
-    figure = _save(plots.plot_comparison(summaries), out, "comparison", "Mean and bootstrap interval per run")
+    figure = _save(plots.plot_comparison(summaries), out, "comparison", "Mean and bootstrap interval per run",
+                   svg=True)
     page = out / "index.html"
     page.write_text(render_comparison_html(runs, summaries, figure))
     lines = [f"# attriflow comparison: {' vs '.join(f'`{x}`' for x in runs)}", ""]

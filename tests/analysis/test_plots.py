@@ -53,3 +53,25 @@ def test_boxes_are_drawn_on_the_previews() -> None:
     assert len(image_axes) == 4  # two metrics x two images
     # one box per selected unit that has one: 2 by correlation, 1 by precision
     assert [len(ax.patches) for ax in image_axes] == [2, 2, 1, 1]
+
+
+def test_figures_are_png_and_svg_only_on_request(tmp_path) -> None:
+    """``report.svg`` (or ``attriflow report --svg``) adds an SVG whose text stays text; without
+    it a stale SVG of an earlier report is removed, so the folder never mixes two reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.stages.report import _save
+
+    def fig():
+        f, ax = plt.subplots()
+        ax.set_title("deletion AUC")
+        return f
+
+    png = _save(fig(), tmp_path, "x", "caption", svg=True)
+    assert png.png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "x.png").read_bytes() == png.png
+    assert "<text" in (tmp_path / "x.svg").read_text() and "deletion AUC" in (tmp_path / "x.svg").read_text()
+    _save(fig(), tmp_path, "x", "caption")
+    assert (tmp_path / "x.png").exists() and not (tmp_path / "x.svg").exists()

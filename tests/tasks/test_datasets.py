@@ -218,3 +218,20 @@ def test_embedded_square_is_bit_identical_and_non_square_squashes() -> None:
     for m, b in zip(big.masks, big.boxes):
         ys, xs = np.nonzero(m)
         assert b.tolist() == [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
+
+
+def test_a_cached_batch_is_a_copy_with_the_same_memory_layout() -> None:
+    """Every stage of a shard reads the same samples: ``load_at`` keeps them, hands out copies
+    (a caller's in-place edit cannot reach the next stage) and keeps the arrays' memory layout
+    (the embedded images are channels-last in memory; a C-ordered copy would make the model
+    pick other kernels and change maps in the last bit)."""
+    from tasks.config import DataConfig
+
+    src = open_source(DataConfig(n_samples=8), Preprocess((64, 64), None))
+    fresh = src._load_runs(tuple(range(2, 6)))
+    first, again = src.load_at(range(2, 6)), src.load_at(range(2, 6))
+    for x in (first, again):
+        np.testing.assert_array_equal(x.images, fresh.images)
+        assert x.images.strides == fresh.images.strides
+    first.images[:] = 0
+    assert not np.array_equal(src.load_at(range(2, 6)).images, first.images)
