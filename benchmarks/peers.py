@@ -96,8 +96,21 @@ class PeakAlloc:
         self.peak = max(self.peak, self._used() - self.base)
 
 
+#: Where models and inputs live (``--device``); CUDA timings synchronise, memory is CUDA's.
+DEVICE = torch.device("cpu")
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(seconds, peak RSS growth in MiB) of one call."""
+    """(seconds, peak memory growth in MiB) of one call: resident memory on CPU, the CUDA
+    allocator's peak on a GPU (after synchronising, so the time is the kernels' too)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(DEVICE)
+        return time.perf_counter() - t0, (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
     with PeakAlloc() as mem:
         t0 = time.perf_counter()
         fn()
@@ -435,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
                     help="tuned: re-execute with the CLI's glibc tunables; default: glibc's defaults")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where models and inputs live (cuda: bf16 autocast on CUDA, CUDA memory peaks)")
     args = ap.parse_args(argv)
 
     if args.allocator == "tuned":
@@ -448,6 +463,9 @@ def main(argv: list[str] | None = None) -> None:
     from explainers import get_explainer
 
     model, x_all, layers = load_model(args.model, args.images)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    model, x_all = model.to(DEVICE), x_all.to(DEVICE)
     with torch.no_grad():
         t_all = model(x_all).argmax(1)
     layer_module = dict(model.named_modules())[layers["module"]]
@@ -462,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     ours_model = copy.deepcopy(model).to(memory_format=torch.channels_last) if bf16 else model
 
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     ac = autocast()
     if bf16:
@@ -551,11 +569,14 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model, "precision": args.precision, "images": args.images,
         "input": list(x_all.shape[1:]), "allocator": args.allocator, "peer_defaults_only": args.peer_defaults_only, "channels_at_cam_layer": channels,
         "limit_seconds_per_image": limit, "limit_runs": limits,
+        "device": args.device,
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
                     "python": platform.python_version(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
     }
     suffix = "-peer-defaults-glibc" if args.peer_defaults_only and args.allocator == "default" else ""
+    suffix += "-cuda" if DEVICE.type == "cuda" else ""
     out = args.out or OUT_DIR / f"{args.model}-{args.precision}{suffix}{'-' + '_'.join(args.only) if args.only else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -8,7 +8,8 @@ Runs ``flows.run.execute`` on the default config (``configs/default.yaml``) in t
 * the time inside model evaluation: the union of the intervals spent in a forward call of
   the model (the root module) or in an autograd backward (``torch.autograd.grad``,
   ``Tensor.backward``), whatever thread made them;
-* the total wall time of the flow (after the temporary Prefect server is up).
+* the total wall time of the flow (after the temporary Prefect server is up), and the
+  report's own seconds (``report`` in the stage table).
 
 Usage: ``.venv/bin/python benchmarks/pipeline.py [--out benchmarks/results/pipeline.json]``.
 """
@@ -41,41 +42,51 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
-    args = ap.parse_args()
-    from flows.cli import allocator_env
+def instrumented_run(config, run_dir: str) -> dict:
+    """Run ``config`` into ``run_dir`` (inside a Prefect test harness) with the model and
+    the stages timed: wall seconds, seconds inside model evaluation (union over threads),
+    the share outside it, summed task seconds per stage and the report's seconds, and the
+    model-evaluation seconds inside each stage's tasks.
 
-    env = allocator_env(dict(os.environ), sys.platform, platform.libc_ver()[0])
-    if env is not None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attriflow-bench-prefect-"))
-
+    Call once per process: it installs global forward hooks and wraps autograd."""
     import torch
     from prefect.testing.utilities import prefect_test_harness
 
     import tasks.stages.common as stages
-    from data.reference_cnn import ReferenceCNN
+    import tasks.stages.report as report
     from flows.run import execute
-    from tasks.config import load_config
 
     intervals: list[tuple[float, float]] = []
     lock = threading.Lock()
     local = threading.local()
+    root = type(None)
+
+    stage_of_task = {"load-shard": "load", "explain-shard": "explain", "select-neurons": "neurons",
+                     "evaluate-shard": "evaluate", "sanity-check": "sanity", "prepare-run": "prepare",
+                     "write-report": "report"}
+    stage_model: dict[str, float] = defaultdict(float)
+
+    def current_stage() -> str:
+        from prefect.context import TaskRunContext
+
+        ctx = TaskRunContext.get()
+        return stage_of_task.get(ctx.task.name, "other") if ctx is not None else "other"
 
     def pre(module, _inp):
-        if isinstance(module, ReferenceCNN) and not getattr(local, "depth", 0):
+        if isinstance(module, root) and not getattr(local, "depth", 0):
             local.t0 = time.perf_counter()
-        if isinstance(module, ReferenceCNN):
+            local.stage = current_stage()
+        if isinstance(module, root):
             local.depth = getattr(local, "depth", 0) + 1
 
     def post(module, _inp, _out):
-        if isinstance(module, ReferenceCNN):
+        if isinstance(module, root):
             local.depth -= 1
             if not local.depth:
+                t1 = time.perf_counter()
                 with lock:
-                    intervals.append((local.t0, time.perf_counter()))
+                    intervals.append((local.t0, t1))
+                    stage_model[local.stage] += t1 - local.t0
 
     def timed(fn):
         def wrapper(*a, **k):
@@ -83,8 +94,11 @@ def main() -> None:
             try:
                 return fn(*a, **k)
             finally:
+                t1 = time.perf_counter()
                 with lock:
-                    intervals.append((t0, time.perf_counter()))
+                    intervals.append((t0, t1))
+                    if not getattr(local, "depth", 0):  # a backward outside a forward
+                        stage_model[current_stage()] += t1 - t0
         return wrapper
 
     stage_seconds: dict[str, float] = defaultdict(float)
@@ -96,24 +110,55 @@ def main() -> None:
             stage_seconds[stage] += r["seconds"]
         return r
 
+    render = report.render_report
+
+    def timed_render(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return render(*a, **k)
+        finally:
+            stage_seconds["report"] += time.perf_counter() - t0
+
     stages.receipt = logging_receipt
+    report.render_report = timed_render
     torch.autograd.grad = timed(torch.autograd.grad)
     torch.Tensor.backward = timed(torch.Tensor.backward)
     torch.nn.modules.module.register_module_forward_pre_hook(pre)
     torch.nn.modules.module.register_module_forward_hook(post)
+    from tasks.runtime import get_runtime
 
-    config = load_config(ROOT / "configs" / "default.yaml")
-    run_dir = tempfile.mkdtemp(prefix="attriflow-bench-run-")
+    root = type(get_runtime(config.model_dump_json()).module)  # the model's own class: its outermost call
     with prefect_test_harness():
         t0 = time.perf_counter()
         execute(config, run_dir)
         wall = time.perf_counter() - t0
     model = union_seconds(intervals)
-    result = {
-        "config": "configs/default.yaml", "wall_seconds": wall, "model_evaluation_seconds": model,
-        "outside_model_share": 1 - model / wall, "stage_task_seconds": dict(stage_seconds),
-        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    return {"wall_seconds": wall, "model_evaluation_seconds": model, "outside_model_share": 1 - model / wall,
+            "stage_task_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
+            "stage_model_seconds": {k: round(v, 3) for k, v in stage_model.items()},
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def reexec_with_tuned_allocator() -> None:
+    """Re-execute this script once with the CLI's allocator settings (as ``attriflow`` runs)."""
+    from flows.cli import allocator_env
+
+    env = allocator_env(dict(os.environ), sys.platform, platform.libc_ver()[0])
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attriflow-bench-prefect-"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
+    args = ap.parse_args()
+    reexec_with_tuned_allocator()
+    from tasks.config import load_config
+
+    config = load_config(ROOT / "configs" / "default.yaml")
+    run_dir = tempfile.mkdtemp(prefix="attriflow-bench-run-")
+    result = {"config": "configs/default.yaml", **instrumented_run(config, run_dir)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -211,8 +211,14 @@ def main() -> None:
                 f"server is up; {pipe['model_evaluation_seconds']:.1f} s inside model evaluation (forward "
                 f"calls of the model and autograd backwards, union over threads); outside model evaluation "
                 f"**{pipe['outside_model_share'] * 100:.1f} %** (target <= 10 %).", "",
-                "| stage | summed task seconds |", "|---|---|"]
-        out += [f"| {k} | {v:.1f} |" for k, v in pipe["stage_task_seconds"].items()] + [""]
+                "| stage | summed task seconds | inside model evaluation | outside |", "|---|---|---|---|"]
+        inside = pipe.get("stage_model_seconds", {})
+        for k, v in pipe["stage_task_seconds"].items():
+            m = inside.get(k)
+            out.append(f"| {k} | {v:.1f} | {'—' if m is None else f'{m:.1f}'} | "
+                       f"{'—' if m is None else f'{v - m:.1f}'} |")
+        tasks = sum(pipe["stage_task_seconds"].values())
+        out += [f"| outside every stage (prepare, orchestration, waits) | {pipe['wall_seconds'] - tasks:.1f} | | |", ""]
     notes = HERE / "RESULTS-notes.md"
     if notes.exists():
         out += [notes.read_text().rstrip(), ""]
