@@ -4,13 +4,16 @@
 #               browser test when missing), then runs the test suite
 #   make bench  the performance comparison of issue #8 (about 40 minutes on two cores):
 #               benchmarks/results/*.json, rendered as benchmarks/RESULTS.md
+#   make scale  512 and 4,096 images and the map encodings (about 70 minutes on two cores):
+#               benchmarks/results/scale-*.json, rendered as benchmarks/SCALE.md
+#   make gpu    the GPU checks on a machine with CUDA (at most 8 minutes): benchmarks/GPU.md
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 RUN_DIR ?= runs/default
 CONFIG ?=
 
-.PHONY: run test env bench
+.PHONY: run test env bench scale gpu
 
 env: $(STAMP)
 
@@ -37,3 +40,12 @@ bench: $(STAMP)
 	ATTRIFLOW_ALLOCATOR=default $(VENV)/bin/python benchmarks/peers.py --model resnet50 --peer-defaults-only --allocator default
 	$(VENV)/bin/python benchmarks/pipeline.py
 	$(VENV)/bin/python benchmarks/results.py
+
+scale: $(STAMP)
+	$(VENV)/bin/python benchmarks/scale.py --samples 512 --settings light
+	$(VENV)/bin/python benchmarks/scale.py --samples 4096 --settings light
+	$(VENV)/bin/python benchmarks/scale.py --encodings $${TMPDIR:-/tmp}/attriflow-scale-4096-light
+	$(VENV)/bin/python benchmarks/scale.py --render
+
+gpu: $(STAMP)
+	bash benchmarks/gpu.sh
