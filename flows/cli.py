@@ -36,21 +36,23 @@ def _finished_answer(args: argparse.Namespace) -> int | None:
     return 0
 
 
-def _snapshot(args: argparse.Namespace, raw: Any, cfg: Any, rt: Any, run_dir: Path) -> dict[str, Any] | None:
-    """The finished marker's stamps of this run's config, code and inputs, taken before it
-    computes; None when they cannot be taken (then no marker is left)."""
+def _snapshot(args: argparse.Namespace, raw: Any, cfg: Any, run_dir: Path) -> dict[str, Any] | None:
+    """The finished marker's stamps of this run's config, code and inputs, taken before the
+    runtime reads any input; None when they cannot be taken (then no marker is left)."""
     from tasks import finished
 
     try:
-        files, roots = finished.inputs_of(cfg, raw, rt.source)
-        return finished.snapshot(finished.config_key(raw, args.config, run_dir), files, roots)
+        files, roots = finished.inputs_of(cfg, raw)
+        return finished.snapshot(finished.config_key(raw, args.config, run_dir), files, roots, run_dir)
     except Exception:  # noqa: BLE001 - no marker, never a failed run
         return None
 
 
-def _leave_marker(run_dir: Path, before: dict[str, Any] | None, counts: dict[str, dict[str, int]]) -> None:
+def _leave_marker(run_dir: Path, before: dict[str, Any] | None, counts: dict[str, dict[str, int]],
+                  source: Any) -> None:
     """After a run (or a full check) that left nothing to compute: the finished marker,
-    unless the config, code or inputs changed while it ran."""
+    unless the config, code or inputs changed since ``before`` or the dataset read a file
+    that was not stamped."""
     from tasks import finished
 
     if before is None:
@@ -58,7 +60,7 @@ def _leave_marker(run_dir: Path, before: dict[str, Any] | None, counts: dict[str
     totals = {stage: {"computed": 0, "reused": c.get("computed", 0) + c.get("reused", 0)}
               for stage, c in counts.items()}
     try:
-        finished.write(run_dir, before, totals)
+        finished.write(run_dir, before, totals, getattr(source, "files", ()))
     except OSError:
         pass  # no marker: the next rerun takes the full check
 
@@ -84,11 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.stages.plan import nothing_to_do, plan_run
     from tasks.storage import RunLockedError, run_lock
 
+    # the finished marker's stamps, before the runtime reads any input
+    before = _snapshot(args, raw, cfg, run_dir) if raw is not None or args.config is None else None
     try:  # model, data and explainers checked before Prefect starts or the run directory exists
         rt = get_runtime(cfg.model_dump_json())  # cached: the flow in this process reuses it
     except planning_errors() as err:
         return _fail(str(err), 1)
-    before = _snapshot(args, raw, cfg, rt, run_dir) if raw is not None or args.config is None else None
     skipped = rt.source.skipped
     if skipped:  # said now, not only at the end of the report
         shown = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
@@ -112,12 +115,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                     else:
                         print(f"nothing to compute: every shard of {run_dir} is finished and its report written")
                     _print_counts(plan["stages"])
-                    _leave_marker(run_dir, before, plan["stages"])
+                    _leave_marker(run_dir, before, plan["stages"], rt.source)
                     return 0
             # the flow takes the same lock again in this process (re-entrant)
             code, counts = _run_flow(cfg, run_dir)
             if code == 0 and counts is not None and not any(c.get("failed") for c in counts.values()):
-                _leave_marker(run_dir, before, counts)
+                _leave_marker(run_dir, before, counts, rt.source)
             return code
     except RunLockedError as err:
         return _fail(str(err))

@@ -2,25 +2,31 @@
 
 A finished ``attriflow run`` (every shard of every stage done, the report written) leaves
 ``RUN_DIR/finished.json``. It holds a digest of the *raw* config (the YAML as parsed, so
-comments and key order do not matter), the working directory, a stamp of attriflow's own
-code and of the installed packages, and ``(path, mtime_ns, size)`` of every file the run
-read: the model's weights, program or factory module (and its local imports), and every
-file and folder of the dataset. A later ``attriflow run`` with the same config first checks
-this marker (stdlib and YAML only: no torch, no Prefect, no server) and, when every stamp
-still holds, says the run is finished in well under a second; any difference, or any
-doubt, falls through to the full check (build the runtime, plan from the store's records).
+comments and key order do not matter), the working directory, the run directory and the
+devices, a stamp of attriflow's own code and of the installed packages, and
+``(path, mtime_ns, size)`` of every input the config names: the model's weights or program,
+files named anywhere in the config (class lists, manifests), and every file and folder
+under the dataset's roots and under any folder the config names. A later ``attriflow run``
+with the same config first checks this marker (stdlib and YAML only: no torch, no Prefect,
+no server) and, when every stamp still holds, says the run is finished in well under a
+second; any difference, or any doubt, falls through to the full check (build the runtime,
+plan from the store's records).
 
 The marker is conservative by construction:
 
-- it is written only by the command line after a run (or a full check) found nothing
-  left to compute, and removed by :func:`tasks.storage.run_lock` whenever a process takes
-  the run directory, i.e. before anything can change the store (a run, ``gc``,
-  ``migrate``, a config's new selection);
-- the store's own metadata (``zarr.json`` and the record arrays' metadata) are stamped too,
-  so a store edited by hand is checked in full;
+- the stamps of config, code and inputs are taken before the run reads any input, and the
+  marker is written only if they still hold when the run (or a full check) found nothing
+  left to compute;
+- a model built by ``model.factory`` gets no marker (its code may read files no config
+  names, such as a checkpoint next to it), nor does a dataset listing a file outside the
+  stamped files and roots, nor a store at a URL;
+- :func:`tasks.storage.run_lock` removes it whenever a process takes the run directory,
+  i.e. before anything can change the store (a run, ``gc``, ``migrate``, a new selection);
+- the store's metadata and record chunks, and the report, are stamped too, so a store
+  edited by hand or a report rewritten is checked in full; a copied run directory too;
 - attriflow's code stamp covers every source file of its packages and the site-packages
-  folder (an upgrade of torch or any dependency changes its listing), so a new version of
-  an explainer is never answered from an old marker.
+  folders (installing or upgrading any package changes their listing), so a new version
+  of an explainer is never answered from an old marker.
 
 This module must stay free of heavy imports: it runs before anything else is loaded.
 """
@@ -37,7 +43,7 @@ from typing import Any
 
 MARKER = "finished.json"
 #: Bump when what the marker holds changes meaning.
-MARKER_VERSION = 1
+MARKER_VERSION = 2
 _PACKAGES = ("analysis", "data", "explainers", "flows", "tasks")
 
 Stamp = list[tuple[str, int, int]]
@@ -116,36 +122,45 @@ def _store_files(store: Path) -> list[Path]:
     return files
 
 
-def data_files(roots: Iterable[str | Path]) -> list[str]:
-    """Every file and folder under the dataset's roots (folders and single files)."""
+def data_files(roots: Iterable[str | Path], exclude: str | Path | None = None) -> list[str]:
+    """Every file and folder under the dataset's roots (folders and single files), less the
+    ``exclude`` subtree (the run directory: its own files change with every command)."""
+    skip = os.path.abspath(exclude) if exclude else None
     out: list[str] = []
     for value in roots:
         top = Path(value)
         out.append(str(top))
         if top.is_dir():
-            out += sorted(str(p) for p in top.rglob("*"))
+            out += sorted(str(p) for p in top.rglob("*")
+                          if skip is None or not (os.path.abspath(p) + os.sep).startswith(skip + os.sep))
     return out
 
 
-def inputs_of(cfg: Any, raw: Any, source: Any = None) -> tuple[list[str], list[str]]:
-    """``(files, roots)`` a run of ``cfg`` reads (called at write time, when the model and
-    the data are loaded anyway): the model's files (:func:`tasks.models.model_files_stamp`,
-    a factory's local imports included) and any string of the raw config that names an
-    existing file (class lists, manifests); a module factory's source file; every file of
-    the dataset ``source`` (manifest entries may lie anywhere); and the dataset's roots and
-    any folder the config names, whose whole listing is stamped (an image added, removed or
-    overwritten is seen)."""
-    import importlib.util
+def inputs_of(cfg: Any, raw: Any) -> tuple[list[str], list[str]]:
+    """``(files, roots)`` a run of ``cfg`` reads, known from the config alone, so that they
+    are stamped before the runtime reads any of them: the model's files
+    (:func:`tasks.models.model_files_stamp`: weights, program, a factory file's folder of
+    modules), any string of the raw config that names an existing file (class lists,
+    manifests), and the dataset's roots and any folder the config names, whose whole listing
+    is stamped (an image added, removed or overwritten is seen).
 
+    Raises
+    ------
+    ValueError
+        For a model built by a factory (``model.factory``): its code may open files the config
+        does not name (a checkpoint next to it), which no stamp can see; such runs get no
+        marker and are always checked in full.
+    """
     from tasks.models import model_files_stamp
 
+    if cfg.model.factory:
+        raise ValueError(f"model.factory {cfg.model.factory!r}: the files its code reads cannot be stamped")
     d = cfg.data
-    roots = sorted({str(v) for v in (d.root, d.path, d.images, d.annotations) if v})
+    roots = {str(v) for v in (d.root, d.path, d.images, d.annotations) if v}
 
     def strings(x: Any) -> Iterable[str]:
         if isinstance(x, str):
             yield x
-            yield x.rpartition(":")[0]  # model.factory: FILE.py:function
         elif isinstance(x, dict):
             for v in x.values():
                 yield from strings(v)
@@ -156,43 +171,49 @@ def inputs_of(cfg: Any, raw: Any, source: Any = None) -> tuple[list[str], list[s
     files = {p for p, _, _ in model_files_stamp(cfg.model)}
     named = {s for s in strings(raw) if s and len(s) < 4096 and os.path.exists(s)}
     files |= {s for s in named if os.path.isfile(s)}
-    roots = sorted(set(roots) | {s for s in named if os.path.isdir(s) and os.path.abspath(s) != os.sep})
-    factory = cfg.model.factory
-    if factory and not factory.rpartition(":")[0].endswith(".py"):  # pkg.module:callable
-        try:
-            spec = importlib.util.find_spec(factory.rpartition(":")[0])
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-            raise ValueError(f"model.factory {factory!r}: its source file cannot be stamped")
-        files.add(spec.origin)
-        files |= {str(p) for p in Path(spec.origin).parent.glob("*.py")}  # its local imports
-    files |= {str(f) for f in getattr(source, "files", ())}
-    return sorted(files), roots
+    roots |= {s for s in named if os.path.isdir(s) and os.path.abspath(s) != os.sep}
+    return sorted(files), sorted(roots)
 
 
-def _inputs(files: Iterable[str], roots: Iterable[str]) -> Stamp:
-    return _stat(sorted(set(files) | set(data_files(roots))))
+def covered(paths: Iterable[str | Path], files: Iterable[str], roots: Iterable[str]) -> bool:
+    """Whether every one of ``paths`` (the files a dataset listed) is a stamped file or lies
+    under a stamped root (a manifest may list images anywhere)."""
+    names = {os.path.abspath(f) for f in files}
+    tops = [os.path.abspath(r) + os.sep for r in roots]
+    return all(os.path.abspath(p) in names or any((os.path.abspath(p) + os.sep).startswith(t) for t in tops)
+               for p in paths)
 
 
-def snapshot(key: str, files: Iterable[str], roots: Iterable[str]) -> dict[str, Any]:
-    """The stamps of a run's config, code and inputs, taken *before* it computes (see
+def _inputs(files: Iterable[str], roots: Iterable[str], run_dir: str | None = None) -> Stamp:
+    return _stat(sorted(set(files) | set(data_files(roots, run_dir))))
+
+
+def snapshot(key: str, files: Iterable[str], roots: Iterable[str], run_dir: Path) -> dict[str, Any]:
+    """The stamps of a run's config, code and inputs, taken *before* it reads them (see
     :func:`write`): ``files`` are the single files the run reads, ``roots`` the folders
-    whose every file it may read (see :func:`inputs_of`)."""
+    whose every file it may read (see :func:`inputs_of`); the run directory's own files
+    are left out of the roots' listings."""
     files, roots = sorted(map(str, files)), sorted(map(str, roots))
-    return {"config": key, "code": code_stamp(), "files": files, "roots": roots, "inputs": _inputs(files, roots)}
+    where = str(run_dir.resolve())
+    return {"config": key, "code": code_stamp(), "files": files, "roots": roots, "exclude": where,
+            "inputs": _inputs(files, roots, where)}
 
 
-def write(run_dir: Path, before: dict[str, Any], counts: dict[str, dict[str, int]]) -> bool:
+def write(run_dir: Path, before: dict[str, Any], counts: dict[str, dict[str, int]],
+          source_files: Iterable[str | Path] = ()) -> bool:
     """Leave the marker of a finished run (call while holding the run directory's lock),
     unless its code or inputs changed since ``before`` (:func:`snapshot`, taken before the
     run computed: results of a config edited mid-run must not be stamped with the new one).
-    ``counts`` are the shard tasks per stage (printed by the next finished rerun). Returns
-    whether the marker was written."""
+    ``counts`` are the shard tasks per stage (printed by the next finished rerun);
+    ``source_files`` the files the dataset listed, each of which must have been stamped
+    (else no marker). Returns whether the marker was written."""
     store = run_dir / "store.zarr"
     if not (store / "zarr.json").exists() or (run_dir / "store-url").exists():
         return False  # a store at a URL: always the full check
-    if code_stamp() != before["code"] or _inputs(before["files"], before["roots"]) != before["inputs"]:
+    if not covered(source_files, before["files"], before["roots"]):
+        return False
+    now = _inputs(before["files"], before["roots"], before["exclude"])
+    if code_stamp() != before["code"] or now != before["inputs"]:
         return False
     body = {"version": MARKER_VERSION, "run_dir": str(run_dir.resolve()), **before, "store": _stat(_store_files(store)),
             "report": _stat([run_dir / "report" / "summary.md", run_dir / "report" / "index.html"]),
@@ -223,7 +244,7 @@ def check(run_dir: Path, key: str) -> dict[str, dict[str, int]] | None:
     if body.get("run_dir") != str(run_dir.resolve()) or (run_dir / "store-url").exists():
         return None  # a copied run directory; a store at a URL
     try:
-        now = {"inputs": [tuple(x) for x in _inputs(body["files"], body["roots"])],
+        now = {"inputs": [tuple(x) for x in _inputs(body["files"], body["roots"], body["exclude"])],
                "store": _stat(p for p, _, _ in body["store"]), "report": _stat(p for p, _, _ in body["report"])}
     except (KeyError, TypeError, ValueError):
         return None

@@ -120,8 +120,9 @@ def round_maps(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np
     stored : ndarray, shape (N, H, W)
         float32, float16, or float32 holding bfloat16 values (round to nearest even).
     overflow : ndarray of bool, shape (N,)
-        float16 only: a finite value beyond float16's range (|value| >= 65520) became
-        infinite (the map is then flagged as non-finite and left out of every metric).
+        float16 only: the map cannot be stored: a finite value beyond float16's range
+        (|value| >= 65520) became infinite, or a map that is not all zero became all zero
+        (every |value| below 3e-8). Such maps are flagged and left out of every metric.
     imprecise : ndarray of bool, shape (N,)
         float16 only: the map is not all zero but its largest |value| is below 2^-14
         (6.1e-5), float16's smallest normal number: its values keep fewer than 11
@@ -143,7 +144,8 @@ def round_maps(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np
     with np.errstate(over="ignore"):
         stored = maps.astype(np.float16)
     overflow = (finite & ~np.isfinite(stored.reshape(n, -1))).any(axis=1)  # finite before, not after
-    return stored, overflow, (peak > 0) & (peak < FLOAT16_TINY)
+    lost = (peak > 0) & ~np.asarray(stored.reshape(n, -1), bool).any(axis=1)  # every value underflowed to 0
+    return stored, overflow | lost, (peak > 0) & (peak < FLOAT16_TINY) & ~lost
 
 
 #: Stores written before ``store.attribution_dtype`` and ``store.codec`` existed used these.

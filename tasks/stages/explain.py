@@ -47,9 +47,10 @@ def _warn_encoding(explainer: str, shard: Shard, overflow: np.ndarray, imprecise
     """Say which maps ``store.attribution_dtype: float16`` cannot hold faithfully."""
     where = f"explain {explainer} shard {shard.index}"
     if overflow.any():
-        warnings.warn(f"{where}: {int(overflow.sum())} map(s) exceed float16's range (|value| > 65504) and are "
-                      "stored as non-finite (flagged, left out of every metric); store.attribution_dtype: "
-                      "bfloat16 or float32 keeps them", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{where}: {int(overflow.sum())} map(s) cannot be stored as float16 (a value beyond "
+                      "+-65504, or every value below 3e-8 so that the map would be all zero); they are flagged "
+                      "and left out of every metric; store.attribution_dtype: bfloat16 or float32 keeps them",
+                      RuntimeWarning, stacklevel=2)
     if imprecise.any():
         warnings.warn(f"{where}: {int(imprecise.sum())} map(s) lie entirely below 6.1e-05 in magnitude, where "
                       "float16 keeps fewer than 11 significant bits; store.attribution_dtype: bfloat16 or "
@@ -100,7 +101,7 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
     maps_np, overflow, imprecise = storage.round_maps(maps.cpu().numpy(), rt.config.store.attribution_dtype)
     _warn_encoding(explainer, shard, overflow, imprecise)
     finite_output = common.read_rows(path, "finite_output", view).astype(bool)
-    flagged = ~np.isfinite(maps_np).reshape(len(maps_np), -1).all(axis=1) | ~finite_output
+    flagged = ~np.isfinite(maps_np).reshape(len(maps_np), -1).all(axis=1) | ~finite_output | overflow
     storage.write_region(
         path,
         {"attribution": (("explainer", "sample", "y", "x"), maps_np[None]),

@@ -30,7 +30,7 @@ def _finished_run(tmp_path: Path) -> tuple[Path, Path, Path, str, dict]:
     cfg = tmp_path / "x.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     key = finished.config_key(finished.read_raw(str(cfg)), str(cfg), run_dir)
-    assert finished.write(run_dir, finished.snapshot(key, [], [str(data)]), COUNTS)
+    assert finished.write(run_dir, finished.snapshot(key, [], [str(data)], run_dir), COUNTS)
     return run_dir, data, cfg, key, raw
 
 
@@ -48,7 +48,7 @@ def test_the_marker_answers_until_anything_it_stamped_changes(tmp_path) -> None:
         assert finished.check(run_dir, finished.config_key(raw, str(cfg), run_dir)) is None
 
     def fresh() -> None:
-        assert finished.write(run_dir, finished.snapshot(key, [], [str(data)]), COUNTS)
+        assert finished.write(run_dir, finished.snapshot(key, [], [str(data)], run_dir), COUNTS)
         assert finished.check(run_dir, key) == COUNTS
 
     for edit in (
@@ -80,24 +80,24 @@ def test_taking_the_run_directory_removes_the_marker(tmp_path) -> None:
 def test_a_remote_store_gets_no_marker(tmp_path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    assert not finished.write(run_dir, finished.snapshot("k", [], []), COUNTS)  # no store.zarr here
+    assert not finished.write(run_dir, finished.snapshot("k", [], [], run_dir), COUNTS)  # no store.zarr here
     assert not (run_dir / finished.MARKER).exists()
     # a store.zarr left behind when the config moved the store to a URL is not stamped either
     local, _, _, key, _ = _finished_run(tmp_path / "moved")
     (local / "store-url").write_text("memory://elsewhere\n")
     assert finished.check(local, key) is None
-    assert not finished.write(local, finished.snapshot(key, [], []), COUNTS)
+    assert not finished.write(local, finished.snapshot(key, [], [], local), COUNTS)
 
 
 def test_inputs_changed_while_the_run_computed_leave_no_marker(tmp_path) -> None:
     """The stamps are taken before the run computes: an image added (or the config or the
     code changed) meanwhile means the results may be the old inputs', so no marker."""
     run_dir, data, _, key, _ = _finished_run(tmp_path)
-    before = finished.snapshot(key, [], [str(data)])
+    before = finished.snapshot(key, [], [str(data)], run_dir)
     (data / "cat" / "late.png").write_bytes(b"added during the run")
     assert not finished.write(run_dir, before, COUNTS)
     assert finished.check(run_dir, key) is None  # the data changed since the marker, too
-    before = finished.snapshot(key, [], [str(data)])
+    before = finished.snapshot(key, [], [str(data)], run_dir)
     assert finished.write(run_dir, before, COUNTS)
 
 
@@ -122,3 +122,32 @@ def test_a_finished_rerun_loads_neither_torch_nor_prefect(tmp_path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "nothing to compute" in out.stdout and "explain: 0 computed, 4 reused" in out.stdout
     assert "heavy: []" in out.stdout
+
+
+def test_factories_and_unstamped_data_files_get_no_marker(tmp_path) -> None:
+    """A factory's code may read a checkpoint no config names: no marker, always the full
+    check. A dataset that listed a file outside the stamped files and roots: no marker."""
+    from tasks.config import parse_config
+
+    cfg = parse_config({"model": {"factory": "my_nets.py:build"}}, "test")
+    with pytest.raises(ValueError, match="model.factory"):
+        finished.inputs_of(cfg, {"model": {"factory": "my_nets.py:build"}})
+    run_dir, data, _, key, _ = _finished_run(tmp_path)
+    before = finished.snapshot(key, [], [str(data)], run_dir)
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes(b"x")
+    assert not finished.write(run_dir, before, COUNTS, [data / "cat" / "a.png", elsewhere])
+    assert finished.write(run_dir, before, COUNTS, [data / "cat" / "a.png"])
+
+
+def test_a_run_directory_inside_a_data_root_does_not_stamp_itself(tmp_path) -> None:
+    """``data.root: .`` with the run directory below it: the run's own files are not inputs,
+    so the marker still answers after the run wrote them."""
+    run_dir, data, _, key, _ = _finished_run(tmp_path)
+    before = finished.snapshot(key, [], [str(tmp_path)], run_dir)  # the root holds the run directory
+    (run_dir / "store.zarr" / "record_load" / "c").mkdir()
+    (run_dir / "store.zarr" / "record_load" / "c" / "0").write_bytes(b"done")
+    assert finished.write(run_dir, before, COUNTS)
+    assert finished.check(run_dir, key) == COUNTS
+    (data / "cat" / "new.png").write_bytes(b"an image added under the root")
+    assert finished.check(run_dir, key) is None

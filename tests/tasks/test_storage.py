@@ -179,11 +179,13 @@ def test_attribution_dtype_and_codec_are_stored_read_and_kept_when_grown(tmp_pat
 
 def test_float16_maps_out_of_range_are_named() -> None:
     maps = np.stack([np.full((2, 2), 7e4, np.float32), np.full((2, 2), 1e-6, np.float32),
-                     np.zeros((2, 2), np.float32), np.full((2, 2), 0.5, np.float32)])
+                     np.zeros((2, 2), np.float32), np.full((2, 2), 0.5, np.float32),
+                     np.full((2, 2), 2e-8, np.float32), np.full((2, 2), 65510.0, np.float32)])
     stored, overflow, imprecise = storage.round_maps(maps, "float16")
-    assert overflow.tolist() == [True, False, False, False]
-    assert imprecise.tolist() == [False, True, False, False]  # an all-zero map loses nothing
-    assert np.isinf(stored[0]).all() and stored.dtype == np.float16
+    # too large (inf), lost entirely (all zero): flagged; 65510 rounds to 65504, still finite
+    assert overflow.tolist() == [True, False, False, False, True, False]
+    assert imprecise.tolist() == [False, True, False, False, False, False]  # an all-zero map loses nothing
+    assert np.isinf(stored[0]).all() and not stored[4].any() and stored.dtype == np.float16
 
 
 def test_stores_from_before_the_encodings_read_as_float32_zstd(tmp_path) -> None:
