@@ -214,7 +214,7 @@ def main() -> None:
                 "| stage | summed task seconds | inside model evaluation | outside |", "|---|---|---|---|"]
         inside = pipe.get("stage_model_seconds", {})
         for k, v in pipe["stage_task_seconds"].items():
-            m = inside.get(k)
+            m = inside.get(k, 0.0 if k == "report" else None)  # the report runs no model
             out.append(f"| {k} | {v:.1f} | {'—' if m is None else f'{m:.1f}'} | "
                        f"{'—' if m is None else f'{v - m:.1f}'} |")
         tasks = sum(pipe["stage_task_seconds"].values())
