@@ -56,7 +56,8 @@ class LayerStats:
     variance of one that does is computed from its deviations, not as a difference of two
     large sums (the "shifted data" algorithm; Chan, Golub & LeVeque 1983). Each batch is
     reduced in the activations' precision (float32, float64 for float64 models, on their
-    device) by one matrix-vector product and two reductions; the per-position sums are
+    device) by one (2 x B) matrix product (sums of the deviations and of their products
+    with the output) and one reduction of the squares; the per-position sums are
     accumulated across batches in float64.
     """
 
@@ -73,13 +74,37 @@ class LayerStats:
         return cls(shift, z.clone(), z.clone(), z.clone())
 
     def add(self, acts: Tensor, y_shifted: Tensor) -> None:
-        """Add a batch: activations (B, C, h, w) and outputs minus the output shift (B,)."""
-        a = (acts.detach().to(self.shift.dtype) - self.shift).flatten(1)
-        yy = y_shifted.detach().to(device=a.device, dtype=a.dtype)
-        shape = self.sum_a.shape
-        self.sum_a += a.sum(0).view(shape).cpu().double()
-        self.sum_a2 += (a * a).sum(0).view(shape).cpu().double()
-        self.sum_ay += torch.mv(a.T, yy).view(shape).cpu().double()
+        """Add a batch: activations (B, C, h, w) and outputs minus the output shift (B,).
+
+        The batch is read in its own memory order (channels-last activations are not
+        copied) and, on the CPU, in column blocks of about 1 MiB, so the shifted block,
+        its squares and its products with (1, y) are computed while it is in cache: one
+        pass over the activations from memory instead of eight.
+        """
+        b = acts.shape[0]
+        order = sorted(range(1, acts.dim()), key=lambda d: (-acts.stride(d), d))
+        x = acts.detach().permute(0, *order)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        x = x.reshape(b, -1).to(self.shift.dtype)
+        back = [d - 1 for d in order]
+        shift = self.shift.permute(*back).reshape(-1)
+        weights = torch.stack([torch.ones(b, dtype=x.dtype, device=x.device),
+                               y_shifted.detach().to(device=x.device, dtype=x.dtype)])
+        n = x.shape[1]
+        s1y = torch.empty((2, n), dtype=x.dtype, device=x.device)
+        s2 = torch.empty(n, dtype=x.dtype, device=x.device)
+        width = n if x.device.type != "cpu" else max(256, (1 << 18) // max(b, 1))
+        buf = torch.empty((b, min(width, n)), dtype=x.dtype, device=x.device)
+        for j in range(0, n, width):
+            k = min(width, n - j)
+            a = torch.sub(x[:, j:j + k], shift[j:j + k], out=buf[:, :k])
+            s1y[:, j:j + k] = weights @ a
+            torch.sum(a.mul_(a), 0, out=s2[j:j + k])
+        shape = [self.sum_a.shape[d - 1] for d in order]  # the permuted (h, w, C) shape
+        self.sum_a.permute(*back).add_(s1y[0].view(shape).cpu().double())
+        self.sum_ay.permute(*back).add_(s1y[1].view(shape).cpu().double())
+        self.sum_a2.permute(*back).add_(s2.view(shape).cpu().double())
 
     def raw_sum_a2(self, n: int) -> Tensor:
         """Sum of the unshifted squares, float64 (the scale of rounding errors)."""

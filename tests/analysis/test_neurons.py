@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.neurons import overlap, perturb, select_top_k
+from analysis.neurons import LayerStats, overlap, perturb, select_top_k
 from tasks.neurons import conv_activation_layers, score_image
 
 
@@ -65,6 +65,28 @@ def test_scores_do_not_depend_on_batch_size() -> None:
                     batch_size=30, generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(a.correlation["relu"], b.correlation["relu"], rtol=1e-10)
     np.testing.assert_allclose(a.precision["relu"], b.precision["relu"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_sums_equal_a_float64_two_pass_reference(channels_last) -> None:
+    """The blocked one-pass sums (several column blocks, two batches) equal float64 sums of
+    the deviations from copy 0, in either memory layout; unchanged positions sum to exact 0."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.rand((70, 8, 32, 32), generator=g) * 3 + 1  # 8,192 positions: two blocks of 50 rows
+    acts[:, 2, :5] = acts[0, 2, :5]  # positions no perturbation reaches
+    y = torch.randn(70, generator=g, dtype=torch.float64)
+    if channels_last:
+        acts = acts.contiguous(memory_format=torch.channels_last)
+    stats = LayerStats.start(acts[0])
+    stats.add(acts[:50], y[:50] - y[0])
+    stats.add(acts[50:], y[50:] - y[0])
+    dev = acts.double() - acts[0].double()
+    yy = (y - y[0]).view(-1, 1, 1, 1)
+    for got, want in ((stats.sum_a, dev.sum(0)), (stats.sum_a2, (dev * dev).sum(0)),
+                      (stats.sum_ay, (dev * yy).sum(0))):
+        assert got.shape == (8, 32, 32) and got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert (stats.sum_a[2, :5] == 0).all() and (stats.sum_a2[2, :5] == 0).all()
 
 
 def test_growing_noise_keeps_copy_zero_and_grows() -> None:
