@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analysis.metrics.sanity import SIMILARITIES
-from analysis.report import (
+from attriflow.analysis.metrics.sanity import SIMILARITIES
+from attriflow.analysis.report import (
     ReportOptions,
     cost_table,
     coverage_note,

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from analysis.metrics.sanity import SIMILARITIES  # noqa: E402
-from analysis.report import (  # noqa: E402
+from attriflow.analysis.metrics.sanity import SIMILARITIES  # noqa: E402
+from attriflow.analysis.report import (  # noqa: E402
     cost_table,
     explainer_order,
     family_order,

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analysis.metrics.sanity import SIMILARITIES, collapse_depth
+from attriflow.analysis.metrics.sanity import SIMILARITIES, collapse_depth
 
 
 @dataclass(frozen=True)

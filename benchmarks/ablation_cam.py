@@ -13,7 +13,7 @@ import torchvision
 from pytorch_grad_cam import AblationCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from explainers import get_explainer
+from attriflow.explainers import get_explainer
 
 
 def main() -> None:

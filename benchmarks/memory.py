@@ -30,7 +30,7 @@ def peak_rss(config: dict, run_dir: Path, env: dict[str, str]) -> tuple[float, f
     cfg = run_dir.with_suffix(".yaml")
     cfg.write_text(yaml.safe_dump(config))
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--run-dir", str(run_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "attriflow.flows.cli", "run", str(cfg), "--run-dir", str(run_dir)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -50,7 +50,7 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.config import RunConfig
+    from attriflow.tasks.config import RunConfig
 
     base = RunConfig().model_dump(mode="json")
     rows = []

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.cli import allocator_env  # noqa: E402
+from attriflow.flows.cli import allocator_env  # noqa: E402
 
 OUT_DIR = ROOT / "benchmarks" / "results"
 
@@ -175,9 +175,9 @@ def real_images(n: int, size: int) -> torch.Tensor:
 def load_model(name: str, n_images: int) -> tuple[torch.nn.Module, torch.Tensor, dict[str, str]]:
     """(model in eval mode, inputs, CAM layers) for ``resnet50``, ``vgg16`` or ``reference``."""
     if name == "reference":
-        from data.embedded import render
-        from tasks.config import ModelConfig
-        from tasks.models import build_model
+        from attriflow.data.embedded import render
+        from attriflow.tasks.config import ModelConfig
+        from attriflow.tasks.models import build_model
 
         loaded = build_model(ModelConfig())
         imgs = np.stack([render(i).image for i in range(n_images)])
@@ -278,7 +278,12 @@ def zennit_call(model, x, t, composite: str) -> Callable[[], object]:
     """zennit's ``Gradient`` attributor with a named composite (ResNetCanonizer on ResNets,
     ZBox bounds at the normalised image range)."""
     from zennit.attribution import Gradient
-    from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, SpecialFirstLayerMapComposite, layer_map_base
+    from zennit.composites import (
+        EpsilonGammaBox,
+        EpsilonPlusFlat,
+        SpecialFirstLayerMapComposite,
+        layer_map_base,
+    )
     from zennit.rules import Epsilon, ZBox, ZPlus
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
     from zennit.types import Convolution, Linear
@@ -460,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
-    from explainers import get_explainer
+    from attriflow.explainers import get_explainer
 
     model, x_all, layers = load_model(args.model, args.images)
     global DEVICE
@@ -470,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         t_all = model(x_all).argmax(1)
     layer_module = dict(model.named_modules())[layers["module"]]
     with torch.no_grad():
-        from explainers._hooks import capture_outputs
+        from attriflow.explainers._hooks import capture_outputs
 
         with capture_outputs(model, [layers["cam"]]) as acts:
             model(x_all[:1])

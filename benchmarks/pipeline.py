@@ -52,9 +52,9 @@ def instrumented_run(config, run_dir: str) -> dict:
     import torch
     from prefect.testing.utilities import prefect_test_harness
 
-    import tasks.stages.common as stages
-    import tasks.stages.report as report
-    from flows.run import execute
+    import attriflow.tasks.stages.common as stages
+    import attriflow.tasks.stages.report as report
+    from attriflow.flows.run import execute
 
     intervals: list[tuple[float, float]] = []
     lock = threading.Lock()
@@ -125,7 +125,7 @@ def instrumented_run(config, run_dir: str) -> dict:
     torch.Tensor.backward = timed(torch.Tensor.backward)
     torch.nn.modules.module.register_module_forward_pre_hook(pre)
     torch.nn.modules.module.register_module_forward_hook(post)
-    from tasks.runtime import get_runtime
+    from attriflow.tasks.runtime import get_runtime
 
     root = type(get_runtime(config.model_dump_json()).module)  # the model's own class: its outermost call
     with prefect_test_harness():
@@ -141,7 +141,7 @@ def instrumented_run(config, run_dir: str) -> dict:
 
 def reexec_with_tuned_allocator() -> None:
     """Re-execute this script once with the CLI's allocator settings (as ``attriflow`` runs)."""
-    from flows.cli import allocator_env
+    from attriflow.flows.cli import allocator_env
 
     env = allocator_env(dict(os.environ), sys.platform, platform.libc_ver()[0])
     if env is not None:
@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
     args = ap.parse_args()
     reexec_with_tuned_allocator()
-    from tasks.config import load_config
+    from attriflow.tasks.config import load_config
 
     config = load_config(ROOT / "configs" / "default.yaml")
     run_dir = tempfile.mkdtemp(prefix="attriflow-bench-run-")

@@ -60,7 +60,7 @@ def run_size(n: int, settings: str, device: str = "auto") -> dict:
     """One instrumented run of ``n`` images on ``device``; its figures."""
     from pipeline import instrumented_run
 
-    from tasks.config import parse_config
+    from attriflow.tasks.config import parse_config
 
     raw = {"name": f"scale-{n}", "device": device, "data": {"split": "train", "n_samples": n},
            "explain": {"explainers": EXPLAINERS}}
@@ -89,7 +89,7 @@ def encodings(run_dir: Path) -> dict:
     import numpy as np
     import xarray as xr
 
-    from tasks import storage
+    from attriflow.tasks import storage
 
     maps = xr.open_zarr(run_dir / "store.zarr")["attribution"].values.astype(np.float32)
     e, n, h, w = maps.shape

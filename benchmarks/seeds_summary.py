@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.storage import open_dataset
+from attriflow.tasks.storage import open_dataset
 
 
 def bootstrap(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """Attribution methods behind one batched interface (pure torch: no Prefect, no I/O)."""
 
-from explainers import methods  # noqa: F401  (registers every method)
-from explainers._hooks import LayerNotFoundError, default_cam_layer, get_layer
-from explainers.base import (
+from attriflow.explainers import methods  # noqa: F401  (registers every method)
+from attriflow.explainers._hooks import LayerNotFoundError, default_cam_layer, get_layer
+from attriflow.explainers.base import (
     TAXONOMY,
     Explainer,
     ExplainerParamError,
@@ -11,7 +11,7 @@ from explainers.base import (
     UnsupportedModelError,
     validate_params,
 )
-from explainers.registry import REGISTRY, get_explainer, list_explainers, register
+from attriflow.explainers.registry import REGISTRY, get_explainer, list_explainers, register
 
 __all__ = [
     "REGISTRY",

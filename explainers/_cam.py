@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from explainers._hooks import capture_outputs, default_cam_layer, get_layer
-from explainers._scores import ScoreKind, target_scores
-from explainers.base import Explainer
+from attriflow.explainers._hooks import capture_outputs, default_cam_layer, get_layer
+from attriflow.explainers._scores import ScoreKind, target_scores
+from attriflow.explainers.base import Explainer
 
 
 class CAMParams(BaseModel):

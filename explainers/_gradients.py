@@ -9,10 +9,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from explainers._functional import Call, hardtanh_bounds, intercept, scan
-from explainers._numerics import as_working
-from explainers._scores import ScoreKind, target_scores
-from explainers.base import UnsupportedModelError
+from attriflow.explainers._functional import Call, hardtanh_bounds, intercept, scan
+from attriflow.explainers._numerics import as_working
+from attriflow.explainers._scores import ScoreKind, target_scores
+from attriflow.explainers.base import UnsupportedModelError
 
 Reduce = Literal["sum", "sum_abs", "max_abs", "l2"]
 

@@ -75,10 +75,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explainers._functional import Call, Findings, Intercept, record_calls
-from explainers._hooks import trace
-from explainers._numerics import LOW_PRECISION, as_working, working_dtype
-from explainers.base import UnsupportedModelError
+from attriflow.explainers._functional import Call, Findings, Intercept, record_calls
+from attriflow.explainers._hooks import trace
+from attriflow.explainers._numerics import LOW_PRECISION, as_working, working_dtype
+from attriflow.explainers.base import UnsupportedModelError
 
 RuleName = Literal["epsilon", "zplus", "alpha_beta", "flat", "box"]
 LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from explainers.base import UnsupportedModelError
+from attriflow.explainers.base import UnsupportedModelError
 
 #: Dtypes whose arithmetic is redone in float32 by :func:`working_dtype`.
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from explainers.base import UnsupportedModelError
+from attriflow.explainers.base import UnsupportedModelError
 
 ScoreKind = Literal["logit", "log_prob", "prob"]
 

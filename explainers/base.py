@@ -18,9 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from explainers._batching import auto_batch_size
-from explainers._typing import JSONValue
-
+from attriflow.explainers._batching import auto_batch_size
+from attriflow.explainers._typing import JSONValue
 
 #: Evaluations per pass before ``attribute`` has chosen one (see ``auto_batch_size``).
 DEFAULT_EVAL_BATCH = 64
@@ -434,7 +433,7 @@ class Explainer(ABC):
         needing = [e.spec.name for e in parts if e.spec.needs_internals]
         if not needing:
             return
-        from explainers.registry import REGISTRY  # the registry imports this module
+        from attriflow.explainers.registry import REGISTRY  # the registry imports this module
 
         working = sorted(n for n, c in REGISTRY.items() if not c.spec.needs_internals)
         who = self.spec.name if needing == [self.spec.name] else \

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from explainers.base import Explainer, Family
+from attriflow.explainers.base import Explainer, Family
 
 REGISTRY: dict[str, type[Explainer]] = {}
 

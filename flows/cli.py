@@ -19,7 +19,7 @@ def _finished_answer(args: argparse.Namespace) -> int | None:
     """Answer a rerun of a finished run from its marker (:mod:`tasks.finished`) without
     loading torch, Prefect or the store; None when the full check is needed (also when
     runner options are given: the full path validates them)."""
-    from tasks import finished
+    from attriflow.tasks import finished
 
     if args.dask_address or args.dask_workers is not None or args.retries is not None:
         return None
@@ -39,7 +39,7 @@ def _finished_answer(args: argparse.Namespace) -> int | None:
 def _snapshot(args: argparse.Namespace, raw: Any, cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     """The finished marker's stamps of this run's config, code and inputs, taken before the
     runtime reads any input; None when they cannot be taken (then no marker is left)."""
-    from tasks import finished
+    from attriflow.tasks import finished
 
     try:
         files, roots = finished.inputs_of(cfg, raw)
@@ -53,7 +53,7 @@ def _leave_marker(run_dir: Path, before: dict[str, Any] | None, counts: dict[str
     """After a run (or a full check) that left nothing to compute: the finished marker,
     unless the config, code or inputs changed since ``before`` or the dataset read a file
     that was not stamped."""
-    from tasks import finished
+    from attriflow.tasks import finished
 
     if before is None:
         return
@@ -69,8 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     answered = _finished_answer(args)
     if answered is not None:
         return answered
-    from tasks import finished
-    from tasks.config import ConfigError, load_config, parse_config
+    from attriflow.tasks import finished
+    from attriflow.tasks.config import ConfigError, load_config, parse_config
 
     try:
         raw = finished.read_raw(args.config)  # what the marker stamps: the config as this run read it
@@ -82,9 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _fail(str(err))
     run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
-    from tasks.runtime import get_runtime, planning_errors
-    from tasks.stages.plan import nothing_to_do, plan_run
-    from tasks.storage import RunLockedError, run_lock
+    from attriflow.tasks.runtime import get_runtime, planning_errors
+    from attriflow.tasks.stages.plan import nothing_to_do, plan_run
+    from attriflow.tasks.storage import RunLockedError, run_lock
 
     # the finished marker's stamps, before the runtime reads any input
     before = _snapshot(args, raw, cfg, run_dir) if raw is not None or args.config is None else None
@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if (run_dir / "report" / "summary.md").exists():  # a finished run: no flow, no Prefect server
                 if nothing_to_do(plan, run_dir):
                     if plan["config_changed"]:  # e.g. a dropped explainer: new selection, new report
-                        from tasks.stages import prepare_run, render_report
+                        from attriflow.tasks.stages import prepare_run, render_report
 
                         prepare_run.fn(cfg.model_dump_json(), str(run_dir))
                         render_report(run_dir)
@@ -133,9 +133,9 @@ def _print_counts(counts: dict[str, dict[str, int]]) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """What ``attriflow run`` would compute and reuse, per stage and explainer; no work done."""
-    from tasks.config import ConfigError, load_config
-    from tasks.runtime import planning_errors
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.config import ConfigError, load_config
+    from attriflow.tasks.runtime import planning_errors
+    from attriflow.tasks.stages.plan import plan_run
 
     try:
         cfg = load_config(args.config)
@@ -181,7 +181,7 @@ def print_plan(plan: dict[str, Any], run_dir: Path) -> None:
 
 def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
     """Apply ``--dask-workers`` / ``--dask-address`` / ``--retries`` over the config's runner."""
-    from tasks.config import parse_config
+    from attriflow.tasks.config import parse_config
 
     runner = dict(cfg.runner.model_dump())
     if args.dask_address:
@@ -197,10 +197,10 @@ def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
 
 def _run_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int]] | None]:
     """Run the flow; (exit code, per-stage counts of a run that finished)."""
-    from flows.run import RunFailedError, execute
-    from flows.server import ServerStartError, prefect_api
-    from tasks.runtime import planning_errors
-    from tasks.storage import StoreLayoutError
+    from attriflow.flows.run import RunFailedError, execute
+    from attriflow.flows.server import ServerStartError, prefect_api
+    from attriflow.tasks.runtime import planning_errors
+    from attriflow.tasks.storage import StoreLayoutError
 
     try:
         with prefect_api(stop_at_exit=True):  # PREFECT_API_URL, or a temporary server that dies with us
@@ -240,8 +240,8 @@ def status_of(run_dir: Path) -> dict[str, Any]:
     holding its samples; its entries), read from the store's records."""
     import numpy as np
 
-    from tasks.stages import store_path
-    from tasks.storage import exists, open_dataset, read_records
+    from attriflow.tasks.stages import store_path
+    from attriflow.tasks.storage import exists, open_dataset, read_records
 
     path = store_path(run_dir)
     if not exists(path):
@@ -292,8 +292,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """List the store's inactive entries; with ``--delete``, remove them."""
-    from tasks.stages import store_path
-    from tasks.storage import RunLockedError, exists, inactive_entries, remove_inactive, run_lock
+    from attriflow.tasks.stages import store_path
+    from attriflow.tasks.storage import RunLockedError, exists, inactive_entries, remove_inactive, run_lock
 
     run_dir = Path(args.run_dir)
     path = store_path(run_dir)
@@ -322,7 +322,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 return _fail(str(err))
             print(f"removed {len(removed)} inactive entr{'y' if len(removed) == 1 else 'ies'}")
             if (run_dir / "report" / "summary.md").exists():  # it may have shown them (report.include_inactive)
-                from tasks.stages import render_report
+                from attriflow.tasks.stages import render_report
 
                 print(f"report:  {render_report(run_dir).with_name('index.html')} (rewritten)")
             return 0
@@ -332,8 +332,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Convert a store written by an older attriflow (schema 2) in place."""
-    from tasks.migrate import MigrationError, migrate
-    from tasks.storage import RunLockedError, run_lock
+    from attriflow.tasks.migrate import MigrationError, migrate
+    from attriflow.tasks.storage import RunLockedError, run_lock
 
     run_dir = Path(args.run_dir)
     try:
@@ -352,7 +352,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def methods_table() -> list[dict[str, Any]]:
     """Every registered explainer with its family, taxonomy path, access and costs."""
-    from explainers import list_explainers
+    from attriflow.explainers import list_explainers
 
     rows = []
     for cls in list_explainers():
@@ -371,8 +371,8 @@ def methods_table() -> list[dict[str, Any]]:
 def resolved_explainers(config: str) -> list[dict[str, Any]]:
     """The explainers of a config with the parameters resolved on its model and data
     (automatic layers included), without running anything."""
-    from tasks.config import load_config
-    from tasks.runtime import get_runtime
+    from attriflow.tasks.config import load_config
+    from attriflow.tasks.runtime import get_runtime
 
     cfg = load_config(config)
     rt = get_runtime(cfg.model_dump_json())
@@ -385,7 +385,7 @@ def resolved_explainers(config: str) -> list[dict[str, Any]]:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     if args.config:
-        from tasks.config import ConfigError
+        from attriflow.tasks.config import ConfigError
 
         try:
             rows_cfg = resolved_explainers(args.config)
@@ -401,7 +401,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    from explainers import TAXONOMY, Family
+    from attriflow.explainers import TAXONOMY, Family
 
     for family in Family:
         members = [r for r in rows if r["family"] == family.value]
@@ -417,8 +417,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tasks.stages import render_comparison, render_report, store_path
-    from tasks.storage import exists
+    from attriflow.tasks.stages import render_comparison, render_report, store_path
+    from attriflow.tasks.storage import exists
 
     for run_dir in args.run_dirs:
         if not exists(store_path(run_dir)):
@@ -438,8 +438,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train_reference(args: argparse.Namespace) -> int:
-    from data import REFERENCE_RECORD, REFERENCE_WEIGHTS
-    from tasks.models import train_reference
+    from attriflow.data import REFERENCE_RECORD, REFERENCE_WEIGHTS
+    from attriflow.tasks.models import train_reference
 
     out = Path(args.out) if args.out else REFERENCE_WEIGHTS
     record = Path(args.out).with_suffix(".json") if args.out else REFERENCE_RECORD
@@ -520,7 +520,7 @@ def _reexec_with_tuned_allocator(command: str) -> None:
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "flows.cli", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", "attriflow.flows.cli", *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:

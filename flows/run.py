@@ -13,8 +13,8 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from tasks.config import RunConfig, RunnerConfig
-from tasks.stages import (
+from attriflow.tasks.config import RunConfig, RunnerConfig
+from attriflow.tasks.stages import (
     evaluate_shard,
     explain_shard,
     load_shard,
@@ -23,7 +23,7 @@ from tasks.stages import (
     select_neurons,
     write_report,
 )
-from tasks.storage import Shard, run_lock
+from attriflow.tasks.storage import Shard, run_lock
 
 
 class RunFailedError(RuntimeError):

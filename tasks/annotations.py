@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.images import DatasetError
+from attriflow.tasks.images import DatasetError
 
 Box = tuple[int, int, int, int]
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")

@@ -193,7 +193,7 @@ class ExplainerEntry(_Strict):
     @field_validator("method")
     @classmethod
     def _known(cls, value: str) -> str:
-        from explainers import REGISTRY
+        from attriflow.explainers import REGISTRY
 
         if value not in REGISTRY:
             raise ValueError(f"unknown explainer {value!r}; registered: {', '.join(sorted(REGISTRY))}")
@@ -208,7 +208,7 @@ class ExplainerEntry(_Strict):
 
     @model_validator(mode="after")
     def _params_valid(self) -> ExplainerEntry:
-        from explainers import get_explainer, validate_params
+        from attriflow.explainers import get_explainer, validate_params
 
         validate_params(get_explainer(self.method), self.params)
         return self

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.embedded import CLASSES, MAX_RENDER_SIZE, RENDER_VERSION, SPLIT_SIZES, make_split
-from tasks.annotations import Obj, largest, parse_voc, read_coco, read_manifest
-from tasks.classes import ClassNamesError, class_names
-from tasks.config import DataConfig
-from tasks.images import DatasetError, Preprocess, check, decode, resolve_preprocess
+from attriflow.data.embedded import CLASSES, MAX_RENDER_SIZE, RENDER_VERSION, SPLIT_SIZES, make_split
+from attriflow.tasks.annotations import Obj, largest, parse_voc, read_coco, read_manifest
+from attriflow.tasks.classes import ClassNamesError, class_names
+from attriflow.tasks.config import DataConfig
+from attriflow.tasks.images import DatasetError, Preprocess, check, decode, resolve_preprocess
 
 __all__ = [
     "Batch", "DatasetError", "DatasetSource", "Objects", "Preprocess", "ground_truth", "open_source",

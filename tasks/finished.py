@@ -44,7 +44,7 @@ from typing import Any
 MARKER = "finished.json"
 #: Bump when what the marker holds changes meaning.
 MARKER_VERSION = 2
-_PACKAGES = ("analysis", "data", "explainers", "flows", "tasks")
+_PACKAGES = ("analysis", "attriflow", "data", "explainers", "flows", "tasks")
 
 Stamp = list[tuple[str, int, int]]
 
@@ -151,7 +151,7 @@ def inputs_of(cfg: Any, raw: Any) -> tuple[list[str], list[str]]:
         does not name (a checkpoint next to it), which no stamp can see; such runs get no
         marker and are always checked in full.
     """
-    from tasks.models import model_files_stamp
+    from attriflow.tasks.models import model_files_stamp
 
     if cfg.model.factory:
         raise ValueError(f"model.factory {cfg.model.factory!r}: the files its code reads cannot be stamped")

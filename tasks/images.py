@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.config import DataConfig, PreprocessConfig
+from attriflow.tasks.config import DataConfig, PreprocessConfig
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 #: ``data.preprocess: auto`` crops this fraction of the resized image (torchvision's 224 / 256).

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from analysis.metrics import METRICS_VERSION
-from tasks import storage
-from tasks.runtime import array_digest, get_runtime
-from tasks.stages import common, evaluate, explain, load, neurons, sanity
-from tasks.stages.common import store_path
+from attriflow.analysis.metrics import METRICS_VERSION
+from attriflow.tasks import storage
+from attriflow.tasks.runtime import array_digest, get_runtime
+from attriflow.tasks.stages import common, evaluate, explain, load, neurons, sanity
+from attriflow.tasks.stages.common import store_path
 
 
 class MigrationError(RuntimeError):
@@ -63,7 +63,7 @@ def migrate(run_dir: str | Path) -> dict[str, Any]:
         return {"kept": {}, "cleared": {}, "backup": None, "current": True}
     if schema != 2:
         raise MigrationError(f"{str(path)!r} has store schema {schema}; attriflow migrate converts schema 2")
-    from tasks.config import parse_config
+    from attriflow.tasks.config import parse_config
 
     manifest = json.loads(ds.attrs["manifest"])
     cfg = parse_config(manifest["config"], f"{path}'s manifest")

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from data import REFERENCE_WEIGHTS
-from data.embedded import MEAN, STD
-from data.reference_cnn import ReferenceCNN
-from tasks.config import ModelConfig
+from attriflow.data import REFERENCE_WEIGHTS
+from attriflow.data.embedded import MEAN, STD
+from attriflow.data.reference_cnn import ReferenceCNN
+from attriflow.tasks.config import ModelConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data import REFERENCE_RECORD, REFERENCE_WEIGHTS
-from data.embedded import MEAN, STD, make_split
-from data.reference_cnn import ReferenceCNN
-from tasks.classes import ClassNamesError, class_names
-from tasks.config import ModelConfig, OutputConfig
-from tasks.model_sources import (
+from attriflow.data import REFERENCE_RECORD, REFERENCE_WEIGHTS
+from attriflow.data.embedded import MEAN, STD, make_split
+from attriflow.data.reference_cnn import ReferenceCNN
+from attriflow.tasks.classes import ClassNamesError, class_names
+from attriflow.tasks.config import ModelConfig, OutputConfig
+from attriflow.tasks.model_sources import (
     DYNAMIC_EXPORT_HINT,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.neurons import (
+from attriflow.analysis.neurons import (
     LayerStats,
     Mode,
     OutputStats,
@@ -21,7 +21,7 @@ from analysis.neurons import (
     perturb,
     precision_scores,
 )
-from explainers._hooks import capture_outputs, get_layer, trace
+from attriflow.explainers._hooks import capture_outputs, get_layer, trace
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
 

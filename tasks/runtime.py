@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.metrics.sanity import randomisation_units
-from explainers import Explainer, UnsupportedModelError, get_explainer
-from explainers._batching import auto_batch_size
-from explainers._hooks import capture_outputs
-from tasks.config import RunConfig
-from tasks.datasets import DatasetSource, data_files_stamp, open_source, resolve_preprocess
-from tasks.models import LoadedModel, cached_model, check_model_output, model_files_stamp
-from tasks.neurons import check_layers, conv_activation_layers
+from attriflow.analysis.metrics.sanity import randomisation_units
+from attriflow.explainers import Explainer, UnsupportedModelError, get_explainer
+from attriflow.explainers._batching import auto_batch_size
+from attriflow.explainers._hooks import capture_outputs
+from attriflow.tasks.config import RunConfig
+from attriflow.tasks.datasets import DatasetSource, data_files_stamp, open_source, resolve_preprocess
+from attriflow.tasks.models import LoadedModel, cached_model, check_model_output, model_files_stamp
+from attriflow.tasks.neurons import check_layers, conv_activation_layers
 
 
 def worker_slot() -> int | None:
@@ -141,10 +141,10 @@ class ModelDataMismatchError(ValueError):
 def planning_errors() -> tuple[type[Exception], ...]:
     """The errors :func:`get_runtime` raises for a config that cannot run (each message
     names the field, the file or the module); the CLI reports them without a traceback."""
-    from explainers import ExplainerParamError, LayerNotFoundError
-    from tasks.classes import ClassNamesError
-    from tasks.datasets import DatasetError
-    from tasks.models import ModelLoadError
+    from attriflow.explainers import ExplainerParamError, LayerNotFoundError
+    from attriflow.tasks.classes import ClassNamesError
+    from attriflow.tasks.datasets import DatasetError
+    from attriflow.tasks.models import ModelLoadError
 
     return (ModelLoadError, DatasetError, LayerNotFoundError, ExplainerParamError, UnsupportedModelError,
             ClassNamesError, ModelDataMismatchError, DeviceUnavailableError)

@@ -78,8 +78,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from analysis.metrics.sanity import SIMILARITIES
-from tasks import finished
+from attriflow.analysis.metrics.sanity import SIMILARITIES
+from attriflow.tasks import finished
 
 #: 3: growable axes (entries, samples), sample keys, active/selected coordinates.
 SCHEMA_VERSION = 3
@@ -533,7 +533,7 @@ def grow_store(path: StoreRef, layout: StoreLayout, state: StoreState, attrs: di
         if name not in marker_names and target != arr.shape:
             arr.resize(target)
             changed = True
-    from tasks.runtime import fault_point  # crash tests: SIGKILL at a named point
+    from attriflow.tasks.runtime import fault_point  # crash tests: SIGKILL at a named point
 
     fault_point("grow.after_resize")
     new = layout.entries[n_e:]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from data import REFERENCE_WEIGHTS
-from data.reference_cnn import ReferenceCNN
+from attriflow.data import REFERENCE_WEIGHTS
+from attriflow.data.reference_cnn import ReferenceCNN
 
 OUT = Path(__file__).with_name("reference_cnn.pt2")
 

@@ -1,6 +1,6 @@
 """One import line per method: importing this package registers every explainer."""
 
-from explainers.methods import (  # noqa: F401
+from attriflow.explainers.methods import (  # noqa: F401
     ablation_cam,
     cam,
     deconvnet,
@@ -22,8 +22,8 @@ from explainers.methods import (  # noqa: F401
     occlusion,
     rise,
     saliency,
-    sise,
     score_cam,
+    sise,
     smooth_grad,
     xgrad_cam,
 )

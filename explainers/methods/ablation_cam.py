@@ -8,13 +8,13 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from explainers._cam import CAMExplainer, CAMParams
-from explainers._hooks import capture_outputs
-from explainers._numerics import LOW_PRECISION, LowPrecisionError, as_working, working_dtype
-from explainers._scores import target_scores
-from explainers._suffix import LayerSuffix, SuffixUnavailable, expand_values
-from explainers.base import ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._cam import CAMExplainer, CAMParams
+from attriflow.explainers._hooks import capture_outputs
+from attriflow.explainers._numerics import LOW_PRECISION, LowPrecisionError, as_working, working_dtype
+from attriflow.explainers._scores import target_scores
+from attriflow.explainers._suffix import LayerSuffix, SuffixUnavailable, expand_values
+from attriflow.explainers.base import ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 
 class AblationCAMParams(CAMParams):

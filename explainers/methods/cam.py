@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from explainers._cam import CAMExplainer, CAMParams
-from explainers._hooks import capture_outputs, get_layer
-from explainers._numerics import as_working
-from explainers.base import ExplainerSpec, Family, UnsupportedModelError
-from explainers.registry import register
+from attriflow.explainers._cam import CAMExplainer, CAMParams
+from attriflow.explainers._hooks import capture_outputs, get_layer
+from attriflow.explainers._numerics import as_working
+from attriflow.explainers.base import ExplainerSpec, Family, UnsupportedModelError
+from attriflow.explainers.registry import register
 
 
 class CAMMethodParams(CAMParams):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from explainers.base import ExplainerSpec, Family
-from explainers.methods.guided_backprop import GuidedBackprop
-from explainers.registry import register
+from attriflow.explainers.base import ExplainerSpec, Family
+from attriflow.explainers.methods.guided_backprop import GuidedBackprop
+from attriflow.explainers.registry import register
 
 
 @register

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from explainers._functional import Call, intercept, scan
-from explainers._gradients import Reduce, reduce_channels
-from explainers._scores import ScoreKind, target_scores
-from explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
-from explainers.registry import register
+from attriflow.explainers._functional import Call, intercept, scan
+from attriflow.explainers._gradients import Reduce, reduce_channels
+from attriflow.explainers._scores import ScoreKind, target_scores
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
+from attriflow.explainers.registry import register
 
 EPS = 1e-10
 #: kinds of :mod:`explainers._functional` that DeepLIFT's rescale rule handles

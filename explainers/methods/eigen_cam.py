@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from explainers._cam import CAMExplainer
-from explainers._numerics import as_working
-from explainers.base import ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._cam import CAMExplainer
+from attriflow.explainers._numerics import as_working
+from attriflow.explainers.base import ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 
 @register

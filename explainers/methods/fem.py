@@ -8,11 +8,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from explainers._cam import CAMExplainer, CAMParams
-from explainers._hooks import capture_outputs
-from explainers._numerics import as_working
-from explainers.base import ExplainerSpec, Family, UnsupportedModelError
-from explainers.registry import register
+from attriflow.explainers._cam import CAMExplainer, CAMParams
+from attriflow.explainers._hooks import capture_outputs
+from attriflow.explainers._numerics import as_working
+from attriflow.explainers.base import ExplainerSpec, Family, UnsupportedModelError
+from attriflow.explainers.registry import register
 
 
 class FEMParams(CAMParams):

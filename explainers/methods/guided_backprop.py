@@ -6,10 +6,16 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from explainers._gradients import Reduce, input_gradient, reduce_channels, refuse_unguided, relu_backward
-from explainers._scores import ScoreKind
-from explainers.base import Explainer, ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._gradients import (
+    Reduce,
+    input_gradient,
+    reduce_channels,
+    refuse_unguided,
+    relu_backward,
+)
+from attriflow.explainers._scores import ScoreKind
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 
 class GuidedBackpropParams(BaseModel):

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from explainers._gradients import Reduce, ReluMode, reduce_channels, refuse_unguided, relu_backward
-from explainers._hooks import capture_outputs
-from explainers._scores import ScoreKind, target_scores
-from explainers.base import Explainer, ExplainerSpec, Family
-from explainers.methods.grad_cam import GradCAM
-from explainers.registry import register
+from attriflow.explainers._gradients import Reduce, ReluMode, reduce_channels, refuse_unguided, relu_backward
+from attriflow.explainers._hooks import capture_outputs
+from attriflow.explainers._scores import ScoreKind, target_scores
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+from attriflow.explainers.methods.grad_cam import GradCAM
+from attriflow.explainers.registry import register
 
 
 class GuidedGradCAMParams(BaseModel):

@@ -9,12 +9,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from explainers._batching import iter_jobs
-from explainers._gradients import Reduce, input_gradient, reduce_channels
-from explainers._numerics import working_dtype
-from explainers._scores import ScoreKind
-from explainers.base import Explainer, ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._batching import iter_jobs
+from attriflow.explainers._gradients import Reduce, input_gradient, reduce_channels
+from attriflow.explainers._numerics import working_dtype
+from attriflow.explainers._scores import ScoreKind
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
 

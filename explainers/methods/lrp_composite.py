@@ -7,11 +7,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from explainers._gradients import Reduce
-from explainers._lrp import Rule
-from explainers.base import ExplainerSpec, Family
-from explainers.methods.lrp_epsilon import LRPEpsilon
-from explainers.registry import register
+from attriflow.explainers._gradients import Reduce
+from attriflow.explainers._lrp import Rule
+from attriflow.explainers.base import ExplainerSpec, Family
+from attriflow.explainers.methods.lrp_epsilon import LRPEpsilon
+from attriflow.explainers.registry import register
 
 Preset = Literal["epsilon_plus_flat", "epsilon_alpha2_beta1_flat", "epsilon_plus_box"]
 

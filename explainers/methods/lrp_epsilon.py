@@ -6,10 +6,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from explainers._gradients import Reduce, reduce_channels
-from explainers._lrp import Rule, check_supported, low_precision, lrp, trace_layers
-from explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
-from explainers.registry import register
+from attriflow.explainers._gradients import Reduce, reduce_channels
+from attriflow.explainers._lrp import Rule, check_supported, low_precision, lrp, trace_layers
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
+from attriflow.explainers.registry import register
 
 
 class LRPEpsilonParams(BaseModel):

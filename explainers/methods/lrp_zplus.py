@@ -5,11 +5,11 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from explainers._gradients import Reduce
-from explainers._lrp import Rule
-from explainers.base import ExplainerSpec, Family
-from explainers.methods.lrp_epsilon import LRPEpsilon
-from explainers.registry import register
+from attriflow.explainers._gradients import Reduce
+from attriflow.explainers._lrp import Rule
+from attriflow.explainers.base import ExplainerSpec, Family
+from attriflow.explainers.methods.lrp_epsilon import LRPEpsilon
+from attriflow.explainers.registry import register
 
 
 class LRPZPlusParams(BaseModel):

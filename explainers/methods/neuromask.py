@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from explainers._numerics import guard, working_dtype
-from explainers.base import Explainer, ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._numerics import guard, working_dtype
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 #: Mask logits start uniform in [-LIMIT, LIMIT]; the sparsity term pulls them to -LIMIT.
 LIMIT = 10.0

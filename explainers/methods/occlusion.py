@@ -8,11 +8,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from explainers._batching import iter_jobs
-from explainers._numerics import working_dtype
-from explainers._scores import ScoreKind, target_scores
-from explainers.base import Explainer, ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._batching import iter_jobs
+from attriflow.explainers._numerics import working_dtype
+from attriflow.explainers._scores import ScoreKind, target_scores
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 
 class OcclusionParams(BaseModel):

@@ -6,11 +6,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from explainers._gradients import Reduce, input_gradient, reduce_channels
-from explainers._numerics import as_working
-from explainers._scores import ScoreKind
-from explainers.base import Explainer, ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._gradients import Reduce, input_gradient, reduce_channels
+from attriflow.explainers._numerics import as_working
+from attriflow.explainers._scores import ScoreKind
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 
 class SaliencyParams(BaseModel):

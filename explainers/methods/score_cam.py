@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor
 
-from explainers._batching import iter_jobs
-from explainers._cam import CAMExplainer, CAMParams
-from explainers._numerics import minmax_scale, working_dtype
-from explainers._scores import ScoreKind, target_scores
-from explainers.base import ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._batching import iter_jobs
+from attriflow.explainers._cam import CAMExplainer, CAMParams
+from attriflow.explainers._numerics import minmax_scale, working_dtype
+from attriflow.explainers._scores import ScoreKind, target_scores
+from attriflow.explainers.base import ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 
 class ScoreCAMParams(CAMParams):

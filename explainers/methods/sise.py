@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from explainers._hooks import capture_outputs, default_cam_layer, get_layer, trace
-from explainers._numerics import guard, minmax_scale, working_dtype
-from explainers._scores import ScoreKind, target_scores
-from explainers.base import Explainer, ExplainerSpec, Family
-from explainers.registry import register
+from attriflow.explainers._hooks import capture_outputs, default_cam_layer, get_layer, trace
+from attriflow.explainers._numerics import guard, minmax_scale, working_dtype
+from attriflow.explainers._scores import ScoreKind, target_scores
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+from attriflow.explainers.registry import register
 
 
 def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:

@@ -8,10 +8,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from explainers._batching import iter_jobs
-from explainers._numerics import NormalStream
-from explainers.base import Explainer, ExplainerSpec, Family, validate_params
-from explainers.registry import get_explainer, register
+from attriflow.explainers._batching import iter_jobs
+from attriflow.explainers._numerics import NormalStream
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family, validate_params
+from attriflow.explainers.registry import get_explainer, register
 
 
 class SmoothGradParams(BaseModel):

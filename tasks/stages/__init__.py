@@ -11,14 +11,14 @@ One module per stage (``prepare``, ``load``, ``explain``, ``evaluate``, ``neuron
 flow submits and the report functions the CLI calls.
 """
 
-from tasks.stages.common import STORE_POINTER, shard_task, store_path
-from tasks.stages.evaluate import evaluate_shard
-from tasks.stages.explain import explain_shard
-from tasks.stages.load import load_shard
-from tasks.stages.neurons import select_neurons
-from tasks.stages.prepare import prepare_run
-from tasks.stages.report import artifact_key, render_comparison, render_report, write_report
-from tasks.stages.sanity import sanity_check
+from attriflow.tasks.stages.common import STORE_POINTER, shard_task, store_path
+from attriflow.tasks.stages.evaluate import evaluate_shard
+from attriflow.tasks.stages.explain import explain_shard
+from attriflow.tasks.stages.load import load_shard
+from attriflow.tasks.stages.neurons import select_neurons
+from attriflow.tasks.stages.prepare import prepare_run
+from attriflow.tasks.stages.report import artifact_key, render_comparison, render_report, write_report
+from attriflow.tasks.stages.sanity import sanity_check
 
 __all__ = [
     "STORE_POINTER", "artifact_key", "evaluate_shard", "explain_shard", "load_shard", "prepare_run",

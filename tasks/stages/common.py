@@ -15,8 +15,8 @@ import torch
 import zarr
 from prefect import task
 
-from tasks import storage
-from tasks.storage import Shard
+from attriflow.tasks import storage
+from attriflow.tasks.storage import Shard
 
 
 def shard_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:

@@ -11,25 +11,31 @@ import torch
 import zarr
 from prefect.cache_policies import NO_CACHE
 
-from analysis.metrics import METRICS_VERSION
-from analysis.metrics.complexity import gini
-from analysis.metrics.faithfulness import auc, deletion_insertion_curves, drop_increase
-from analysis.metrics.localisation import (
+from attriflow.analysis.metrics import METRICS_VERSION
+from attriflow.analysis.metrics.complexity import gini
+from attriflow.analysis.metrics.faithfulness import auc, deletion_insertion_curves, drop_increase
+from attriflow.analysis.metrics.localisation import (
     bbox_accuracy,
     box_regions,
     default_tolerance,
     energy_pointing_game,
     pointing_game,
 )
-from tasks import storage
-from tasks.runtime import (
+from attriflow.tasks import storage
+from attriflow.tasks.runtime import (
     fault_point,
     fault_raise,
     get_runtime,
 )
-from tasks.stages import common, explain
-from tasks.stages.common import explainer_index, finished_record, shard_task, store_path, stored_targets
-from tasks.storage import Shard
+from attriflow.tasks.stages import common, explain
+from attriflow.tasks.stages.common import (
+    explainer_index,
+    finished_record,
+    shard_task,
+    store_path,
+    stored_targets,
+)
+from attriflow.tasks.storage import Shard
 
 
 def expected_record(rt: Any, explain_record: int, keys: Sequence[str]) -> int:

@@ -11,16 +11,22 @@ import numpy as np
 import torch
 from prefect.cache_policies import NO_CACHE
 
-from tasks import storage
-from tasks.runtime import (
+from attriflow.tasks import storage
+from attriflow.tasks.runtime import (
     derive_seed,
     fault_point,
     fault_raise,
     get_runtime,
 )
-from tasks.stages import common, load
-from tasks.stages.common import explainer_index, finished_record, shard_task, store_path, stored_targets
-from tasks.storage import Shard
+from attriflow.tasks.stages import common, load
+from attriflow.tasks.stages.common import (
+    explainer_index,
+    finished_record,
+    shard_task,
+    store_path,
+    stored_targets,
+)
+from attriflow.tasks.storage import Shard
 
 
 def _sync(device: torch.device) -> None:

@@ -11,16 +11,16 @@ import torch
 import zarr
 from prefect.cache_policies import NO_CACHE
 
-from tasks import storage
-from tasks.datasets import ground_truth
-from tasks.runtime import (
+from attriflow.tasks import storage
+from attriflow.tasks.datasets import ground_truth
+from attriflow.tasks.runtime import (
     fault_point,
     fault_raise,
     get_runtime,
 )
-from tasks.stages import common
-from tasks.stages.common import shard_task, store_path
-from tasks.storage import Shard
+from attriflow.tasks.stages import common
+from attriflow.tasks.stages.common import shard_task, store_path
+from attriflow.tasks.storage import Shard
 
 
 def expected_record(rt: Any, keys: Sequence[str]) -> int:

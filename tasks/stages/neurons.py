@@ -10,22 +10,22 @@ import numpy as np
 import torch
 from prefect.cache_policies import NO_CACHE
 
-from tasks import storage
-from tasks.runtime import (
+from attriflow.tasks import storage
+from attriflow.tasks.runtime import (
     derive_seed,
     fault_point,
     get_runtime,
 )
-from tasks.stages import common, load
-from tasks.stages.common import finished_record, shard_task, store_path, stored_targets
-from tasks.storage import Shard
+from attriflow.tasks.stages import common, load
+from attriflow.tasks.stages.common import finished_record, shard_task, store_path, stored_targets
+from attriflow.tasks.storage import Shard
 
 
 def _unit_boxes(model: torch.nn.Module, layers: list[str], image: torch.Tensor,
                 units: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, int, int, int]]:
     """Box (y0, x0, y1, x1) of the input support of the backward signal from each selected
     unit's strongest activation on the clean image (``units``: (layer index, channel))."""
-    from explainers._hooks import capture_outputs
+    from attriflow.explainers._hooks import capture_outputs
 
     boxes: dict[tuple[int, int], tuple[int, int, int, int]] = {}
     if not units:
@@ -58,8 +58,8 @@ def candidates(rt: Any, view: common.ShardView) -> list[int]:
 @shard_task(name="select-neurons", cache_policy=NO_CACHE, task_run_name="neurons-{shard.index}")
 def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
     """Neuron-selection scores, selections, overlaps and unit boxes of one shard's configured samples."""
-    from analysis.neurons import overlap, select_top_k
-    from tasks.neurons import score_image
+    from attriflow.analysis.neurons import overlap, select_top_k
+    from attriflow.tasks.neurons import score_image
 
     t0 = time.perf_counter()
     rt = get_runtime(config_json)

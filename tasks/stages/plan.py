@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from tasks import storage
-from tasks.runtime import get_runtime
-from tasks.stages import evaluate, explain, load, neurons, sanity
-from tasks.stages.common import STORE_POINTER, accepted, entry_key, shard_views, store_path
-from tasks.stages.prepare import target
+from attriflow.tasks import storage
+from attriflow.tasks.runtime import get_runtime
+from attriflow.tasks.stages import evaluate, explain, load, neurons, sanity
+from attriflow.tasks.stages.common import STORE_POINTER, accepted, entry_key, shard_views, store_path
+from attriflow.tasks.stages.prepare import target
 
 STAGES = ("load", "explain", "neurons", "evaluate", "sanity")
 

@@ -9,17 +9,17 @@ from typing import Any
 
 from prefect.cache_policies import NO_CACHE
 
-from analysis.metrics.faithfulness import pixels_per_step
-from explainers.base import TAXONOMY, Family
-from tasks import storage
-from tasks.runtime import (
+from attriflow.analysis.metrics.faithfulness import pixels_per_step
+from attriflow.explainers.base import TAXONOMY, Family
+from attriflow.tasks import storage
+from attriflow.tasks.runtime import (
     get_runtime,
     git_commit,
     package_versions,
 )
-from tasks.stages.common import STORE_POINTER, entry_key, shard_task, shard_views, store_path
-from tasks.stages.sanity import sanity_shards
-from tasks.storage import StoreLayout
+from attriflow.tasks.stages.common import STORE_POINTER, entry_key, shard_task, shard_views, store_path
+from attriflow.tasks.stages.sanity import sanity_shards
+from attriflow.tasks.storage import StoreLayout
 
 
 @dataclass

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 from prefect.cache_policies import NO_CACHE
 
-from analysis.report import render_markdown
-from tasks import storage
-from tasks.runtime import (
+from attriflow.analysis.report import render_markdown
+from attriflow.tasks import storage
+from attriflow.tasks.runtime import (
     fault_point,
 )
-from tasks.stages.common import shard_task, store_path
+from attriflow.tasks.stages.common import shard_task, store_path
 
 
 def artifact_key(name: str, suffix: str) -> str:
@@ -31,7 +31,7 @@ def write_report(run_dir: str) -> str:
     ``<run name>-metrics``, so the Prefect UI shows it."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from analysis.report import metric_summary, wide_table
+    from attriflow.analysis.report import metric_summary, wide_table
 
     path = render_report(run_dir)
     ds = storage.open_current(store_path(run_dir))
@@ -53,7 +53,7 @@ def _save(fig: Any, out: Path, name: str, caption: str, svg: bool = False) -> An
     import matplotlib
     import matplotlib.pyplot as plt
 
-    from analysis.html import Figure
+    from attriflow.analysis.html import Figure
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -86,9 +86,9 @@ def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
     """Write ``RUN_DIR/report/`` from the store alone: ``index.html`` (self-contained),
     ``summary.md`` and every figure as PNG (and SVG: ``svg``, by default the run's
     ``report.svg``); returns the summary path."""
-    from analysis import plots
-    from analysis.html import render_run_html
-    from analysis.report import ReportOptions, manifest_of
+    from attriflow.analysis import plots
+    from attriflow.analysis.html import render_run_html
+    from attriflow.analysis.report import ReportOptions, manifest_of
 
     raw = storage.open_dataset(store_path(run_dir))
     options = ReportOptions.from_manifest(manifest_of(raw))
@@ -137,9 +137,9 @@ def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
 def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Several runs side by side into ``out`` (``index.html``, ``summary.md``, the comparison
     figure as PNG and SVG); returns the HTML path. Labels are the run names, made unique."""
-    from analysis import plots
-    from analysis.html import render_comparison_html
-    from analysis.report import manifest_of, markdown_metric_table, metric_summary
+    from attriflow.analysis import plots
+    from attriflow.analysis.html import render_comparison_html
+    from attriflow.analysis.report import manifest_of, markdown_metric_table, metric_summary
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

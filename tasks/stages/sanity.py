@@ -12,16 +12,16 @@ import torch
 import zarr
 from prefect.cache_policies import NO_CACHE
 
-from analysis.metrics import METRICS_VERSION
-from tasks import storage
-from tasks.runtime import (
+from attriflow.analysis.metrics import METRICS_VERSION
+from attriflow.tasks import storage
+from attriflow.tasks.runtime import (
     derive_seed,
     fault_point,
     get_runtime,
 )
-from tasks.stages import common
-from tasks.stages.common import explainer_index, shard_task, store_path
-from tasks.storage import Shard
+from attriflow.tasks.stages import common
+from attriflow.tasks.stages.common import explainer_index, shard_task, store_path
+from attriflow.tasks.storage import Shard
 
 
 def sanity_samples(rt: Any, store_keys: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -57,7 +57,7 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     the same per-sample seeds, so for stochastic methods the randomisation is the only
     difference. Every explainer sees the same randomised models (seeded per unit).
     """
-    from analysis.metrics.sanity import cascading_randomisation, similarities
+    from attriflow.analysis.metrics.sanity import cascading_randomisation, similarities
 
     t0 = time.perf_counter()
     rt = get_runtime(config_json)

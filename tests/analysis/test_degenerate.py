@@ -17,8 +17,8 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from analysis.metrics.complexity import gini
-from analysis.metrics.faithfulness import (
+from attriflow.analysis.metrics.complexity import gini
+from attriflow.analysis.metrics.faithfulness import (
     auc,
     deletion_insertion_curves,
     drop_increase,
@@ -27,7 +27,7 @@ from analysis.metrics.faithfulness import (
     top_fraction_mask,
     top_fraction_masks,
 )
-from analysis.metrics.localisation import bbox_accuracy, energy_pointing_game, pointing_game
+from attriflow.analysis.metrics.localisation import bbox_accuracy, energy_pointing_game, pointing_game
 
 
 class AffineProbability(torch.nn.Module):
@@ -288,8 +288,8 @@ def test_report_and_figures_take_nan_scores_of_degenerate_maps() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from analysis.plots import plot_curves, plot_map_grid, plot_metric_distributions, score_frame
-    from analysis.report import metric_summary, render_markdown
+    from attriflow.analysis.plots import plot_curves, plot_map_grid, plot_metric_distributions, score_frame
+    from attriflow.analysis.report import metric_summary, render_markdown
 
     rng = np.random.default_rng(5)
     e, n, s = 2, 6, 8

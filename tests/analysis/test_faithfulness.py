@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from analysis.metrics.faithfulness import auc, deletion_insertion_curves, gaussian_blur
+from attriflow.analysis.metrics.faithfulness import auc, deletion_insertion_curves, gaussian_blur
 
 
 class LinearTwoClass(torch.nn.Module):

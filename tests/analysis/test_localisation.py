@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.metrics.localisation import box_regions, default_tolerance, energy_pointing_game, pointing_game
+from attriflow.analysis.metrics.localisation import (
+    box_regions,
+    default_tolerance,
+    energy_pointing_game,
+    pointing_game,
+)
 
 
 def test_map_equal_to_the_mask_scores_one() -> None:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.metrics.complexity import gini
-from analysis.metrics.faithfulness import drop_increase, top_fraction_mask
-from analysis.metrics.localisation import bbox_accuracy, box_regions
+from attriflow.analysis.metrics.complexity import gini
+from attriflow.analysis.metrics.faithfulness import drop_increase, top_fraction_mask
+from attriflow.analysis.metrics.localisation import bbox_accuracy, box_regions
 
 
 class Linear2(torch.nn.Module):

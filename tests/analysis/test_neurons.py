@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.neurons import LayerStats, overlap, perturb, select_top_k
-from tasks.neurons import conv_activation_layers, score_image
+from attriflow.analysis.neurons import LayerStats, overlap, perturb, select_top_k
+from attriflow.tasks.neurons import conv_activation_layers, score_image
 
 
 class Planted(nn.Module):
@@ -105,7 +105,7 @@ def test_overlap_formulas() -> None:
 
 
 def test_neuron_layers_of_the_reference_cnn() -> None:
-    from data.reference_cnn import ReferenceCNN
+    from attriflow.data.reference_cnn import ReferenceCNN
 
     layers = conv_activation_layers(ReferenceCNN().eval(), torch.zeros(1, 3, 64, 64))
     assert layers == [f"block{b}.{i}" for b in range(1, 5) for i in (2, 5)]
@@ -115,7 +115,7 @@ def test_shared_relu_calls_are_told_apart() -> None:
     """torchvision ResNet blocks call one ReLU twice; each call is its own neuron layer."""
     import torchvision
 
-    from explainers._hooks import capture_outputs
+    from attriflow.explainers._hooks import capture_outputs
 
     net = torchvision.models.resnet18(weights=None).eval()
     x = torch.rand(1, 3, 64, 64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis.plots import neuron_frame, plot_neuron_boxes, plot_neuron_scatter
+from attriflow.analysis.plots import neuron_frame, plot_neuron_boxes, plot_neuron_scatter
 
 
 def _store() -> xr.Dataset:
@@ -63,7 +63,7 @@ def test_figures_are_png_and_svg_only_on_request(tmp_path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.stages.report import _save
+    from attriflow.tasks.stages.report import _save
 
     def fig():
         f, ax = plt.subplots()

@@ -16,9 +16,9 @@ import quantus
 import torch
 from torch import nn
 
-from analysis.metrics.complexity import gini
-from analysis.metrics.faithfulness import deletion_insertion_curves, pixels_per_step
-from analysis.metrics.localisation import energy_pointing_game, pointing_game
+from attriflow.analysis.metrics.complexity import gini
+from attriflow.analysis.metrics.faithfulness import deletion_insertion_curves, pixels_per_step
+from attriflow.analysis.metrics.localisation import energy_pointing_game, pointing_game
 
 
 def _call(metric, **kwargs):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analysis.html import Figure, render_run_html
-from analysis.report import (
+from attriflow.analysis.html import Figure, render_run_html
+from attriflow.analysis.report import (
     ReportOptions,
     bootstrap_mean,
     cost_table,
@@ -129,7 +129,7 @@ def test_html_page_has_family_sections_figures_and_escapes() -> None:
 def test_a_store_with_no_score_yet_still_renders() -> None:
     """Every evaluate shard failed: the summary is an empty table and the report renders (so a
     failed run reports its failed shards, not a crash of the report)."""
-    from analysis.plots import plot_metric_distributions
+    from attriflow.analysis.plots import plot_metric_distributions
 
     ds = _store()
     ds["score"][:] = np.nan
@@ -155,7 +155,7 @@ def test_inactive_entries_are_shown_apart_and_never_marked_best() -> None:
 
 def test_curves_of_different_lengths_are_drawn() -> None:
     """A store keeps its longest curve length; a shorter curve is NaN-padded and still drawn."""
-    from analysis.plots import plot_curves
+    from attriflow.analysis.plots import plot_curves
 
     ds = _store(8)
     curve = np.full((4, 8, 3, 9), np.nan)

@@ -9,7 +9,7 @@ import torchvision
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
-from analysis.metrics.sanity import (
+from attriflow.analysis.metrics.sanity import (
     cascading_randomisation,
     collapse_depth,
     minmax,
@@ -18,7 +18,7 @@ from analysis.metrics.sanity import (
     spearman,
     ssim,
 )
-from data.reference_cnn import ReferenceCNN
+from attriflow.data.reference_cnn import ReferenceCNN
 
 
 def test_ssim_equals_skimage() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from analysis.metrics.sanity import cascading_randomisation, randomisation_units, unit_modules
+from attriflow.analysis.metrics.sanity import cascading_randomisation, randomisation_units, unit_modules
 
 FEATURES_MODELS = ("vgg11", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "convnext_tiny")
 MODELS = (*FEATURES_MODELS, "resnet18")

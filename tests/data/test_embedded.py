@@ -7,8 +7,8 @@ import json
 import numpy as np
 import torch
 
-from data import REFERENCE_RECORD, REFERENCE_WEIGHTS
-from data.embedded import CLASSES, make_split, render
+from attriflow.data import REFERENCE_RECORD, REFERENCE_WEIGHTS
+from attriflow.data.embedded import CLASSES, make_split, render
 
 
 def test_deterministic_and_prefix_stable() -> None:
@@ -48,14 +48,14 @@ def test_masks_and_boxes_match_the_objects() -> None:
 
 
 def test_train_and_test_use_disjoint_glyphs() -> None:
-    from data.embedded import _split_glyphs
+    from attriflow.data.embedded import _split_glyphs
 
     assert not set(_split_glyphs("train")) & set(_split_glyphs("test"))
 
 
 def test_shipped_reference_model_reaches_95_percent() -> None:
-    from tasks.config import ModelConfig
-    from tasks.models import build_model, evaluate_accuracy
+    from attriflow.tasks.config import ModelConfig
+    from attriflow.tasks.models import build_model, evaluate_accuracy
 
     record = json.loads(REFERENCE_RECORD.read_text())
     model = build_model(ModelConfig())
@@ -68,7 +68,7 @@ def test_shipped_reference_model_reaches_95_percent() -> None:
 
 
 def test_training_is_deterministic(tmp_path) -> None:
-    from tasks.models import train_reference
+    from attriflow.tasks.models import train_reference
 
     tiny = {"n_train": 96, "epochs": 1, "batch_size": 32}
     train_reference(tmp_path / "a.pt", tmp_path / "a.json", overrides=tiny, log=lambda _m: None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explainers import get_explainer
-from explainers._batching import auto_batch_size
+from attriflow.explainers import get_explainer
+from attriflow.explainers._batching import auto_batch_size
 
 
 def _net(width: int) -> nn.Module:

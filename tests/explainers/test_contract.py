@@ -7,8 +7,8 @@ import pkgutil
 import pytest
 import torch
 
-import explainers.methods
-from explainers import REGISTRY, Explainer, ExplainerParamError, get_explainer
+import attriflow.explainers.methods
+from attriflow.explainers import REGISTRY, Explainer, ExplainerParamError, get_explainer
 
 NAMES = sorted(REGISTRY)
 
@@ -22,7 +22,7 @@ def _make(name: str, model: torch.nn.Module) -> Explainer:
 
 
 def test_registry_is_complete() -> None:
-    modules = {m.name for m in pkgutil.iter_modules(explainers.methods.__path__)}
+    modules = {m.name for m in pkgutil.iter_modules(attriflow.explainers.methods.__path__)}
     assert modules == set(REGISTRY), "a method module is not imported in explainers/methods/__init__.py"
     for name, cls in REGISTRY.items():
         assert cls.spec.name == name

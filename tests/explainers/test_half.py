@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.metrics.sanity import spearman
-from explainers import REGISTRY, get_explainer
-from explainers._numerics import LowPrecisionError, guard, minmax_scale
+from attriflow.analysis.metrics.sanity import spearman
+from attriflow.explainers import REGISTRY, get_explainer
+from attriflow.explainers._numerics import LowPrecisionError, guard, minmax_scale
 from tests.conftest import TinyCNN
 
 NAMES = sorted(REGISTRY)

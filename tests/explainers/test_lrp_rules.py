@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainers import UnsupportedModelError, get_explainer
+from attriflow.explainers import UnsupportedModelError, get_explainer
 
 LRP = ["lrp_epsilon", "lrp_zplus", "lrp_alpha_beta", "lrp_composite"]
 
@@ -325,7 +325,7 @@ def test_composite_on_torchvision_nets(arch) -> None:
 
 # -------------------------------------------------------------------------- half precision
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    from analysis.metrics.sanity import spearman
+    from attriflow.analysis.metrics.sanity import spearman
 
     return float(np.mean(spearman(a.double().numpy(), b.float().double().numpy())))
 

@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from explainers import get_explainer
-from explainers._numerics import NormalStream, SerialStream
+from attriflow.explainers import get_explainer
+from attriflow.explainers._numerics import NormalStream, SerialStream
 
 
 class LiveBytes(TorchDispatchMode):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainers import REGISTRY, UnsupportedModelError, get_explainer
+from attriflow.explainers import REGISTRY, UnsupportedModelError, get_explainer
 
 CAMS = ["grad_cam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "eigen_cam", "fem", "score_cam",
         "ablation_cam", "guided_grad_cam"]
@@ -240,7 +240,7 @@ def test_the_pipeline_refuses_when_it_builds_the_explainer_naming_the_entry(x_t)
     with the config entry's name."""
     from types import SimpleNamespace
 
-    from tasks.runtime import _make_explainer
+    from attriflow.tasks.runtime import _make_explainer
 
     loaded = SimpleNamespace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     with pytest.raises(UnsupportedModelError, match=r"explain\.explainers\[gbp\]: guided_backprop.*silu"):

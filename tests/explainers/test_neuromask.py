@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from explainers import get_explainer
-from explainers.methods.neuromask import laplacian_kernel, tf_rmsprop_step
+from attriflow.explainers import get_explainer
+from attriflow.explainers.methods.neuromask import laplacian_kernel, tf_rmsprop_step
 
 
 @pytest.fixture(scope="module")
 def reference4():
-    from data.embedded import MEAN, STD, make_split
-    from tasks.config import ModelConfig
-    from tasks.models import build_model
+    from attriflow.data.embedded import MEAN, STD, make_split
+    from attriflow.tasks.config import ModelConfig
+    from attriflow.tasks.models import build_model
 
     s = make_split("test", 0, 4)
     model = build_model(ModelConfig())

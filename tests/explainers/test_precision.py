@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.metrics.sanity import spearman
-from explainers import get_explainer
+from attriflow.analysis.metrics.sanity import spearman
+from attriflow.explainers import get_explainer
 
 
 @pytest.fixture(scope="module")
 def reference():
-    from tasks.config import RunConfig
-    from tasks.runtime import get_runtime
+    from attriflow.tasks.config import RunConfig
+    from attriflow.tasks.runtime import get_runtime
 
     rt = get_runtime(RunConfig().model_dump_json())
     batch = rt.source.load(0, 16)

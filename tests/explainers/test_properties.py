@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explainers import get_explainer
+from attriflow.explainers import get_explainer
 
 
 @pytest.fixture(scope="module")
 def reference64():
-    from data.embedded import MEAN, STD, make_split
-    from tasks.config import ModelConfig
-    from tasks.models import build_model
+    from attriflow.data.embedded import MEAN, STD, make_split
+    from attriflow.tasks.config import ModelConfig
+    from attriflow.tasks.models import build_model
 
     s = make_split("test", 0, 4)
     x = torch.from_numpy(s.images).double()
@@ -51,7 +51,7 @@ def test_smooth_grad_noise_depends_on_sample_seed_only(reference64) -> None:
 
 
 def test_smooth_grad_rejects_non_gradient_bases(tiny_cnn) -> None:
-    from explainers import ExplainerParamError
+    from attriflow.explainers import ExplainerParamError
 
     with pytest.raises(ExplainerParamError, match="gradient explainer"):
         get_explainer("smooth_grad")(tiny_cnn, base="grad_cam")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from explainers import LayerNotFoundError, default_cam_layer, get_explainer
+from attriflow.explainers import LayerNotFoundError, default_cam_layer, get_explainer
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
@@ -26,9 +26,9 @@ def models64():
     """The reference CNN and randomly initialised torchvision nets, float64, with inputs."""
     import torchvision
 
-    from data.embedded import MEAN, STD, make_split
-    from tasks.config import ModelConfig
-    from tasks.models import build_model
+    from attriflow.data.embedded import MEAN, STD, make_split
+    from attriflow.tasks.config import ModelConfig
+    from attriflow.tasks.models import build_model
 
     s = make_split("test", 0, 3)
     x = torch.from_numpy(s.images).double()
@@ -113,7 +113,7 @@ def test_grad_cam_equals_pytorch_grad_cam(tiny_cnn, tiny_inputs) -> None:
 def test_default_cam_layer() -> None:
     import torchvision
 
-    from data.reference_cnn import ReferenceCNN
+    from attriflow.data.reference_cnn import ReferenceCNN
 
     x = torch.zeros(1, 3, 64, 64)
     assert default_cam_layer(ReferenceCNN(), x) == "block4"
@@ -183,7 +183,7 @@ def test_eigen_cam_equals_pytorch_grad_cam_projection(which, models64) -> None:
     """grad-cam's SVD sign is LAPACK's; ours is fixed by correlation, so compare up to sign."""
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
-    from explainers._hooks import capture_outputs
+    from attriflow.explainers._hooks import capture_outputs
 
     model, x, t = models64[which]
     layer = CAM_LAYERS[which]
@@ -219,7 +219,7 @@ def test_guided_grad_cam_equals_captum(which, upsample, reduce, models64) -> Non
 
 
 def test_fem_by_hand(tiny_cnn, tiny_inputs) -> None:
-    from explainers._hooks import capture_outputs
+    from attriflow.explainers._hooks import capture_outputs
 
     x, t = tiny_inputs
     ours = get_explainer("fem")(tiny_cnn, layer="relu2").layer_map(x, t)

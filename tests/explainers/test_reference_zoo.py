@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from explainers import UnsupportedModelError, get_explainer
+from attriflow.explainers import UnsupportedModelError, get_explainer
 from tests.explainers.test_reference import _captum_friendly, _close, _gradcam_postprocess
 
 
@@ -185,7 +185,7 @@ def _densenet_oracle(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module
     folded into it (conv0 / norm0, each dense layer's conv1 / norm2), and the functional
     ReLU and average pool of ``DenseNet.forward`` as modules (zennit sees modules only; its
     Norm rule then applies to the pool, as ours does)."""
-    from explainers._lrp import trace_layers
+    from attriflow.explainers._lrp import trace_layers
 
     folded = _module_relu_densenet(model)
     folded.final_pool = torch.nn.AdaptiveAvgPool2d((1, 1))

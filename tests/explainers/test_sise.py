@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from explainers import get_explainer
-from explainers.methods.sise import block_layers, fuse, otsu_threshold
+from attriflow.explainers import get_explainer
+from attriflow.explainers.methods.sise import block_layers, fuse, otsu_threshold
 
 
 def test_block_layers_of_known_architectures() -> None:
     import torchvision
 
-    from data.reference_cnn import ReferenceCNN
+    from attriflow.data.reference_cnn import ReferenceCNN
 
     x64, x224 = torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 224, 224)
     assert block_layers(ReferenceCNN().eval(), x64) == ["block1.5", "block2.5", "block3.5", "block4"]
@@ -51,7 +51,7 @@ def test_single_layer_equals_hand_computed_weighted_mask_sum(tiny_cnn, tiny_inpu
     x, t = tiny_inputs
     ours = get_explainer("sise")(tiny_cnn, layers=["relu2"]).attribute(x, t, batch_size=5)
     # by hand: positive-gradient channels of relu2, upsampled, min-max, scored, mass-normalised
-    from explainers._hooks import capture_outputs
+    from attriflow.explainers._hooks import capture_outputs
 
     xx = x.clone().requires_grad_(True)
     with capture_outputs(tiny_cnn, ["relu2"]) as acts:
@@ -82,7 +82,7 @@ def test_sise_records_layers_and_passes(tiny_cnn, tiny_inputs) -> None:
 
 
 def test_sise_unknown_layer_lists_valid_ones(tiny_cnn) -> None:
-    from explainers import LayerNotFoundError
+    from attriflow.explainers import LayerNotFoundError
 
     with pytest.raises(LayerNotFoundError, match="relu2"):
         get_explainer("sise")(tiny_cnn, layers=["relu9"])

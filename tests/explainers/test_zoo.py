@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from explainers import REGISTRY
+from attriflow.explainers import REGISTRY
 from tests.explainers.zoo_support import ARCHS, CASES, Outcome, Zoo, build, render_table, run_pair
 
 NAMES = sorted(REGISTRY)

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from explainers import REGISTRY, Explainer, UnsupportedModelError, get_explainer
-from explainers._hooks import spatial_layers
+from attriflow.explainers import REGISTRY, Explainer, UnsupportedModelError, get_explainer
+from attriflow.explainers._hooks import spatial_layers
 
 # --------------------------------------------------------------------------- architectures
 

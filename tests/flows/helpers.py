@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.config import parse_config
+from attriflow.tasks.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ SMALL = {
 def files(store: Path, reproducible: bool = False) -> dict[str, tuple[bytes, int]]:
     """Relative path -> (content, mtime_ns) of every file in a store (``reproducible``:
     without the wall-clock variables, the only ones two identical runs may differ in)."""
-    from tasks.storage import NONDETERMINISTIC
+    from attriflow.tasks.storage import NONDETERMINISTIC
 
     files = {
         str(p.relative_to(store)): (p.read_bytes(), p.stat().st_mtime_ns)
@@ -35,12 +35,12 @@ def files(store: Path, reproducible: bool = False) -> dict[str, tuple[bytes, int
 
 
 def run(cfg: dict, run_dir: Path) -> dict:
-    from flows.run import execute
+    from attriflow.flows.run import execute
 
     return execute(parse_config(cfg), str(run_dir))
 
 
 def cli(args: list[str], env_extra: dict[str, str], server: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": server, **env_extra}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "attriflow.flows.cli", *args], capture_output=True, text=True,
                           env=env, timeout=600, cwd=ROOT)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.storage import open_dataset
+from attriflow.tasks.storage import open_dataset
 from tests.flows.helpers import SMALL, run
 
 pytestmark = pytest.mark.slow
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 def test_non_finite_model_outputs_are_flagged_not_averaged(prefect_server, tmp_path) -> None:
     """A weight near float32's maximum makes the logits overflow to inf on the images whose
     feature 2 is large, and only there: those maps are flagged and left out of the means."""
-    from data import REFERENCE_WEIGHTS
-    from tasks.runtime import get_runtime
+    from attriflow.data import REFERENCE_WEIGHTS
+    from attriflow.tasks.runtime import get_runtime
 
     state = torch.load(REFERENCE_WEIGHTS, weights_only=True)
     state["fc.weight"][0, 2] = 3.0e38
@@ -28,7 +28,7 @@ def test_non_finite_model_outputs_are_flagged_not_averaged(prefect_server, tmp_p
     run(cfg, tmp_path / "run")
     ds = open_dataset(tmp_path / "run" / "store.zarr")
     # which outputs are non-finite, computed independently of the pipeline
-    from tasks.config import parse_config
+    from attriflow.tasks.config import parse_config
 
     rt = get_runtime(parse_config(cfg).model_dump_json())
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_non_finite_model_outputs_are_flagged_not_averaged(prefect_server, tmp_p
     assert np.isnan(ds["sanity"].values[:, bad[:8]]).all()
     summary = (tmp_path / "run" / "report" / "summary.md").read_text()
     assert "Non-finite maps" in summary and f"saliency: {int(flagged[0].sum())}" in summary
-    from analysis.report import metric_summary
+    from attriflow.analysis.report import metric_summary
 
     s = metric_summary(ds).set_index(["explainer", "metric"])
     kept = score[0, ~flagged[0], 0]

@@ -26,10 +26,10 @@ CUDA_CFG = {**SMALL, "data": {"n_samples": 16},
 
 
 def test_perturbed_copies_and_neuron_scores_on_cuda_equal_the_cpu() -> None:
-    from analysis.neurons import perturb
-    from tasks.config import ModelConfig
-    from tasks.models import build_model
-    from tasks.neurons import conv_activation_layers, score_image
+    from attriflow.analysis.neurons import perturb
+    from attriflow.tasks.config import ModelConfig
+    from attriflow.tasks.models import build_model
+    from attriflow.tasks.neurons import conv_activation_layers, score_image
 
     image = torch.rand(3, 64, 64)
     for mode in ("growing", "constant", "masking"):

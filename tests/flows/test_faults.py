@@ -38,7 +38,7 @@ def test_killed_during_analysis_then_report_resumes_to_the_same_store(reference_
     """Killed during evaluation, then (rerun) while writing the report; the third run finishes
     into the uninterrupted run's store. (Kills during explanation and store growth:
     ``test_growth.py``.)"""
-    from flows.cli import status_of
+    from attriflow.flows.cli import status_of
 
     cfg = tmp_path / "small.yaml"
     cfg.write_text(yaml.safe_dump(SMALL))
@@ -69,7 +69,7 @@ def test_a_failing_shard_is_retried(reference_run, tmp_path, monkeypatch) -> Non
 
 
 def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path, monkeypatch, prefect_server) -> None:
-    from flows.run import RunFailedError
+    from attriflow.flows.run import RunFailedError
 
     run_dir = tmp_path / "run"
     monkeypatch.setenv("ATTRIFLOW_RAISE", "explain-grad_cam-1:always")
@@ -91,7 +91,7 @@ def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path,
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path) -> None:
-    from tasks.storage import run_lock
+    from attriflow.tasks.storage import run_lock
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
@@ -112,8 +112,8 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path) -> None:
 def test_store_at_an_fsspec_url_equals_the_local_store(url, reference_run, tmp_path) -> None:
     import xarray as xr
 
-    from tasks.stages import store_path
-    from tasks.storage import NONDETERMINISTIC, open_dataset
+    from attriflow.tasks.stages import store_path
+    from attriflow.tasks.storage import NONDETERMINISTIC, open_dataset
 
     url = url.format(tmp=tmp_path)
     run_dir = tmp_path / "run"
@@ -130,7 +130,7 @@ def test_store_at_an_fsspec_url_equals_the_local_store(url, reference_run, tmp_p
 
 
 def test_a_memory_store_cannot_go_to_dask_workers() -> None:
-    from tasks.config import ConfigError, parse_config
+    from attriflow.tasks.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="memory:// store lives in one process"):
         parse_config({"store": "memory://x", "runner": {"kind": "dask"}})

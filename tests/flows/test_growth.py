@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks import storage
-from tasks.config import parse_config
+from attriflow.tasks import storage
+from attriflow.tasks.config import parse_config
 from tests.flows.helpers import cli, files, run
 
 pytestmark = pytest.mark.slow
@@ -110,7 +110,7 @@ def _report_without_timings(run_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def grown(prefect_server, tmp_path_factory) -> Path:
     """The issue's sequence in one run directory; every step's plan and receipts checked."""
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.stages.plan import plan_run
 
     run_dir = tmp_path_factory.mktemp("grow") / "run"
     result = run(BASE, run_dir)
@@ -148,14 +148,14 @@ def test_growing_sequence_computes_only_new_work_and_equals_a_fresh_run(grown, t
 
 
 def test_fewer_samples_compute_nothing_and_the_report_uses_the_subset(grown, tmp_path) -> None:
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.stages.plan import plan_run
 
     run_dir = tmp_path / "run"
     shutil.copytree(grown, run_dir)
     fewer = _with(STEPS[-1][1], data__n_samples=6)  # ends inside a shard: that shard is reused
     plan = plan_run(parse_config(fewer).model_dump_json(), run_dir)
     assert all(c["computed"] == 0 for c in plan["stages"].values())
-    from tasks.stages import prepare_run
+    from attriflow.tasks.stages import prepare_run
 
     prepare_run.fn(parse_config(fewer).model_dump_json(), str(run_dir))  # what the CLI runs when nothing is to compute
     view = storage.open_current(run_dir / "store.zarr")
@@ -187,7 +187,7 @@ def test_gc_lists_and_removes_inactive_entries(grown, tmp_path, prefect_server) 
     for name in ("attribution", "score", "flagged"):
         np.testing.assert_array_equal(after[name].values, before[name].values)
     assert not (run_dir / "store.zarr.gc").exists() and not (run_dir / "store.zarr.old").exists()
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.stages.plan import plan_run
 
     plan = plan_run(parse_config(STEPS[-1][1]).model_dump_json(), run_dir)  # every record still holds
     assert plan["store"] == "ready" and plan["inactive"] == []
@@ -227,7 +227,7 @@ def test_a_schema_2_store_is_refused_then_migrated_in_place(prefect_server, tmp_
     """A store written by the previous attriflow (``fixtures/store-v2``: 8 embedded samples,
     saliency and Grad-CAM, made by commit 83aa66e) is refused with the command that migrates
     it; after ``attriflow migrate`` every finished shard is reused and the store equals a fresh run's."""
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.stages.plan import plan_run
 
     fixtures = Path(__file__).parent / "fixtures"
     run_dir = tmp_path / "old"
@@ -241,7 +241,7 @@ def test_a_schema_2_store_is_refused_then_migrated_in_place(prefect_server, tmp_
     assert (run_dir / "store-v2-metadata" / "zarr.json").exists()
     plan = plan_run(parse_config(cfg).model_dump_json(), run_dir)
     assert plan["store"] == "ready" and all(c["computed"] == 0 for c in plan["stages"].values()), plan["stages"]
-    from tasks.stages import prepare_run
+    from attriflow.tasks.stages import prepare_run
 
     prepare_run.fn(parse_config(cfg).model_dump_json(), str(run_dir))  # what a rerun does before finding nothing to do
     run(cfg, tmp_path / "fresh")

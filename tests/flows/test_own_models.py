@@ -113,8 +113,8 @@ def test_timm_model_on_a_manifest_of_photos_at_a_non_square_size(prefect_server,
     # content, so only the new sample's shard runs and the others keep their place
     from skimage import data
 
-    from tasks.config import parse_config
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.config import parse_config
+    from attriflow.tasks.stages.plan import plan_run
 
     Image.fromarray(data.rocket()).save(tmp_path / "rocket.png")
     lines = manifest.read_text().splitlines()
@@ -129,7 +129,7 @@ def test_timm_model_on_a_manifest_of_photos_at_a_non_square_size(prefect_server,
 
 
 def test_an_exported_program_gives_the_eager_models_maps(reference_run, prefect_server, tmp_path) -> None:
-    from explainers import UnsupportedModelError
+    from attriflow.explainers import UnsupportedModelError
 
     program = {"program": str(ROOT / "configs" / "models" / "reference_cnn.pt2"),
                "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}

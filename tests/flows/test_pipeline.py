@@ -17,7 +17,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from tasks.config import parse_config
+from attriflow.tasks.config import parse_config
 from tests.flows.helpers import SMALL
 from tests.flows.helpers import cli as _cli
 from tests.flows.helpers import files as _files
@@ -51,7 +51,7 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert (boxes[:8][chosen[:8]] >= 0).all(axis=-1).mean() > 0.8
     assert (boxes[:8][~chosen[:8]] == -1).all() and (boxes[8:] == -1).all()
     assert (ds["prediction"].values == ds["label"].values).mean() > 0.8
-    from tasks.storage import open_dataset
+    from attriflow.tasks.storage import open_dataset
 
     assert set(open_dataset(reference_run / "store.zarr").groupby("family").groups) == {"gradient", "cam"}
     manifest = json.loads(ds.attrs["manifest"])
@@ -87,7 +87,7 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
 
 
 def test_rerun_rewrites_nothing(reference_run) -> None:
-    from tasks.stages.plan import nothing_to_do, plan_run
+    from attriflow.tasks.stages.plan import nothing_to_do, plan_run
 
     plan = plan_run(parse_config(SMALL).model_dump_json(), reference_run)
     assert nothing_to_do(plan, reference_run)  # the CLI then starts no flow and no server
@@ -109,7 +109,7 @@ def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -
     before = _files(store)
     changed = json.loads(json.dumps(SMALL))
     changed["explain"]["explainers"][1]["params"] = {"layer": "block3"}
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.stages.plan import plan_run
 
     plan = plan_run(parse_config(changed).model_dump_json(), run_dir)  # predicted before any work
     result = _run(changed, run_dir)
@@ -145,7 +145,7 @@ def test_locked_run_dir_is_refused_at_once(reference_run, prefect_server) -> Non
     finally:
         holder.kill()
         holder.wait()
-    from tasks.storage import run_lock
+    from attriflow.tasks.storage import run_lock
 
     with pytest.warns(UserWarning, match=f"left by process {holder.pid}, which is gone"):
         with run_lock(reference_run):  # the killed holder's lock is taken over (and left clean)
@@ -173,13 +173,13 @@ def test_unknown_layer_fails_before_any_work_listing_valid_ones(tmp_path, prefec
 
 
 def test_a_store_of_another_image_size_is_refused(reference_run) -> None:
-    from tasks.storage import StoreLayoutError
+    from attriflow.tasks.storage import StoreLayoutError
 
     with pytest.raises(StoreLayoutError, match=r"data.image_size .*64 -> 48"):
         _run({**SMALL, "data": {"n_samples": 24, "image_size": 48}}, reference_run)
     # the maps' encoding is fixed too: refused before any work, naming the setting
-    from tasks.config import parse_config
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.config import parse_config
+    from attriflow.tasks.stages.plan import plan_run
 
     cfg = parse_config({**SMALL, "store": {"attribution_dtype": "float16"}})
     plan = plan_run(cfg.model_dump_json(), reference_run)
@@ -190,7 +190,7 @@ def test_a_store_of_another_image_size_is_refused(reference_run) -> None:
 def test_methods_json_lists_taxonomy_and_costs(prefect_server) -> None:
     out = _cli(["methods", "--json"], {}, prefect_server)
     rows = {r["name"]: r for r in json.loads(out.stdout)}
-    from explainers import REGISTRY
+    from attriflow.explainers import REGISTRY
 
     assert rows.keys() == REGISTRY.keys()
     assert rows["grad_cam"]["family"] == "cam"
@@ -238,11 +238,11 @@ def test_sanity_check_separates_an_edge_detector_from_grad_cam(prefect_server, t
     import torch
     import torch.nn.functional as F
 
-    from analysis.report import sanity_table
-    from explainers import REGISTRY
-    from explainers.base import Explainer, ExplainerSpec, Family
-    from explainers.registry import register
-    from tasks.storage import open_dataset
+    from attriflow.analysis.report import sanity_table
+    from attriflow.explainers import REGISTRY
+    from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+    from attriflow.explainers.registry import register
+    from attriflow.tasks.storage import open_dataset
 
     class EdgeDetector(Explainer):
         spec = ExplainerSpec(name="edge_detector_test", family=Family.PERTURBATION, access=("forward",),
@@ -294,7 +294,7 @@ def test_report_compares_runs_side_by_side(reference_run, tmp_path, prefect_serv
 def test_report_escapes_user_strings(reference_run, tmp_path) -> None:
     import shutil
 
-    from tasks.stages import render_report
+    from attriflow.tasks.stages import render_report
 
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run, run_dir)
@@ -305,7 +305,7 @@ def test_report_escapes_user_strings(reference_run, tmp_path) -> None:
     manifest["name"] = "<script>alert(1)</script>"
     manifest["explainers"]["saliency"]["params"] = {"note": "<img src=x onerror=alert(2)>"}
     group.attrs["manifest"] = json.dumps(manifest)
-    from tasks.storage import consolidate
+    from attriflow.tasks.storage import consolidate
 
     consolidate(run_dir / "store.zarr")
     render_report(run_dir)
@@ -379,8 +379,22 @@ def test_report_renders_in_headless_chromium(reference_run, tmp_path) -> None:
     assert non_white > 0.05, f"only {non_white:.1%} of the screenshot is not white"
 
 
-def test_cli_reexecutes_with_the_tuned_allocator(reference_run) -> None:
-    from flows.cli import GLIBC_TUNABLES, allocator_env
+def _clashing_folder(path: Path) -> Path:
+    """A working directory holding the generic names attriflow's folders have (``data.py``,
+    ``tasks.py``, ``analysis/``), each failing loudly when imported."""
+    path.mkdir()
+    for name in ("data.py", "tasks.py", "flows.py", "explainers.py"):
+        (path / name).write_text(f"raise ImportError('a user file was imported: {name}')\n")
+    (path / "analysis").mkdir()
+    (path / "analysis" / "__init__.py").write_text("raise ImportError('a user folder was imported: analysis')\n")
+    return path
+
+
+def test_cli_reexecutes_with_the_tuned_allocator(reference_run, tmp_path) -> None:
+    """The console script re-executes itself (``python -m``: the working directory first on
+    the path) from a folder holding data.py, tasks.py and analysis/; then the Python API
+    runs from the same folder, as a notebook next to such files would."""
+    from attriflow.flows.cli import GLIBC_TUNABLES, allocator_env
 
     assert allocator_env({}, "linux", "glibc") == {"GLIBC_TUNABLES": GLIBC_TUNABLES}
     assert allocator_env({"GLIBC_TUNABLES": "x"}, "linux", "glibc") is None  # the user's own settings win
@@ -390,8 +404,10 @@ def test_cli_reexecutes_with_the_tuned_allocator(reference_run) -> None:
     import time
 
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "ATTRIFLOW_ALLOCATOR")}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "report", str(reference_run)], env=env,
-                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    work = _clashing_folder(tmp_path / "work")
+    script = Path(sys.executable).with_name("attriflow")
+    proc = subprocess.Popen([str(script), "report", str(reference_run)], env=env,
+                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = ""
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline and "GLIBC_TUNABLES=" not in seen:
@@ -404,12 +420,27 @@ def test_cli_reexecutes_with_the_tuned_allocator(reference_run) -> None:
     assert proc.returncode == 0, err[-2000:]
     # (glibc splits the value in place at its ':' when it parses it at start-up)
     assert f"GLIBC_TUNABLES={GLIBC_TUNABLES}".replace(":", "\x00") in seen
+    # the public API from the same folder: a finished run answered (no Prefect server
+    # reachable) and its store opened
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    code = ("import json, sys, attriflow\n"
+            "assert 'torch' not in sys.modules\n"
+            f"ds = attriflow.run({str(cfg)!r}, run_dir={str(reference_run)!r})\n"
+            "print(json.dumps({'dims': dict(ds.sizes), 'explainers': [str(e) for e in ds.explainer.values],\n"
+            "                  'grad_cam': attriflow.get_explainer('grad_cam').spec.family.value}))\n")
+    api = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300,
+                         env={**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert api.returncode == 0, api.stderr[-2000:]
+    got = json.loads(api.stdout.strip().splitlines()[-1])
+    assert got["dims"]["sample"] == 24 and got["explainers"] == ["saliency", "grad_cam"]
+    assert got["grad_cam"] == "cam"
 
 
 def test_bf16_and_channels_last_are_provenance(reference_run, tmp_path) -> None:
     import shutil
 
-    from analysis.metrics.sanity import spearman
+    from attriflow.analysis.metrics.sanity import spearman
 
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run, run_dir)

@@ -40,7 +40,7 @@ def test_a_killed_run_takes_its_temporary_server_with_it(tmp_path) -> None:
                                    "sanity": {"enabled": False}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--run-dir", str(tmp_path / "run")],
+    run = subprocess.Popen([sys.executable, "-m", "attriflow.flows.cli", "run", str(cfg), "--run-dir", str(tmp_path / "run")],
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         server = None
@@ -65,7 +65,7 @@ def test_a_killed_run_takes_its_temporary_server_with_it(tmp_path) -> None:
 def test_a_server_that_does_not_answer_is_a_clear_error(monkeypatch) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import ServerStartError, prefect_api
+    from attriflow.flows.server import ServerStartError, prefect_api
 
     with temporary_settings(updates={PREFECT_API_URL: None}):
         with pytest.raises(ServerStartError, match="ATTRIFLOW_SERVER_TIMEOUT=300") as err:
@@ -111,7 +111,7 @@ def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     run_dir = tmp_path / "run"
-    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--run-dir", str(run_dir)],
+    run = subprocess.Popen([sys.executable, "-m", "attriflow.flows.cli", "run", str(cfg), "--run-dir", str(run_dir)],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -129,8 +129,8 @@ def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path) -
     assert run.returncode == 130, err[-3000:]
     assert "run the same command to resume" in err and "Traceback" not in err
     assert server and not any(_alive(p) for p in server)
-    from tasks.config import load_config
-    from tasks.stages.plan import plan_run
+    from attriflow.tasks.config import load_config
+    from attriflow.tasks.stages.plan import plan_run
 
     plan = plan_run(load_config(cfg).model_dump_json(), run_dir)
     assert plan["stages"]["load"] == {"computed": 0, "reused": 4}  # finished shards kept

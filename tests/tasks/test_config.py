@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import ConfigError, RunConfig, load_config, parse_config
+from attriflow.tasks.config import ConfigError, RunConfig, load_config, parse_config
 
 
 def test_defaults_are_the_embedded_run() -> None:
     cfg = load_config(None)
     assert cfg.data.kind == "embedded" and cfg.data.n_samples >= 256
     assert cfg.model.arch == "reference"
-    from explainers import Family, get_explainer
+    from attriflow.explainers import Family, get_explainer
 
     # every family of the white-box catalogue; mask optimisation (NeuroMask, thousands of
     # backward passes per image) does not fit the 5-minute default run on 2 CPU cores

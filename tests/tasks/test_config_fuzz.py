@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.config import ConfigError, RunConfig, load_config, parse_config
+from attriflow.tasks.config import ConfigError, RunConfig, load_config, parse_config
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
                     st.text(max_size=12), st.sampled_from(["cuda", "saliency", "grad_cam", "block4", "dask",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.embedded import make_split
-from tasks.config import DataConfig
-from tasks.datasets import DatasetError, Preprocess, ground_truth, open_source, resolve_preprocess
+from attriflow.data.embedded import make_split
+from attriflow.tasks.config import DataConfig
+from attriflow.tasks.datasets import DatasetError, Preprocess, ground_truth, open_source, resolve_preprocess
 
 SQUASH = Preprocess((20, 20), None)  # 40 x 40 images -> 20 x 20: every coordinate halves
 
@@ -225,7 +225,7 @@ def test_a_cached_batch_is_a_copy_with_the_same_memory_layout() -> None:
     (a caller's in-place edit cannot reach the next stage) and keeps the arrays' memory layout
     (the embedded images are channels-last in memory; a C-ordered copy would make the model
     pick other kernels and change maps in the last bit)."""
-    from tasks.config import DataConfig
+    from attriflow.tasks.config import DataConfig
 
     src = open_source(DataConfig(n_samples=8), Preprocess((64, 64), None))
     fresh = src._load_runs(tuple(range(2, 6)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import runtime
+from attriflow.tasks import runtime
 
 
 @pytest.fixture

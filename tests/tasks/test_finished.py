@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import finished
-from tasks.storage import run_lock
+from attriflow.tasks import finished
+from attriflow.tasks.storage import run_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTS = {"load": {"computed": 0, "reused": 2}, "explain": {"computed": 0, "reused": 4}}
@@ -127,7 +127,7 @@ def test_a_finished_rerun_loads_neither_torch_nor_prefect(tmp_path) -> None:
 def test_factories_and_unstamped_data_files_get_no_marker(tmp_path) -> None:
     """A factory's code may read a checkpoint no config names: no marker, always the full
     check. A dataset that listed a file outside the stamped files and roots: no marker."""
-    from tasks.config import parse_config
+    from attriflow.tasks.config import parse_config
 
     cfg = parse_config({"model": {"factory": "my_nets.py:build"}}, "test")
     with pytest.raises(ValueError, match="model.factory"):

@@ -13,9 +13,9 @@ import torch
 import torchvision
 from torch import nn
 
-from explainers import REGISTRY, UnsupportedModelError, get_explainer
-from tasks.config import ModelConfig, OutputConfig
-from tasks.models import ModelLoadError, build_model, cached_model, check_model_output
+from attriflow.explainers import REGISTRY, UnsupportedModelError, get_explainer
+from attriflow.tasks.config import ModelConfig, OutputConfig
+from attriflow.tasks.models import ModelLoadError, build_model, cached_model, check_model_output
 
 NET = '''
 import torch

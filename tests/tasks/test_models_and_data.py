@@ -8,9 +8,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from tasks.config import DataConfig, ModelConfig
-from tasks.datasets import DatasetError, open_source, resolve_preprocess
-from tasks.models import ModelLoadError, build_model
+from attriflow.tasks.config import DataConfig, ModelConfig
+from attriflow.tasks.datasets import DatasetError, open_source, resolve_preprocess
+from attriflow.tasks.models import ModelLoadError, build_model
 
 
 def test_missing_weights_file_says_where(tmp_path) -> None:
@@ -67,7 +67,7 @@ def test_unknown_arch_lists_choices() -> None:
 
 
 def test_torchvision_without_weights_must_opt_in_to_random() -> None:
-    from tasks.config import ConfigError, parse_config
+    from attriflow.tasks.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="model.weights: a torchvision or timm architecture needs a local"):
         parse_config({"model": {"arch": "resnet18"}})

@@ -11,8 +11,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from skimage import data as skdata
 
-from tasks.config import DataConfig, PreprocessConfig
-from tasks.datasets import DatasetError, Preprocess, resolve_preprocess
+from attriflow.tasks.config import DataConfig, PreprocessConfig
+from attriflow.tasks.datasets import DatasetError, Preprocess, resolve_preprocess
 
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])

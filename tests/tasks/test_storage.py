@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from tasks import storage
+from attriflow.tasks import storage
 
 
 def _layout(n=10, entries=(("a", "gradient", "saliency"), ("b", "cam", "grad_cam")), **kw):
@@ -91,7 +91,7 @@ def test_growth_appends_chunk_rows_and_an_interrupted_grow_is_redone(tmp_path, m
     """Entries and samples are appended by ``resize``: finished chunks are not rewritten; a
     grow interrupted after its resizes leaves readers the old consolidated shapes and is
     redone by the next call into the store an uninterrupted grow gives."""
-    import tasks.runtime
+    import attriflow.tasks.runtime
 
     metrics = tuple(storage.METRICS)
     small = _layout(metrics=metrics[:-1])  # a metric attriflow added since the store was made
@@ -125,7 +125,7 @@ def test_growth_appends_chunk_rows_and_an_interrupted_grow_is_redone(tmp_path, m
             raise Killed
 
     path = paths["interrupted"]
-    monkeypatch.setattr(tasks.runtime, "fault_point", die)
+    monkeypatch.setattr(attriflow.tasks.runtime, "fault_point", die)
     with pytest.raises(Killed):
         storage.grow_store(path, big, storage.read_state(path), {"manifest": "{}"})
     monkeypatch.undo()

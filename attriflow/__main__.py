@@ -1,0 +1,5 @@
+"""``python -m attriflow ...``: the ``attriflow`` command."""
+
+from attriflow.flows.cli import main
+
+raise SystemExit(main())
