@@ -116,7 +116,7 @@ def _palette_css(palette: dict[str, Any]) -> dict[str, str]:
 
 
 def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: dict[str, Figure],
-                    palette: dict[str, Any]) -> str:
+                    palette: dict[str, Any], summary: pd.DataFrame | None = None) -> str:
     """The report page of one run.
 
     Parameters
@@ -130,10 +130,12 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
         Per family, its deletion/insertion curves.
     palette : dict
         Family colours (RGB in [0, 1]).
+    summary : pd.DataFrame, optional
+        :func:`metric_summary` of ``ds`` with the manifest's options (computed when not given).
     """
     manifest = manifest_of(ds)
     options = ReportOptions.from_manifest(manifest)
-    summary = metric_summary(ds, options)
+    summary = metric_summary(ds, options) if summary is None else summary
     name = str(manifest.get("name", "?"))
     colours = _palette_css(palette)
     families = family_order(ds)

@@ -15,14 +15,15 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from attriflow.analysis.metrics import BINARY_METRICS  # noqa: E402
 from attriflow.analysis.metrics.sanity import SIMILARITIES  # noqa: E402
 from attriflow.analysis.report import (  # noqa: E402
     cost_table,
     explainer_order,
     family_order,
     manifest_of,
+    metric_summary,
     sanity_curves,
     taxonomy,
 )
@@ -64,9 +65,23 @@ def _empty_figure(text: str) -> Figure:
     return fig
 
 
-def plot_metric_distributions(ds: xr.Dataset) -> Figure:
-    """Per metric, the distribution over samples of each explainer's scores (box plots,
-    explainers in taxonomy order, coloured by family)."""
+def _legend_outside(ax: plt.Axes, **kw: object) -> None:
+    """The axes' legend to the right of its panel, never over its data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False, **kw)
+
+
+def _figure_legend_right(fig: Figure, handles: list, title: str, width: float = 1.6, top: float = 0.96) -> None:
+    """A figure legend in a column of ``width`` inches kept free at the right of the panels."""
+    fig.tight_layout(rect=(0, 0, 1 - width / fig.get_figwidth(), top))
+    fig.legend(handles=handles, title=title, loc="center right", fontsize=7, title_fontsize=8, frameon=False)
+
+
+def plot_metric_distributions(ds: xr.Dataset, summary: pd.DataFrame | None = None) -> Figure:
+    """Per metric, each explainer's scores over samples (explainers in taxonomy order,
+    coloured by family): box plots of the distribution, except for hit-or-miss metrics
+    (:data:`~attriflow.analysis.metrics.BINARY_METRICS`), drawn as the share of samples
+    with its bootstrap interval (``summary``: :func:`metric_summary` of ``ds``, computed
+    when not given). The family legend sits outside the panels."""
     df = score_frame(ds)
     metrics = [str(m) for m in ds["metric"].values if str(m) in set(df["metric"])]
     better = dict(zip((str(m) for m in ds["metric"].values), ds["higher_is_better"].values))
@@ -75,27 +90,42 @@ def plot_metric_distributions(ds: xr.Dataset) -> Figure:
     colour = {str(x): palette[str(f)] for x, f in zip(ds["explainer"].values, ds["family"].values)}
     if not metrics:
         return _empty_figure("No finite score yet: no evaluate shard has finished.")
+    if any(m in BINARY_METRICS for m in metrics) and summary is None:
+        summary = metric_summary(ds)
     cols = min(4, len(metrics))
     rows = -(-len(metrics) // cols)
     width = max(3.0, 0.45 * len(order) + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.6, 3.0 * rows), squeeze=False)
     for ax, metric in zip(axes.ravel(), metrics):
-        part = df[df["metric"] == metric]
-        with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated ``vert``
-            warnings.filterwarnings("ignore", message="vert: bool", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message="vert: bool")
-            sns.boxplot(data=part, x="explainer", y="value", hue="explainer", order=order, hue_order=order,
-                        palette=colour, ax=ax, fliersize=1.5, linewidth=0.8, legend=False)
-        ax.set_title(f"{metric} {'↑' if better[metric] else '↓'}", fontsize=9)
+        if metric in BINARY_METRICS:
+            part = summary[(summary["metric"] == metric) & ~summary["subtotal"]].set_index("explainer")
+            shown = [e for e in order if e in part.index and np.isfinite(part.loc[e, "mean"])]
+            for x, e in enumerate(shown):
+                r = part.loc[e]
+                ax.bar(x, r["mean"], color=colour[e], width=0.6)
+                ax.errorbar(x, r["mean"], yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], color="black",
+                            linewidth=0.9, capsize=2)
+            ax.set_xticks(range(len(shown)), shown)
+            percent = metric.startswith("increase")
+            ax.set_ylim(0, 100 if percent else 1)
+            ax.set_ylabel("% of samples" if percent else "share of samples (hits)", fontsize=7)
+            ax.set_title(f"{metric} {'↑' if better[metric] else '↓'} (share, interval)", fontsize=9)
+        else:
+            part = df[df["metric"] == metric]
+            with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated ``vert``
+                warnings.filterwarnings("ignore", message="vert: bool", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", message="vert: bool")
+                sns.boxplot(data=part, x="explainer", y="value", hue="explainer", order=order, hue_order=order,
+                            palette=colour, ax=ax, fliersize=1.5, linewidth=0.8, legend=False)
+            ax.set_title(f"{metric} {'↑' if better[metric] else '↓'}", fontsize=9)
+            ax.set_ylabel("")
         ax.set_xlabel("")
-        ax.set_ylabel("")
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     for ax in axes.ravel()[len(metrics):]:
         ax.set_visible(False)
     handles = [Rectangle((0, 0), 1, 1, color=palette[f], label=f) for f in family_order(ds)]
-    fig.legend(handles=handles, title="family", loc="upper right", fontsize=8)
     fig.suptitle("Metric distributions over samples, by family")
-    fig.tight_layout(rect=(0, 0, 0.92, 0.97))
+    _figure_legend_right(fig, handles, "family")
     return fig
 
 
@@ -124,15 +154,29 @@ def _class_lines(ds: xr.Dataset, i: int) -> list[str]:
     return out
 
 
+def map_colouring(maps: np.ndarray) -> tuple[str, float]:
+    """The colour map and lower limit of one explainer's maps (any shape, NaN allowed):
+    ``("RdBu_r", -1.0)`` (diverging around zero) when any finite value is negative, else
+    ``("inferno", 0.0)`` (sequential). Decided per explainer, not per map, so one column
+    never mixes the two."""
+    finite = maps[np.isfinite(maps)]
+    return ("RdBu_r", -1.0) if finite.size and float(finite.min()) < 0 else ("inferno", 0.0)
+
+
 def plot_map_grid(ds: xr.Dataset, n_samples: int = 6) -> Figure:
     """Rows: the first samples; columns: the image, then each explainer's map (taxonomy
-    order), with the ground truth (mask outline or box) drawn in green."""
+    order), ground truth (mask outline or box, when the dataset has one) drawn in green.
+
+    One colour map per explainer (:func:`map_colouring`: diverging around zero for signed
+    maps, sequential otherwise) with its colour bar under the column; each map is divided
+    by its own largest |value| (an all-zero map stays zero), which the colour bar says."""
     n = min(n_samples, ds.sizes["sample"], ds.sizes.get("preview", 0) or ds.sizes["sample"])
     order = explainer_order(ds)
     maps = np.asarray(ds["attribution"].isel(sample=slice(0, n)).values, dtype=np.float64)
     previews = ds["preview"].values[:n] if "preview" in ds else None
     cols = len(order) + 1
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n + 1, cols, figsize=(1.6 * cols, 1.6 * n + 1.0), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.0] * n + [0.09]})
     names = [str(x) for x in ds["explainer"].values]
     fams = [str(x) for x in ds["family"].values]
     for r in range(n):
@@ -141,21 +185,27 @@ def plot_map_grid(ds: xr.Dataset, n_samples: int = 6) -> Figure:
             ax.imshow(previews[r])
         _outline(ax, ds, r)
         ax.set_ylabel("\n".join([str(ds["sample_name"].values[r]), *_class_lines(ds, r)]), fontsize=6)
-        for c, k in enumerate(order, start=1):
+    for c, k in enumerate(order, start=1):
+        cmap, low = map_colouring(maps[k])
+        image = None
+        for r in range(n):
             a = maps[k, r]
             finite = a[np.isfinite(a)]  # a flagged map may have no finite value at all
-            lim = float(np.abs(finite).max()) if finite.size else 0.0
-            lim = lim or 1.0  # an all-zero map is drawn as zeros, not scaled by 0
-            signed = bool(finite.size) and float(finite.min()) < 0
-            axes[r, c].imshow(a, cmap="RdBu_r" if signed else "inferno", vmin=-lim if signed else 0, vmax=lim)
+            peak = float(np.abs(finite).max()) if finite.size else 0.0
+            image = axes[r, c].imshow(a / (peak or 1.0), cmap=cmap, vmin=low, vmax=1.0)
             _outline(axes[r, c], ds, r)
-            if r == 0:
-                axes[r, c].set_title(f"{names[k]}\n({fams[k]})", fontsize=7)
+        axes[0, c].set_title(f"{names[k]}\n({fams[k]})", fontsize=7)
+        bar = fig.colorbar(image, cax=axes[n, c], orientation="horizontal")
+        bar.set_ticks([low, 0.0, 1.0] if low < 0 else [0.0, 1.0])
+        bar.ax.tick_params(labelsize=6)
+        bar.set_label("a / max|a| (each map)", fontsize=6)
     axes[0, 0].set_title("input", fontsize=7)
-    for ax in axes.ravel():
+    axes[n, 0].set_axis_off()
+    for ax in axes[:n].ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Attribution maps (ground truth outlined in green)", fontsize=9)
+    has_truth = "gt_mask" in ds or "gt_box" in ds
+    fig.suptitle("Attribution maps" + (" (ground truth outlined in green)" if has_truth else ""), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -185,7 +235,8 @@ def plot_curves(ds: xr.Dataset, families: list[str] | None = None) -> Figure:
                     ax.plot(x, points[finite].mean(axis=0), label=names[k], linewidth=1.2)
             ax.set_title(f"{cname.replace('_auc', '')}: {family}", fontsize=9)
             ax.set_xlabel(f"fraction of pixels {'removed' if cname.startswith('deletion') else 'inserted'}", fontsize=8)
-            ax.legend(fontsize=7)
+            if ax.get_lines():
+                _legend_outside(ax, fontsize=7)
             if c == 0:
                 ax.set_ylabel("class probability")
     fig.suptitle("Deletion and insertion curves (mean over samples)" + (", by family" if len(families) > 1 else ""))
@@ -194,7 +245,8 @@ def plot_curves(ds: xr.Dataset, families: list[str] | None = None) -> Figure:
 
 
 def plot_cost(ds: xr.Dataset) -> Figure:
-    """Wall seconds and forward passes per image for every explainer (log scale)."""
+    """Wall seconds and forward passes per image for every explainer (linear axes, each bar
+    labelled with its value; the report's cost table has the same numbers)."""
     df = cost_table(ds)
     palette = family_palette(ds)
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 0.35 * len(df) + 1.6), squeeze=False)
@@ -206,13 +258,17 @@ def plot_cost(ds: xr.Dataset) -> Figure:
         part = df[np.isfinite(df[col]) & (df[col] > 0)]
         sns.barplot(data=part, y="explainer", x=col, hue="family", palette=palette, dodge=False, ax=ax,
                     order=list(df["explainer"]))
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.3g", fontsize=6, padding=2)
+        ax.margins(x=0.18)  # room for the labels
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("")
         ax.set_ylabel("")
-        if ax.get_legend() is not None and ax is not axes[0, 1]:
-            ax.get_legend().remove()
+        if ax.get_legend() is not None:
+            if ax is axes[0, 1]:
+                sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7)
+            else:
+                ax.get_legend().remove()
     fig.suptitle("Cost of each explainer")
     fig.tight_layout()
     return fig
@@ -242,7 +298,7 @@ def plot_sanity(ds: xr.Dataset, threshold: float = 0.5) -> Figure | None:
         ax.set_title(sim, fontsize=9)
         ax.set_xlabel("randomised down to", fontsize=8)
     axes[0, 0].set_ylabel("mean similarity to trained-model map")
-    axes[0, -1].legend(fontsize=7, loc="upper right")
+    _legend_outside(axes[0, -1], fontsize=7)
     fig.suptitle("Sanity check: cascading model-parameter randomisation (top layer first)")
     fig.tight_layout()
     return fig
@@ -276,9 +332,8 @@ def plot_comparison(summaries: dict[str, pd.DataFrame]) -> Figure:
     for ax in axes.ravel()[len(metrics):]:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[r], label=r) for r in runs]
-    fig.legend(handles=handles, title="run", loc="upper right", fontsize=8)
     fig.suptitle("Runs compared: mean and bootstrap interval per explainer")
-    fig.tight_layout(rect=(0, 0, 0.9, 0.96))
+    _figure_legend_right(fig, handles, "run")
     return fig
 
 
@@ -326,9 +381,8 @@ def plot_neuron_scatter(ds: xr.Dataset, max_points: int = 60_000) -> Figure:
     for ax in axes.ravel()[len(layers):]:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=palette[k], label=k) for k in SELECTION_ORDER]
-    fig.legend(handles=handles, title="selected by", loc="lower right", fontsize=8)
     fig.suptitle("Neuron selection: activation-output |correlation| vs activation precision")
-    fig.tight_layout()
+    _figure_legend_right(fig, handles, "selected by", width=1.3)
     return fig
 
 
@@ -358,7 +412,6 @@ def plot_neuron_boxes(ds: xr.Dataset, max_images: int = 4) -> Figure:
             if i == 0:
                 ax.set_ylabel(f"by {metric}")
     handles = [Rectangle((0, 0), 1, 1, fill=False, edgecolor=colours[d], label=name) for d, name in enumerate(layers)]
-    fig.legend(handles=handles, loc="center right", fontsize=7, title="layer (shallow to deep)")
     fig.suptitle("Receptive boxes of the selected neurons")
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    _figure_legend_right(fig, handles, "layer (shallow to deep)", width=1.8)
     return fig

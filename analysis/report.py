@@ -124,9 +124,10 @@ def metric_summary(ds: xr.Dataset, options: ReportOptions | None = None) -> pd.D
     pd.DataFrame
         Columns ``family, explainer, subtotal, metric, category, higher_is_better, mean,
         low, high, n, best``; rows in taxonomy order, each family's explainers followed by
-        its sub-total; metrics that no explainer could score (no ground truth) are left out.
-        ``best`` marks the best explainer per metric and, separately, the best family
-        sub-total (ties all marked).
+        its sub-total (families of two or more explainers); metrics that no explainer could
+        score (no ground truth) are left out. ``best`` marks the best explainer per metric
+        and, separately, the best family sub-total (ties all marked; nothing is marked
+        among fewer than two candidates).
     """
     options = options or ReportOptions.from_manifest(manifest_of(ds))
     score = np.asarray(ds["score"].values, dtype=np.float64)
@@ -140,7 +141,8 @@ def metric_summary(ds: xr.Dataset, options: ReportOptions | None = None) -> pd.D
     for family in family_order(ds):
         members = [i for i in explainer_order(ds) if fams[i] == family]
         groups = [(names[i], False, score[i]) for i in members]
-        groups.append((subtotal_label(family), True, np.concatenate([score[i] for i in members])))
+        if len(members) > 1:  # a one-member family's total is its explainer's row
+            groups.append((subtotal_label(family), True, np.concatenate([score[i] for i in members])))
         for label, subtotal, values in groups:
             for m in keep:
                 mean, lo, hi = bootstrap_mean(values[:, m], options.bootstrap, options.confidence,
@@ -158,7 +160,7 @@ def metric_summary(ds: xr.Dataset, options: ReportOptions | None = None) -> pd.D
     ranked = ~df["family"].astype(str).str.endswith(INACTIVE_SUFFIX)  # inactive entries are shown, not ranked
     for (metric, subtotal), part in df[ranked].groupby(["metric", "subtotal"]):
         finite = part["mean"].dropna()
-        if finite.empty:
+        if len(finite) < 2:  # a single candidate is not "the best" of anything
             continue
         target = finite.max() if better[str(metric)] else finite.min()
         df.loc[part.index[part["mean"] == target], "best"] = True
@@ -351,7 +353,8 @@ def _interval(row: pd.Series) -> str:
     return f"{row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
 
 
-def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = ()) -> str:
+def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = (),
+                    summary: pd.DataFrame | None = None) -> str:
     """The Markdown summary of a run.
 
     Parameters
@@ -360,10 +363,12 @@ def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = ()) -> 
         The run store.
     figures : list of (file name, caption)
         Figures written next to the summary, linked at the end.
+    summary : pd.DataFrame, optional
+        :func:`metric_summary` of ``ds`` with the manifest's options (computed when not given).
     """
     manifest = manifest_of(ds)
     options = ReportOptions.from_manifest(manifest)
-    summary = metric_summary(ds, options)
+    summary = metric_summary(ds, options) if summary is None else summary
     lines = [f"# attriflow run `{manifest.get('name', '?')}`", ""]
     lines += [f"- {k}: {v}" for k, v in provenance(ds)] + [""]
     pct = round(options.confidence * 100)

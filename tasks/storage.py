@@ -618,12 +618,28 @@ def set_attrs(path: StoreRef, attrs: dict[str, str]) -> bool:
     return bool(changed)
 
 
+def image_coords(height: int, width: int) -> dict[str, xr.Variable]:
+    """Pixel coordinates for display: ``x`` = column, ``y`` = height above the bottom row
+    (row ``r`` is ``y = height - 1 - r``), so that ``.plot()`` / ``.plot.imshow()`` draw maps
+    and previews right side up (xarray puts larger ``y`` higher). Positional indexing
+    (``isel``, ``.values[..., r, c]``) is unchanged: row 0 is the top row."""
+    return {
+        "y": xr.Variable("y", np.arange(height - 1, -1, -1, dtype=np.int64),
+                         {"long_name": "pixels above the bottom row", "units": "pixel"}),
+        "x": xr.Variable("x", np.arange(width, dtype=np.int64), {"long_name": "column", "units": "pixel"}),
+    }
+
+
 def open_dataset(path: StoreRef) -> xr.Dataset:
     """Open the whole store with xarray: every entry and sample, data variables lazy,
-    coordinates loaded (so that ``ds.groupby("family")`` works; a bare ``xr.open_zarr``
-    leaves them as dask arrays)."""
+    coordinates loaded (so that ``ds.groupby("family")`` and ``ds.where(..., drop=True)``
+    work; a bare ``xr.open_zarr`` leaves them as dask arrays) and pixel coordinates
+    ``y`` / ``x`` (:func:`image_coords`: maps plot right side up)."""
     ds = xr.open_zarr(str(path), consolidated=True)
-    return ds.assign_coords({name: ds[name].load() for name in ds.coords})
+    ds = ds.assign_coords({name: ds[name].load() for name in ds.coords})
+    if "y" in ds.dims and "y" not in ds.coords:
+        ds = ds.assign_coords(image_coords(ds.sizes["y"], ds.sizes["x"]))
+    return ds
 
 
 def select_current(ds: xr.Dataset, include_inactive: bool = False) -> xr.Dataset:

@@ -88,7 +88,7 @@ def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
     ``report.svg``); returns the summary path."""
     from attriflow.analysis import plots
     from attriflow.analysis.html import render_run_html
-    from attriflow.analysis.report import ReportOptions, manifest_of
+    from attriflow.analysis.report import ReportOptions, manifest_of, metric_summary
 
     raw = storage.open_dataset(store_path(run_dir))
     options = ReportOptions.from_manifest(manifest_of(raw))
@@ -106,10 +106,14 @@ def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
-    figures["distributions"] = save(plots.plot_metric_distributions(ds), out, "metric_distributions",
-                                     "Per-sample metric distributions, explainers in taxonomy order, coloured by family")
+    summary = metric_summary(ds, options)  # bootstrap intervals, computed once for every output
+    figures["distributions"] = save(plots.plot_metric_distributions(ds, summary), out, "metric_distributions",
+                                     "Per-sample metric distributions (hit-or-miss metrics as the share of samples "
+                                     "with its interval), explainers in taxonomy order, coloured by family")
+    truth = ", ground truth outlined" if "gt_mask" in ds or "gt_box" in ds else ""
     figures["grid"] = save(plots.plot_map_grid(ds, options.grid_samples), out, "map_grid",
-                            "Maps of the first samples (columns in taxonomy order), ground truth outlined")
+                            f"Maps of the first samples (columns in taxonomy order, one colour map and colour bar "
+                            f"per explainer){truth}")
     figures["cost"] = save(plots.plot_cost(ds), out, "cost", "Wall time and forward passes per image")
     family_figures = {
         family: save(plots.plot_curves(ds, [family]), out, f"curves_{family}",
@@ -127,11 +131,11 @@ def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
             figures["neuron_boxes"] = save(plots.plot_neuron_boxes(ds), out, "neuron_boxes",
                                             "Receptive boxes of the selected neurons")
     fault_point("report.after_figures")
-    (out / "index.html").write_text(render_run_html(ds, figures, family_figures, plots.family_palette(ds)))
+    (out / "index.html").write_text(render_run_html(ds, figures, family_figures, plots.family_palette(ds), summary))
     listed = [(f"{f.name}.png", f.caption) for f in [*figures.values(), *family_figures.values()]]
-    summary = out / "summary.md"
-    summary.write_text(render_markdown(ds, listed))
-    return summary
+    path = out / "summary.md"
+    path.write_text(render_markdown(ds, listed, summary))
+    return path
 
 
 def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:

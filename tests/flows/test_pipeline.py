@@ -86,6 +86,55 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert "## Sanity check" in summary and "## Cost per image" in summary
 
 
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 - 1 and b.x0 < a.x1 - 1 and a.y0 < b.y1 - 1 and b.y0 < a.y1 - 1
+
+
+def test_report_figures_never_mislead(reference_run) -> None:
+    """The report's figure rules on a real store: one colour map and one colour bar per
+    explainer, the ground-truth caption only with ground truth, hit-or-miss metrics as
+    shares with intervals, costs on linear axes, no legend over a panel, no sub-total for a
+    one-member family."""
+    import matplotlib.pyplot as plt
+
+    from attriflow.analysis import plots
+    from attriflow.analysis.report import metric_summary
+    from attriflow.tasks.storage import open_current
+
+    ds = open_current(reference_run / "store.zarr").load()
+    grid = plots.plot_map_grid(ds, 4)
+    images = [ax.images for ax in grid.axes if ax.images]
+    columns = {}
+    for ax in grid.axes:
+        for im in ax.images:
+            columns.setdefault(round(ax.get_position().x0, 3), set()).add(im.get_cmap().name)
+    assert all(len(names) == 1 for names in columns.values()), columns  # one colour map per column
+    bars = [ax for ax in grid.axes if getattr(ax, "_colorbar", None) is not None]
+    assert len(bars) == ds.sizes["explainer"] and images
+    assert "ground truth" in grid._suptitle.get_text()
+    bare = plots.plot_map_grid(ds.drop_vars([v for v in ("gt_mask", "gt_box") if v in ds]), 4)
+    assert "ground truth" not in bare._suptitle.get_text()
+    summary = metric_summary(ds)
+    assert not summary["subtotal"].any()  # gradient and cam have one explainer each
+    dist = plots.plot_metric_distributions(ds, summary)
+    titles = {ax.get_title().split()[0]: ax for ax in dist.axes if ax.get_visible() and ax.get_title()}
+    assert "share" in titles["pointing_game"].get_title() and titles["pointing_game"].patches  # bars, not boxes
+    cost = plots.plot_cost(ds)
+    assert all(ax.get_xscale() == "linear" for ax in cost.axes if ax.get_visible())
+    for fig in (grid, dist, cost, plots.plot_curves(ds), plots.plot_sanity(ds), plots.plot_neuron_scatter(ds),
+                plots.plot_neuron_boxes(ds)):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+        panels = [ax.get_window_extent(renderer) for ax in fig.axes if ax.get_visible() and ax.has_data()]
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert not any(_overlaps(box, p) for p in panels), fig._suptitle.get_text()
+        plt.close(fig)
+    page = (reference_run / "report" / "index.html").read_text()
+    assert "all gradient" not in page and "all cam" not in page
+
+
 def test_rerun_rewrites_nothing(reference_run) -> None:
     from attriflow.tasks.stages.plan import nothing_to_do, plan_run
 

@@ -40,6 +40,37 @@ def test_init_template_and_region_writes(tmp_path) -> None:
     assert storage.read_records(path)["explain"].tolist() == [[0, 0, 0], [0, 0, 12345]]
 
 
+def test_an_opened_store_groups_by_family_and_plots_maps_right_side_up(tmp_path) -> None:
+    """``storage.open_dataset`` (what ``attriflow.open_run`` reads): coordinates in memory
+    (``groupby("family")``, ``where(..., drop=True)``) and ``y`` ordered for display, so
+    xarray's ``.plot()`` and ``.plot.imshow()`` draw the image's top rows at the top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / "store.zarr"
+    storage.init_store(path, _layout(), {"manifest": "{}"})
+    maps = np.zeros((2, 10, 4, 4), np.float32)
+    maps[:, :, 0] = 1.0  # the top row of every map
+    storage.write_region(path, {"attribution": (("explainer", "sample", "y", "x"), maps)},
+                         {"explainer": slice(0, 2), "sample": slice(0, 10)})
+    ds = storage.open_dataset(path)
+    assert ds["attribution"].groupby("family").mean(...).sizes["family"] == 2
+    assert list(ds.where(ds["family"] == "cam", drop=True)["explainer"].values) == [str(ds["explainer"].values[1])]
+    assert ds["y"].values.tolist() == [3, 2, 1, 0] and ds["x"].values.tolist() == [0, 1, 2, 3]
+    for kind in ("pcolormesh", "imshow"):
+        fig = plt.figure(figsize=(2, 2), dpi=40)
+        ax = fig.add_axes((0, 0, 1, 1))
+        getattr(ds["attribution"].isel(explainer=0, sample=0).plot, kind)(ax=ax, add_colorbar=False, cmap="gray",
+                                                                           vmin=0, vmax=1)
+        ax.set_axis_off()
+        fig.canvas.draw()
+        pixels = np.asarray(fig.canvas.buffer_rgba())[..., 0].astype(float)
+        plt.close(fig)
+        assert pixels[:15].mean() > 250 and pixels[-15:].mean() < 5, kind  # bright at the top
+
+
 def test_store_ref_keeps_urls_and_makes_file_urls_paths(tmp_path) -> None:
     from pathlib import Path
 
