@@ -46,6 +46,7 @@ td.name,th.name{text-align:left}
 tr.subtotal td{background:#f7f7fa;font-style:italic}
 td.best{font-weight:700;background:#e7f6e7}
 td.best::after{content:" \\2605"}
+td.worse{background:#fbeaea}.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.4rem .8rem;margin:.4rem 0}
 .ci{color:#666;font-size:.75rem}
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85rem;color:#444}
@@ -222,28 +223,44 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
 
 
 def render_comparison_html(runs: dict[str, xr.Dataset], summaries: dict[str, pd.DataFrame],
-                           figure: Figure | None) -> str:
-    """Several runs side by side: provenance per run and, per (family, explainer, metric),
-    each run's mean and interval (best run per row marked)."""
+                           figure: Figure | None, tests: pd.DataFrame | None = None,
+                           warnings: Sequence[str] = (), diff: pd.DataFrame | None = None,
+                           maps: Figure | None = None) -> str:
+    """Several runs side by side: warnings on what differs, provenance per run, the config
+    settings that differ, per (explainer, metric) each run's mean and interval (explainers
+    only: a family total may pool different methods) with the paired test against the first
+    run (``tests``: :func:`attriflow.analysis.compare.paired_tests`; a cell is marked better
+    or worse only when that test says so), the comparison figure and the maps of shared
+    samples side by side."""
+    from attriflow.analysis.compare import ALPHA, TEST_NAME
+
     labels = list(runs)
     out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
            f"<title>attriflow comparison: {escape(' vs '.join(labels))}</title><style>{CSS}</style></head><body>",
-           f"<h1>attriflow comparison: {' vs '.join(f'<code>{escape(x)}</code>' for x in labels)}</h1>",
-           "<h2 id='provenance'>Provenance</h2>"]
+           f"<h1>attriflow comparison: {' vs '.join(f'<code>{escape(x)}</code>' for x in labels)}</h1>"]
+    out += [f"<p class='warn'>&#9888; {escape(w)}</p>" for w in warnings]
+    out.append("<h2 id='provenance'>Provenance</h2>")
     fields = [k for k, _ in provenance(next(iter(runs.values())))]
     prov = {lab: dict(provenance(ds)) for lab, ds in runs.items()}
     out.append(table(["field", *[escape(x) for x in labels]],
                      [[escape(f), *[escape(prov[lab].get(f, "")) for lab in labels]] for f in fields]))
+    if diff is not None and len(diff):
+        out.append("<h2 id='config'>Settings that differ</h2>")
+        out.append(table(["setting", *[escape(x) for x in labels]],
+                         [[escape(k), *[escape(v) for v in row]] for k, row in diff.iterrows()], name_cols=1))
     out.append("<h2 id='metrics'>Metrics</h2>")
-    keyed = {lab: s.set_index(["family", "explainer", "metric"]) for lab, s in summaries.items()}
+    out.append(f"<p>Each explainer against itself, on the samples both runs scored; {escape(TEST_NAME)}; a cell "
+               f"is marked better (&#9733;) or worse only where the adjusted p-value is below {ALPHA}. "
+               f"The reference is <code>{escape(labels[0])}</code>.</p>")
+    verdict = {} if tests is None else {(r["explainer"], r["metric"], r["run"]): r for _, r in tests.iterrows()}
+    keyed = {lab: s[~s["subtotal"].astype(bool)].set_index(["family", "explainer", "metric"])
+             for lab, s in summaries.items()}
     keys = list(dict.fromkeys(k for s in keyed.values() for k in s.index))
-    rows, classes = [], []
+    rows = []
     for key in keys:
         family, explainer, metric = key
         present = {lab: s.loc[key] for lab, s in keyed.items() if key in s.index}
         hib = bool(next(iter(present.values()))["higher_is_better"])
-        means = {lab: r["mean"] for lab, r in present.items() if np.isfinite(r["mean"])}
-        best = (max if hib else min)(means.values()) if means else None
         cells: list[Any] = [escape(family), escape(explainer), f"{escape(metric)} {'↑' if hib else '↓'}"]
         for lab in labels:
             if lab not in present or not np.isfinite(present[lab]["mean"]):
@@ -251,11 +268,19 @@ def render_comparison_html(runs: dict[str, xr.Dataset], summaries: dict[str, pd.
                 continue
             r = present[lab]
             text = f'{r["mean"]:.3f}<br><span class="ci">[{r["low"]:.3f}, {r["high"]:.3f}]</span>'
-            cells.append((text, "best" if len(means) > 1 and r["mean"] == best else ""))
+            t = verdict.get((explainer, metric, lab))
+            if t is None:
+                cells.append(text)
+                continue
+            p = f"p = {t['p_holm']:.2g}, " if np.isfinite(t["p_holm"]) else ""
+            text += f'<br><span class="ci">{escape(t["verdict"])} ({p}n = {int(t["n"])})</span>'
+            cells.append((text, {"better": "best", "worse": "worse"}.get(t["verdict"], "")))
         rows.append(cells)
-        classes.append("subtotal" if bool(next(iter(present.values()))["subtotal"]) else "")
-    out.append(table(["family", "explainer", "metric", *[escape(x) for x in labels]], rows, classes, name_cols=3))
+    out.append(table(["family", "explainer", "metric", *[escape(x) for x in labels]], rows, name_cols=3))
     if figure is not None:
         out.append(img(figure))
+    if maps is not None:
+        out.append("<h2 id='maps'>Maps of shared samples</h2>")
+        out.append(img(maps))
     out.append("</body></html>")
     return "\n".join(out)

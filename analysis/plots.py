@@ -337,6 +337,50 @@ def plot_comparison(summaries: dict[str, pd.DataFrame]) -> Figure:
     return fig
 
 
+def plot_comparison_maps(runs: dict[str, xr.Dataset], n_samples: int = 2, max_explainers: int = 6) -> Figure | None:
+    """The maps of the runs side by side: rows (sample, explainer) for the first samples
+    every run scored (matched by ``sample_key``) and the explainers every run has; one
+    column per run; one colour map per explainer across runs (:func:`map_colouring`), each
+    map divided by its own max|a|. None when the runs share no sample or no explainer."""
+    labels = list(runs)
+
+    def keys(ds: xr.Dataset) -> list[str]:
+        return [str(k) for k in ds["sample_key" if "sample_key" in ds.coords else "sample_name"].values]
+
+    shared_keys = [k for k in keys(runs[labels[0]]) if all(k in keys(ds) for ds in runs.values())][:n_samples]
+    names = [str(e) for e in runs[labels[0]]["explainer"].values]
+    shared_names = [e for e in names if all(e in [str(x) for x in ds["explainer"].values] for ds in runs.values())]
+    shared_names = shared_names[:max_explainers]
+    if not shared_keys or not shared_names:
+        return None
+    maps = {(label, e, k): np.asarray(ds["attribution"].sel(explainer=e).isel(sample=keys(ds).index(k)).values,
+                                      dtype=np.float64)
+            for label, ds in runs.items() for e in shared_names for k in shared_keys}
+    rows = [(k, e) for k in shared_keys for e in shared_names]
+    fig, axes = plt.subplots(len(rows), len(labels), figsize=(1.7 * len(labels) + 1.4, 1.7 * len(rows) + 0.6),
+                             squeeze=False)
+    for e in shared_names:
+        cmap, low = map_colouring(np.stack([v for (_, e2, _), v in maps.items() if e2 == e]))
+        for r, (k, e2) in enumerate(rows):
+            if e2 != e:
+                continue
+            for c, label in enumerate(labels):
+                a = maps[(label, e, k)]
+                finite = a[np.isfinite(a)]
+                peak = float(np.abs(finite).max()) if finite.size else 0.0
+                axes[r, c].imshow(a / (peak or 1.0), cmap=cmap, vmin=low, vmax=1.0)
+    for r, (k, e) in enumerate(rows):
+        axes[r, 0].set_ylabel(f"{k.split('#')[0]}\n{e}", fontsize=6)
+    for c, label in enumerate(labels):
+        axes[0, c].set_title(label, fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Maps of shared samples, runs side by side (each map / its max|a|)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def neuron_frame(ds: xr.Dataset) -> pd.DataFrame:
     """One row per (sample, unit): layer, both scores and which metric selected it."""
     corr = ds["neuron_correlation"].values

@@ -140,8 +140,14 @@ def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
 
 def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Several runs side by side into ``out`` (``index.html``, ``summary.md``, the comparison
-    figure as PNG and SVG); returns the HTML path. Labels are the run names, made unique."""
+    figure as PNG and SVG, the maps of shared samples as PNG); returns the HTML path. Labels
+    are the run names, made unique. Explainers are compared only with themselves, by paired
+    tests over the shared samples against the first run
+    (:func:`attriflow.analysis.compare.paired_tests`); what makes two runs' numbers not
+    comparable is said first (:func:`~attriflow.analysis.compare.comparison_warnings`), and
+    the settings that differ are listed."""
     from attriflow.analysis import plots
+    from attriflow.analysis.compare import ALPHA, TEST_NAME, comparison_warnings, config_diff, paired_tests
     from attriflow.analysis.html import render_comparison_html
     from attriflow.analysis.report import manifest_of, markdown_metric_table, metric_summary
 
@@ -157,13 +163,35 @@ def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
             label += "'"
         runs[label] = ds
     summaries = {label: metric_summary(ds) for label, ds in runs.items()}
+    tests = paired_tests(runs)
+    warnings = comparison_warnings(runs)
+    diff = config_diff(runs)
     figure = _save(plots.plot_comparison(summaries), out, "comparison", "Mean and bootstrap interval per run",
                    svg=True)
+    shared = plots.plot_comparison_maps(runs)
+    maps = _save(shared, out, "comparison_maps", "Maps of shared samples side by side") if shared else None
+    if maps is None:
+        (out / "comparison_maps.png").unlink(missing_ok=True)
     page = out / "index.html"
-    page.write_text(render_comparison_html(runs, summaries, figure))
+    page.write_text(render_comparison_html(runs, summaries, figure, tests, warnings, diff, maps))
     lines = [f"# attriflow comparison: {' vs '.join(f'`{x}`' for x in runs)}", ""]
+    lines += [f"> **Warning:** {w}" for w in warnings] + ([""] if warnings else [])
+    if len(diff):
+        lines += ["## Settings that differ", "", "| setting | " + " | ".join(f"`{x}`" for x in runs) + " |",
+                  "|---|" + "---|" * len(runs)]
+        lines += [f"| `{k}` | " + " | ".join(f"`{v}`" if v else "" for v in row) + " |" for k, row in diff.iterrows()]
+        lines.append("")
     for label, run_dir in zip(runs, run_dirs):
         lines += [f"## `{label}` ({run_dir})", "", *markdown_metric_table(summaries[label]), ""]
-    lines += ["![comparison](comparison.png)", ""]
+    if len(tests):
+        lines += [f"## Paired tests against `{next(iter(runs))}`", "", f"{TEST_NAME}; marked where the adjusted "
+                  f"p-value is below {ALPHA}.", "", "| explainer | metric | run | n | mean difference | p (Holm) | "
+                  "verdict |", "|---|---|---|---|---|---|---|"]
+        for _, t in tests.iterrows():
+            p = f"{t['p_holm']:.2g}" if np.isfinite(t["p_holm"]) else "–"
+            lines.append(f"| `{t['explainer']}` | {t['metric']} | `{t['run']}` | {int(t['n'])} | "
+                         f"{t['mean_difference']:+.4f} | {p} | {t['verdict']} |")
+        lines.append("")
+    lines += ["![comparison](comparison.png)", ""] + (["![maps](comparison_maps.png)", ""] if maps else [])
     (out / "summary.md").write_text("\n".join(lines))
     return page

@@ -337,7 +337,14 @@ def test_report_compares_runs_side_by_side(reference_run, tmp_path, prefect_serv
     cells = row.split("<td")[3:]
     assert len(cells) == 2 and cells[0].split("<br>")[0][-5:] == cells[1].split("<br>")[0][-5:]
     assert "grad_cam" in page and (tmp_path / "cmp" / "comparison.png").stat().st_size > 5_000
-    assert "`other`" in (tmp_path / "cmp" / "summary.md").read_text()
+    # the same samples, model, data and evaluation: no warning; identical saliency scores are
+    # never marked (the paired test has nothing to test); the settings that differ are listed
+    assert "class='warn'" not in page and "all gradient" not in page
+    assert "no difference (n = 24)" in cells[1] and "best" not in row
+    assert "Wilcoxon signed-rank" in page and "neurons.enabled" in page and "explain.explainers" in page
+    assert (tmp_path / "cmp" / "comparison_maps.png").stat().st_size > 5_000
+    md = (tmp_path / "cmp" / "summary.md").read_text()
+    assert "`other`" in md and "## Paired tests against `small`" in md and "> **Warning:**" not in md
 
 
 def test_report_escapes_user_strings(reference_run, tmp_path) -> None:
