@@ -30,11 +30,14 @@ class RunFailedError(RuntimeError):
     """Some shards failed; finished shards are kept and a rerun does only the rest."""
 
 
-def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]]) -> list[str]:
-    """Wait for futures with a progress bar; names of the ones that failed."""
+def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], started: float) -> list[str]:
+    """Wait for futures with a progress bar (on a terminal); then one line in the flow run's
+    log (shown by the Prefect UI and on the console, terminal or not) with the counts and the
+    seconds since the run started; names of the tasks that failed."""
+    from prefect import get_run_logger
+
     items = list(futures)
     failed = []
-    t0 = time.perf_counter()
     with tqdm(total=len(items), desc=stage, unit="shard", file=sys.stderr, disable=None) as bar:
         for label, fut in items:
             fut.wait()
@@ -42,11 +45,19 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]]) -> l
             if not state.is_completed():
                 failed.append(f"{label} ({state.name}: {state.message or ''})".strip())
             bar.update(1)
-        if bar.disable and items:  # no terminal (a log file, a batch job): one line per stage instead
-            print(f"{stage}: {len(items) - len(failed)}/{len(items)} shard task(s) done"
-                  f"{f', {len(failed)} failed' if failed else ''} (waited {time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
+    if items:
+        get_run_logger().info(
+            f"{stage}: {len(items) - len(failed)}/{len(items)} shard task(s) done"
+            f"{f', {len(failed)} failed' if failed else ''} ({time.perf_counter() - started:.1f} s into the run)")
     return failed
+
+
+def run_tags(config: RunConfig) -> list[str]:
+    """The Prefect tags of a run's flow run: its name, model and explainers."""
+    model = config.model
+    source = model.factory or model.program or model.arch
+    return [f"run:{config.name}", f"model:{source}", *dict.fromkeys(f"explainer:{e.method}"
+                                                                     for e in config.explain.explainers)]
 
 
 def make_task_runner(runner: RunnerConfig) -> Any:
@@ -67,7 +78,20 @@ def make_task_runner(runner: RunnerConfig) -> Any:
 
 def execute(config: RunConfig, run_dir: str) -> dict[str, Any]:
     """Run (or resume) ``config`` into ``run_dir`` on the task runner its ``runner`` names."""
-    return run_experiment.with_options(task_runner=make_task_runner(config.runner))(config, run_dir)
+    import logging
+
+    from prefect import tags
+
+    # the stage lines are INFO records of the flow run's logger: shown in the UI and on the
+    # console even where the CLI quiets Prefect (PREFECT_LOGGING_LEVEL=WARNING hides the
+    # per-task chatter, which stays hidden)
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    if flow_logger.getEffectiveLevel() > logging.INFO:
+        flow_logger.setLevel(logging.INFO)
+    named = run_experiment.with_options(task_runner=make_task_runner(config.runner),
+                                        flow_run_name=f"{config.name}-{config.digest()[:8]}")
+    with tags(*run_tags(config)):
+        return named(config, run_dir)
 
 
 @flow(name="attriflow-run", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
@@ -95,6 +119,7 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
     retry = {"retries": config.runner.retries, "retry_delay_seconds": config.runner.retry_delay_seconds}
     load_task, explain_task, neurons_task, evaluate_task, sanity_task = (
         t.with_options(**retry) for t in (load_shard, explain_shard, select_neurons, evaluate_shard, sanity_check))
+    started = time.perf_counter()
     with run_lock(Path(run_dir)):
         plan = prepare_run(config_json, run_dir)
         shards = [Shard(*s) for s in plan["shards"]]
@@ -116,13 +141,17 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
             e: sanity_task.submit(config_json, run_dir, e, wait_for=[explains[(e, s.index)] for s in first])
             for e in plan["explainers"] if config.sanity.enabled
         }
-        failed = _collect("load", ((f"load shard {i}", f) for i, f in loads.items()))
-        failed += _collect("explain", ((f"explain {e} shard {i}", f) for (e, i), f in explains.items()))
-        failed += _collect("neurons", ((f"neurons shard {i}", f) for i, f in neurons.items()))
-        failed += _collect("evaluate", ((f"evaluate {e} shard {i}", f) for (e, i), f in evals.items()))
-        failed += _collect("sanity", ((f"sanity {e}", f) for e, f in sanity.items()))
+        failed = _collect("load", ((f"load shard {i}", f) for i, f in loads.items()), started)
+        failed += _collect("explain", ((f"explain {e} shard {i}", f) for (e, i), f in explains.items()), started)
+        failed += _collect("neurons", ((f"neurons shard {i}", f) for i, f in neurons.items()), started)
+        failed += _collect("evaluate", ((f"evaluate {e} shard {i}", f) for (e, i), f in evals.items()), started)
+        failed += _collect("sanity", ((f"sanity {e}", f) for e, f in sanity.items()), started)
         wait([*evals.values(), *sanity.values()])
         report = write_report(run_dir)
+        from prefect import get_run_logger
+
+        get_run_logger().info(f"report: {Path(report).with_name('index.html')} "
+                              f"({time.perf_counter() - started:.1f} s into the run)")
         counts: dict[str, dict[str, int]] = {}
         stages: tuple[tuple[str, dict[Any, PrefectFuture[Any]]], ...] = (
             ("load", loads), ("explain", explains), ("neurons", neurons), ("evaluate", evals),

@@ -24,24 +24,47 @@ def artifact_key(name: str, suffix: str) -> str:
     return f"{slug}-{suffix}"
 
 
+def artifact_markdown(summary_md: str, report_dir: Path) -> str:
+    """The Markdown summary for a Prefect artifact: a browser showing the artifact cannot
+    resolve the figures' relative paths, so each figure becomes a link to its file (which
+    exists: the report wrote it) and the page starts with the self-contained HTML report's
+    location."""
+    base = report_dir.resolve()
+
+    def link(m: re.Match[str]) -> str:
+        return f"[figure: {m.group(1)}]({(base / m.group(2)).as_uri()})"
+
+    text = re.sub(r"!\[([^\]]*)\]\(([^)/:]+\.png)\)", link, summary_md)
+    return f"Full report (self-contained HTML, figures embedded): {(base / 'index.html').as_uri()}\n\n{text}"
+
+
+def artifact_table(summary: Any) -> list[dict[str, Any]]:
+    """Rows of the metric artifact: per (family, explainer or sub-total, metric) the mean,
+    its bootstrap interval (``low``, ``high``), the number of samples and the best mark;
+    non-finite numbers as None (JSON)."""
+    cols = ["family", "explainer", "metric", "mean", "low", "high", "n", "best"]
+    rows = summary[cols].to_dict(orient="records")
+    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
+
+
 @shard_task(name="write-report", cache_policy=NO_CACHE)
 def write_report(run_dir: str) -> str:
     """Regenerate ``RUN_DIR/report/`` from the store alone and publish the summary as
-    Prefect artifacts (markdown and table) under stable keys ``<run name>-summary`` and
-    ``<run name>-metrics``, so the Prefect UI shows it."""
+    Prefect artifacts under stable keys: ``<run name>-summary`` (:func:`artifact_markdown`)
+    and ``<run name>-metrics`` (:func:`artifact_table`: means with their intervals), so the
+    Prefect UI shows it."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from attriflow.analysis.report import metric_summary, wide_table
+    from attriflow.analysis.report import metric_summary
 
     path = render_report(run_dir)
     ds = storage.open_current(store_path(run_dir))
     name = json.loads(ds.attrs["manifest"])["name"]
-    create_markdown_artifact(path.read_text(), key=artifact_key(name, "summary"),
+    create_markdown_artifact(artifact_markdown(path.read_text(), path.parent), key=artifact_key(name, "summary"),
                              description=f"attriflow report of {run_dir}")
-    rows = wide_table(metric_summary(ds)).reset_index().to_dict(orient="records")
-    table = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
-    create_table_artifact(table, key=artifact_key(name, "metrics"),
-                          description="mean score per explainer and family sub-total, in taxonomy order")
+    create_table_artifact(artifact_table(metric_summary(ds)), key=artifact_key(name, "metrics"),
+                          description="mean score and bootstrap interval per explainer (and family sub-total), "
+                                      "in taxonomy order")
     return str(path)
 
 

@@ -56,6 +56,18 @@ def test_killed_during_analysis_then_report_resumes_to_the_same_store(reference_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "explain: 0 computed, 6 reused" in resumed.stdout
     assert "evaluate: 0 computed, 6 reused" in resumed.stdout  # the second run finished them
+    # without a terminal: one line per stage on the console, and in the flow run's log in the UI
+    assert "explain: 6/6 shard task(s) done" in resumed.stderr and "report: " in resumed.stderr
+    import httpx
+
+    from attriflow.tasks.config import parse_config
+
+    name = f"small-{parse_config(SMALL).digest()[:8]}"
+    runs = httpx.post(f"{prefect_server}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}},
+                      timeout=30).json()
+    logs = httpx.post(f"{prefect_server}/logs/filter", timeout=30, json={
+        "logs": {"flow_run_id": {"any_": [r["id"] for r in runs]}}, "limit": 200}).json()
+    assert any(m["message"].startswith("explain: 6/6 shard task(s) done") for m in logs)
     _same_store(run_dir, reference_run)
     assert (run_dir / "report" / "index.html").stat().st_size > 100_000
 

@@ -276,9 +276,26 @@ def test_report_is_published_as_prefect_artifacts(reference_run, prefect_server)
             "limit": 10, "offset": 0, "sort": "CREATED_DESC"}
     found = httpx.post(f"{prefect_server}/artifacts/filter", json=body, timeout=30).json()
     by_key = {a["key"]: a for a in found}
-    assert "| **cam** | `grad_cam` |" in by_key["small-summary"]["data"]
+    summary = by_key["small-summary"]["data"]
+    assert "| **cam** | `grad_cam` |" in summary
+    # no figure path the UI cannot resolve: every figure is a link to a file that exists
+    import re
+    from urllib.parse import unquote, urlparse
+
+    assert not re.search(r"!\[[^\]]*\]\((?!file:)", summary)
+    links = re.findall(r"\((file://[^)]+)\)", summary) + re.findall(r"(file://\S+index\.html)", summary)
+    assert len(links) >= 5 and all(Path(unquote(urlparse(u).path)).is_file() for u in links)
     assert by_key["small-metrics"]["type"] == "table"
-    assert "grad_cam" in str(by_key["small-metrics"]["data"])
+    rows = json.loads(by_key["small-metrics"]["data"]) if isinstance(by_key["small-metrics"]["data"], str) \
+        else by_key["small-metrics"]["data"]
+    row = next(r for r in rows if r["explainer"] == "grad_cam" and r["metric"] == "deletion_auc")
+    assert row["low"] <= row["mean"] <= row["high"] and row["n"] == 24  # the interval is kept
+    # the flow run is named after the run and its config, and tagged
+    cfg = parse_config(SMALL)
+    name = f"small-{cfg.digest()[:8]}"
+    runs = httpx.post(f"{prefect_server}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}},
+                      timeout=30).json()
+    assert runs and {"run:small", "model:reference", "explainer:saliency", "explainer:grad_cam"} <= set(runs[0]["tags"])
 
 
 def test_sanity_check_separates_an_edge_detector_from_grad_cam(prefect_server, tmp_path) -> None:
