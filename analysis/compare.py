@@ -7,7 +7,9 @@ Pure functions on run stores (``xarray.Dataset`` views as the report reads them)
   ``sample_key``: name and content digest), by the Wilcoxon signed-rank test
   (``scipy.stats.wilcoxon``, two-sided; pairs with a zero difference are dropped, so a
   hit-or-miss metric reduces to the sign test of its discordant pairs), each later run
-  against the first, Holm-corrected over the runs compared in one row;
+  against the first, Holm-corrected over every test of the comparison (explainers x metrics
+  x runs), the direction of a difference being the test's own (the larger signed-rank sum),
+  not the sign of the mean difference;
 * :func:`comparison_warnings`: what makes the numbers of two runs incomparable (other
   samples, model, data, image size or evaluation settings);
 * :func:`config_diff`: the settings that differ, as dotted keys.
@@ -26,7 +28,8 @@ import xarray as xr
 ALPHA = 0.05
 #: Fewer non-zero paired differences than this cannot reach ALPHA two-sided: no test.
 MIN_PAIRS = 6
-TEST_NAME = "Wilcoxon signed-rank (two-sided, paired over shared samples, Holm-corrected over runs)"
+TEST_NAME = ("Wilcoxon signed-rank (two-sided, paired over shared samples, Holm-corrected over every explainer, "
+             "metric and run compared)")
 
 
 def _manifest(ds: xr.Dataset) -> dict[str, Any]:
@@ -66,11 +69,12 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
         ``explainer, metric, run, reference, n`` (pairs with both scores finite), ``nonzero``
         (pairs that differ),
         ``mean_difference`` (run minus reference over those pairs), ``p`` (Wilcoxon
-        signed-rank, NaN with fewer than :data:`MIN_PAIRS` non-zero differences),
-        ``p_holm`` and ``verdict``: ``better`` / ``worse`` (Holm-adjusted p below
-        :data:`ALPHA`, in the metric's direction), ``no difference`` or ``too few pairs``.
+        signed-rank, NaN with fewer than :data:`MIN_PAIRS` non-zero differences), ``up``
+        (the positive differences' rank sum is the larger), ``p_holm`` (over all rows) and
+        ``verdict``: ``better`` / ``worse`` (Holm-adjusted p below :data:`ALPHA`, the
+        direction ``up`` read in the metric's sense), ``no difference`` or ``too few pairs``.
     """
-    from scipy.stats import wilcoxon
+    from scipy.stats import rankdata, wilcoxon
 
     labels = list(runs)
     ref_label, ref = labels[0], runs[labels[0]]
@@ -103,18 +107,19 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
                 if not ok.any():
                     continue
                 d = b[ok] - a[ok]
-                p = float("nan")
-                if np.count_nonzero(d) >= MIN_PAIRS:
+                p, up = float("nan"), False
+                nz = d[d != 0]
+                if len(nz) >= MIN_PAIRS:
                     p = float(wilcoxon(b[ok], a[ok], zero_method="wilcox", alternative="two-sided").pvalue)
+                    ranks = rankdata(np.abs(nz))
+                    up = bool(ranks[nz > 0].sum() > ranks[nz < 0].sum())  # the test's own direction
                 rows.append({"explainer": name, "metric": metric, "run": label, "reference": ref_label,
                              "n": int(ok.sum()), "nonzero": int(np.count_nonzero(d)),
-                             "mean_difference": float(d.mean()), "p": p,
+                             "mean_difference": float(d.mean()), "p": p, "up": up,
                              "higher_is_better": better.get(metric, True)})
     df = pd.DataFrame(rows, columns=["explainer", "metric", "run", "reference", "n", "nonzero", "mean_difference",
-                                     "p", "higher_is_better"])
-    df["p_holm"] = np.nan
-    for _, part in df.groupby(["explainer", "metric"], sort=False):
-        df.loc[part.index, "p_holm"] = _holm(list(part["p"]))
+                                     "p", "up", "higher_is_better"])
+    df["p_holm"] = _holm(list(df["p"]))  # over every test of the table: explainers, metrics and runs
     verdicts = []
     for _, r in df.iterrows():
         if not np.isfinite(r["p_holm"]):
@@ -122,8 +127,7 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
         elif r["p_holm"] >= ALPHA:
             verdicts.append("no difference")
         else:
-            up = r["mean_difference"] > 0
-            verdicts.append("better" if up == bool(r["higher_is_better"]) else "worse")
+            verdicts.append("better" if bool(r["up"]) == bool(r["higher_is_better"]) else "worse")
     df["verdict"] = verdicts
     return df
 

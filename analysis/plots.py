@@ -83,7 +83,8 @@ def plot_metric_distributions(ds: xr.Dataset, summary: pd.DataFrame | None = Non
     with its bootstrap interval (``summary``: :func:`metric_summary` of ``ds``, computed
     when not given). The family legend sits outside the panels."""
     df = score_frame(ds)
-    metrics = [str(m) for m in ds["metric"].values if str(m) in set(df["metric"])]
+    scored = set(df["metric"])
+    metrics = [str(m) for m in ds["metric"].values if str(m) in scored]
     better = dict(zip((str(m) for m in ds["metric"].values), ds["higher_is_better"].values))
     order = _ordered_names(ds)
     palette = family_palette(ds)
@@ -103,8 +104,8 @@ def plot_metric_distributions(ds: xr.Dataset, summary: pd.DataFrame | None = Non
             for x, e in enumerate(shown):
                 r = part.loc[e]
                 ax.bar(x, r["mean"], color=colour[e], width=0.6)
-                ax.errorbar(x, r["mean"], yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], color="black",
-                            linewidth=0.9, capsize=2)
+                ax.errorbar(x, r["mean"], yerr=[[max(0.0, r["mean"] - r["low"])], [max(0.0, r["high"] - r["mean"])]],
+                            color="black", linewidth=0.9, capsize=2)
             ax.set_xticks(range(len(shown)), shown)
             percent = metric.startswith("increase")
             ax.set_ylim(0, 100 if percent else 1)
@@ -344,23 +345,23 @@ def plot_comparison_maps(runs: dict[str, xr.Dataset], n_samples: int = 2, max_ex
     map divided by its own max|a|. None when the runs share no sample or no explainer."""
     labels = list(runs)
 
-    def keys(ds: xr.Dataset) -> list[str]:
-        return [str(k) for k in ds["sample_key" if "sample_key" in ds.coords else "sample_name"].values]
-
-    shared_keys = [k for k in keys(runs[labels[0]]) if all(k in keys(ds) for ds in runs.values())][:n_samples]
+    keys = {label: [str(k) for k in ds["sample_key" if "sample_key" in ds.coords else "sample_name"].values]
+            for label, ds in runs.items()}
+    position = {label: {k: i for i, k in reversed(list(enumerate(ks)))} for label, ks in keys.items()}
+    shared_keys = [k for k in keys[labels[0]] if all(k in position[label] for label in labels)][:n_samples]
     names = [str(e) for e in runs[labels[0]]["explainer"].values]
     shared_names = [e for e in names if all(e in [str(x) for x in ds["explainer"].values] for ds in runs.values())]
     shared_names = shared_names[:max_explainers]
     if not shared_keys or not shared_names:
         return None
-    maps = {(label, e, k): np.asarray(ds["attribution"].sel(explainer=e).isel(sample=keys(ds).index(k)).values,
+    maps = {(label, e, k): np.asarray(ds["attribution"].sel(explainer=e).isel(sample=position[label][k]).values,
                                       dtype=np.float64)
             for label, ds in runs.items() for e in shared_names for k in shared_keys}
     rows = [(k, e) for k in shared_keys for e in shared_names]
     fig, axes = plt.subplots(len(rows), len(labels), figsize=(1.7 * len(labels) + 1.4, 1.7 * len(rows) + 0.6),
                              squeeze=False)
     for e in shared_names:
-        cmap, low = map_colouring(np.stack([v for (_, e2, _), v in maps.items() if e2 == e]))
+        cmap, low = map_colouring(np.concatenate([v.ravel() for (_, e2, _), v in maps.items() if e2 == e]))
         for r, (k, e2) in enumerate(rows):
             if e2 != e:
                 continue

@@ -9,6 +9,7 @@ generator seeded by (run seed, metric), so the report is reproducible and equal 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -86,11 +87,32 @@ def bootstrap_mean(values: np.ndarray, n_boot: int, confidence: float, seed: int
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    if n_boot * v.size <= _RESAMPLE_BLOCK:
+        means = v[_resamples(seed, n_boot, v.size)].mean(axis=1)
+    else:  # many samples: the resamples in blocks, so memory stays bounded
+        rng, means = np.random.default_rng(seed), np.empty(n_boot)
+        step = max(1, _RESAMPLE_BLOCK // v.size)
+        for b in range(0, n_boot, step):
+            k = min(step, n_boot - b)
+            means[b:b + k] = v[rng.integers(0, v.size, size=(k, v.size))].mean(axis=1)
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return float(v.mean()), float(lo), float(hi)
+
+
+#: Index matrices up to this many entries (32 MiB) are drawn whole and kept (four of them);
+#: larger bootstraps draw blocks of this size.
+_RESAMPLE_BLOCK = 2**22
+
+
+@functools.lru_cache(maxsize=4)
+def _resamples(seed: int, n_boot: int, size: int) -> np.ndarray:
+    """The bootstrap's indices (n_boot, size), drawn once per (seed, size): every explainer
+    of a metric with as many finite values is resampled the same way (the seed is per
+    metric), so the report draws them once, not once per explainer."""
+    out = np.random.default_rng(seed).integers(0, size, size=(n_boot, size))
+    out.setflags(write=False)
+    return out
 
 
 def _seed(*parts: Any) -> int:
@@ -137,21 +159,25 @@ def metric_summary(ds: xr.Dataset, options: ReportOptions | None = None) -> pd.D
     names = [str(e) for e in ds["explainer"].values]
     fams = [str(f) for f in ds["family"].values]
     keep = [m for m in range(len(metrics)) if np.isfinite(score[:, :, m]).any()]
-    rows = []
+    groups = []
     for family in family_order(ds):
         members = [i for i in explainer_order(ds) if fams[i] == family]
-        groups = [(names[i], False, score[i]) for i in members]
+        groups += [(family, names[i], False, score[i]) for i in members]
         if len(members) > 1:  # a one-member family's total is its explainer's row
-            groups.append((subtotal_label(family), True, np.concatenate([score[i] for i in members])))
-        for label, subtotal, values in groups:
-            for m in keep:
-                mean, lo, hi = bootstrap_mean(values[:, m], options.bootstrap, options.confidence,
-                                              _seed(options.seed, metrics[m]))
-                rows.append({
-                    "family": family, "explainer": label, "subtotal": subtotal, "metric": metrics[m],
-                    "category": category.get(metrics[m], ""), "higher_is_better": better[metrics[m]],
-                    "mean": mean, "low": lo, "high": hi, "n": int(np.isfinite(values[:, m]).sum()),
-                })
+            groups.append((family, subtotal_label(family), True, np.concatenate([score[i] for i in members])))
+    # metric by metric, so that the bootstrap's draws (seeded per metric) are made once
+    stats = {(g, m): bootstrap_mean(groups[g][3][:, m], options.bootstrap, options.confidence,
+                                    _seed(options.seed, metrics[m]))
+             for m in keep for g in range(len(groups))}
+    rows = []
+    for g, (family, label, subtotal, values) in enumerate(groups):
+        for m in keep:
+            mean, lo, hi = stats[(g, m)]
+            rows.append({
+                "family": family, "explainer": label, "subtotal": subtotal, "metric": metrics[m],
+                "category": category.get(metrics[m], ""), "higher_is_better": better[metrics[m]],
+                "mean": mean, "low": lo, "high": hi, "n": int(np.isfinite(values[:, m]).sum()),
+            })
     df = pd.DataFrame(rows, columns=["family", "explainer", "subtotal", "metric", "category",
                                      "higher_is_better", "mean", "low", "high", "n"])
     df["best"] = False

@@ -25,6 +25,13 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+# Run from a checkout (its root first on the path: ``python -m`` in the repository, a
+# notebook there), this folder holds only this file: the subpackages are the checkout's
+# sibling folders. Installed (wheel or editable), they are found as usual.
+_root = Path(__file__).resolve().parents[1]
+if not (Path(__file__).parent / "tasks").is_dir() and (_root / "tasks" / "__init__.py").is_file():
+    __path__.append(str(_root))  # noqa: F821 - a package's __path__
+
 #: public name -> (module, attribute), imported on first use
 _LAZY = {
     "get_explainer": ("attriflow.explainers.registry", "get_explainer"),

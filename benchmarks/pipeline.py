@@ -1,6 +1,6 @@
 """The default pipeline end to end: wall time per stage and the share outside model evaluation.
 
-Runs ``flows.run.execute`` on the default config (``configs/default.yaml``) in this process
+Runs ``attriflow.flows.run.execute`` on the default config (``configs/default.yaml``) in this process
 (re-executed once with the CLI's allocator settings) into a fresh run directory and records:
 
 * per stage, the summed seconds of its tasks (from each task's receipt; tasks of one stage

@@ -86,12 +86,17 @@ def execute(config: RunConfig, run_dir: str) -> dict[str, Any]:
     # console even where the CLI quiets Prefect (PREFECT_LOGGING_LEVEL=WARNING hides the
     # per-task chatter, which stays hidden)
     flow_logger = logging.getLogger("prefect.flow_runs")
+    level = flow_logger.level
     if flow_logger.getEffectiveLevel() > logging.INFO:
         flow_logger.setLevel(logging.INFO)
-    named = run_experiment.with_options(task_runner=make_task_runner(config.runner),
-                                        flow_run_name=f"{config.name}-{config.digest()[:8]}")
-    with tags(*run_tags(config)):
-        return named(config, run_dir)
+    run_name = f"{config.name}-{config.digest()[:8]}"
+    # a callable: Prefect formats a string name as a template ("{" in a run name)
+    named = run_experiment.with_options(task_runner=make_task_runner(config.runner), flow_run_name=lambda: run_name)
+    try:
+        with tags(*run_tags(config)):
+            return named(config, run_dir)
+    finally:
+        flow_logger.setLevel(level)  # as it was (a notebook's own logging settings)
 
 
 @flow(name="attriflow-run", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)

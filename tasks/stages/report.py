@@ -58,7 +58,7 @@ def write_report(run_dir: str) -> str:
     from attriflow.analysis.report import metric_summary
 
     path = render_report(run_dir)
-    ds = storage.open_current(store_path(run_dir))
+    ds = storage.open_current(store_path(run_dir), dask=False)
     name = json.loads(ds.attrs["manifest"])["name"]
     create_markdown_artifact(artifact_markdown(path.read_text(), path.parent), key=artifact_key(name, "summary"),
                              description=f"attriflow report of {run_dir}")
@@ -91,8 +91,10 @@ def _save(fig: Any, out: Path, name: str, caption: str, svg: bool = False) -> An
 
 
 #: Variables up to this size are read into memory once (the report reads them many times);
-#: larger ones (maps, curves, masks) stay lazy.
-SMALL_BYTES = 64 * 2**20
+#: larger ones (maps, masks, the neurons' unit boxes of which only a few images are drawn)
+#: stay lazy, so the report's memory does not grow with the number of samples beyond the
+#: per-sample tables.
+SMALL_BYTES = 16 * 2**20
 
 
 def _load_small(ds: Any) -> Any:
@@ -113,7 +115,7 @@ def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
     from attriflow.analysis.html import render_run_html
     from attriflow.analysis.report import ReportOptions, manifest_of, metric_summary
 
-    raw = storage.open_dataset(store_path(run_dir))
+    raw = storage.open_dataset(store_path(run_dir), dask=False)  # whole selections per zarr call
     options = ReportOptions.from_manifest(manifest_of(raw))
     vector = options.svg if svg is None else svg
 
@@ -178,7 +180,7 @@ def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Any] = {}
     for run_dir in run_dirs:
-        ds = storage.open_current(store_path(run_dir))
+        ds = storage.open_current(store_path(run_dir), dask=False)
         label = str(manifest_of(ds).get("name", Path(run_dir).name))
         if label in runs:
             label = f"{label} ({Path(run_dir).name})"
@@ -205,7 +207,8 @@ def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
         lines += [f"| `{k}` | " + " | ".join(f"`{v}`" if v else "" for v in row) + " |" for k, row in diff.iterrows()]
         lines.append("")
     for label, run_dir in zip(runs, run_dirs):
-        lines += [f"## `{label}` ({run_dir})", "", *markdown_metric_table(summaries[label]), ""]
+        own = summaries[label][~summaries[label]["subtotal"].astype(bool)]  # explainers only, as compared
+        lines += [f"## `{label}` ({run_dir})", "", *markdown_metric_table(own), ""]
     if len(tests):
         lines += [f"## Paired tests against `{next(iter(runs))}`", "", f"{TEST_NAME}; marked where the adjusted "
                   f"p-value is below {ALPHA}.", "", "| explainer | metric | run | n | mean difference | p (Holm) | "

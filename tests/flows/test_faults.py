@@ -108,7 +108,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path) -> None:
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from tasks.storage import run_lock\n"
+         "import sys, time; from pathlib import Path; from attriflow.tasks.storage import run_lock\n"
          "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(run_dir)],
         stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert holder.stdout.readline().strip() == "locked"

@@ -182,7 +182,7 @@ def test_changed_params_recompute_only_that_explainer(reference_run, tmp_path) -
 def test_locked_run_dir_is_refused_at_once(reference_run, prefect_server) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from tasks.storage import run_lock\n"
+         "import sys, time; from pathlib import Path; from attriflow.tasks.storage import run_lock\n"
          "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
          str(reference_run)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
@@ -340,14 +340,14 @@ def test_sanity_check_separates_an_edge_detector_from_grad_cam(prefect_server, t
 
 
 def test_report_compares_runs_side_by_side(reference_run, tmp_path, prefect_server) -> None:
-    other = {**SMALL, "name": "other", "neurons": {"enabled": False}, "sanity": {"enabled": False},
+    other = {**SMALL, "name": "other{x}", "neurons": {"enabled": False}, "sanity": {"enabled": False},
              "explain": {"batch_size": 8, "explainers": [{"method": "saliency"}]}}
     _run(other, tmp_path / "other")
     out = _cli(["report", str(reference_run), str(tmp_path / "other"), "--out", str(tmp_path / "cmp")], {},
                prefect_server)
     assert out.returncode == 0, out.stderr[-2000:]
     page = (tmp_path / "cmp" / "index.html").read_text()
-    assert "<code>small</code> vs <code>other</code>" in page
+    assert "<code>small</code> vs <code>other{x}</code>" in page  # braces: not a Prefect name template
     # saliency is in both runs (same data and model: same numbers), grad_cam only in the first
     row = page[page.index("<td class=\"name\">saliency</td><td class=\"name\">deletion_auc"):]
     row = row[: row.index("</tr>")]
@@ -361,7 +361,7 @@ def test_report_compares_runs_side_by_side(reference_run, tmp_path, prefect_serv
     assert "Wilcoxon signed-rank" in page and "neurons.enabled" in page and "explain.explainers" in page
     assert (tmp_path / "cmp" / "comparison_maps.png").stat().st_size > 5_000
     md = (tmp_path / "cmp" / "summary.md").read_text()
-    assert "`other`" in md and "## Paired tests against `small`" in md and "> **Warning:**" not in md
+    assert "`other{x}`" in md and "## Paired tests against `small`" in md and "> **Warning:**" not in md
 
 
 def test_report_escapes_user_strings(reference_run, tmp_path) -> None:

@@ -114,7 +114,7 @@ def test_a_finished_rerun_loads_neither_torch_nor_prefect(tmp_path) -> None:
     """The command line answers from the marker before importing anything heavy (the
     marker's key holds the working directory: the subprocess runs in this one)."""
     run_dir, _, cfg, _, _ = _finished_run(tmp_path)
-    code = ("import sys; from flows.cli import main; rc = main(['run', sys.argv[1], '--run-dir', sys.argv[2]]); "
+    code = ("import sys; from attriflow.flows.cli import main; rc = main(['run', sys.argv[1], '--run-dir', sys.argv[2]]); "
             "print('heavy:', sorted(m for m in ('torch', 'prefect', 'xarray', 'zarr') if m in sys.modules)); "
             "sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, str(cfg), str(run_dir)], capture_output=True, text=True,
