@@ -52,6 +52,17 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], star
     return failed
 
 
+def _tag_flow_run(names: list[str]) -> None:
+    """Tag the current flow run (not its task runs: Prefect checks every tagged task run
+    against tag concurrency limits, a server round trip and a lease per task, which cost
+    about 2 s per shard task on a local server)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, *names])
+
+
 def run_tags(config: RunConfig) -> list[str]:
     """The Prefect tags of a run's flow run: its name, model and explainers."""
     model = config.model
@@ -80,8 +91,6 @@ def execute(config: RunConfig, run_dir: str) -> dict[str, Any]:
     """Run (or resume) ``config`` into ``run_dir`` on the task runner its ``runner`` names."""
     import logging
 
-    from prefect import tags
-
     # the stage lines are INFO records of the flow run's logger: shown in the UI and on the
     # console even where the CLI quiets Prefect (PREFECT_LOGGING_LEVEL=WARNING hides the
     # per-task chatter, which stays hidden)
@@ -93,8 +102,7 @@ def execute(config: RunConfig, run_dir: str) -> dict[str, Any]:
     # a callable: Prefect formats a string name as a template ("{" in a run name)
     named = run_experiment.with_options(task_runner=make_task_runner(config.runner), flow_run_name=lambda: run_name)
     try:
-        with tags(*run_tags(config)):
-            return named(config, run_dir)
+        return named(config, run_dir)
     finally:
         flow_logger.setLevel(level)  # as it was (a notebook's own logging settings)
 
@@ -120,6 +128,7 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
     RunFailedError
         Naming the shards that failed (all others are complete and kept).
     """
+    _tag_flow_run(run_tags(config))
     config_json = config.model_dump_json()
     retry = {"retries": config.runner.retries, "retry_delay_seconds": config.runner.retry_delay_seconds}
     load_task, explain_task, neurons_task, evaluate_task, sanity_task = (

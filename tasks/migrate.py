@@ -6,8 +6,9 @@ decoded images; schema 3 identifies samples by key (name and content digest) and
 manifest, checks every stored record against the schema-2 formula for that config, and
 rewrites the records that hold under the schema-3 formulas, so finished work stays finished;
 a record that does not hold (an interrupted run's stale shard) is cleared and redone. Maps of
-stochastic explainers and neuron scores of file datasets are redone too: schema 3 seeds file
-samples from their name, not their position. The metadata files are copied to
+stochastic explainers of file datasets are redone too (schema 3 seeds file samples from their
+name, not their position), and every neuron score (its perturbations are now drawn in
+float32, ``analysis.neurons.NOISE_VERSION``). The metadata files are copied to
 ``RUN_DIR/store-v2-metadata/`` first.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 from attriflow.analysis.metrics import METRICS_VERSION
 from attriflow.tasks import storage
 from attriflow.tasks.runtime import array_digest, get_runtime
-from attriflow.tasks.stages import common, evaluate, explain, load, neurons, sanity
+from attriflow.tasks.stages import common, evaluate, explain, load, sanity
 from attriflow.tasks.stages.common import store_path
 
 
@@ -92,9 +93,8 @@ def migrate(run_dir: str | Path) -> dict[str, Any]:
         v2_load = _v2_load(rt, rt.source.load(shard.start, shard.stop))
         if old["load"][s] == v2_load:
             new["load"][s] = load.expected_record(rt, view.full_keys)
-        if "neurons" in old and not files and old["neurons"][s] == storage.digest64(
-                "neurons", v2_load, cfg.neurons.model_dump(mode="json"), cfg.seed, [list(x) for x in rt.neuron_layers]):
-            new["neurons"][s] = neurons.expected_record(rt, view.full_keys)
+        # neuron scores are not carried over: schema-2 stores drew their perturbations in
+        # float64 (NOISE_VERSION 1), so their shards are scored again
         for k, name in enumerate(names):
             v2_exp = storage.digest64("explain", v2_load, rt.explainers[name].digest(), cfg.seed,
                                       cfg.explain.target, *common.numerics(rt))

@@ -45,9 +45,12 @@ def _unit_boxes(model: torch.nn.Module, layers: list[str], image: torch.Tensor,
 
 def expected_record(rt: Any, keys: Sequence[str]) -> int:
     """The provenance digest of a finished neurons shard of samples ``keys``: their load
-    record, the stage's settings, the run seed and the layers scored."""
+    record, the stage's settings, the run seed, the layers scored and the version of the
+    perturbations' draws (``analysis.neurons.NOISE_VERSION``)."""
+    from attriflow.analysis.neurons import NOISE_VERSION
+
     return storage.digest64("neurons", load.expected_record(rt, keys), rt.config.neurons.model_dump(mode="json"),
-                            rt.config.seed, [list(x) for x in rt.neuron_layers])
+                            rt.config.seed, [list(x) for x in rt.neuron_layers], NOISE_VERSION)
 
 
 def candidates(rt: Any, view: common.ShardView) -> list[int]:
