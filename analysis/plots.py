@@ -382,36 +382,44 @@ def plot_comparison_maps(runs: dict[str, xr.Dataset], n_samples: int = 2, max_ex
     return fig
 
 
-def neuron_frame(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per (sample, unit): layer, both scores and which metric selected it."""
+def neuron_frame(ds: xr.Dataset, index: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per (sample, unit): layer, both scores and which metric selected it
+    (``index``: only these flat (sample * units + unit) positions)."""
     corr = ds["neuron_correlation"].values
-    prec = ds["neuron_precision"].values
-    sel_c = ds["selected_correlation"].values
-    sel_p = ds["selected_precision"].values
-    layer = np.asarray([str(v) for v in ds["unit_layer"].values])
     n, u = corr.shape
-    selection = np.select([sel_c & sel_p, sel_c, sel_p], ["both", "correlation", "precision"], "neither")
+    flat = np.arange(n * u) if index is None else np.asarray(index, dtype=np.int64)
+    sel_c = ds["selected_correlation"].values.ravel()[flat]
+    sel_p = ds["selected_precision"].values.ravel()[flat]
+    layer = np.asarray([str(v) for v in ds["unit_layer"].values])
+    prec = ds["neuron_precision"].values.ravel()[flat].astype(np.float64)
     return pd.DataFrame({
-        "sample": np.repeat(np.arange(n), u),
-        "layer": np.tile(layer, n),
-        "correlation": corr.ravel(),
-        "log10 precision": np.log10(np.clip(prec.ravel().astype(np.float64), 1e-12, 1e12)),
-        "selected by": selection.ravel(),
+        "sample": flat // u,
+        "layer": layer[flat % u],
+        "correlation": corr.ravel()[flat],
+        "log10 precision": np.log10(np.clip(prec, 1e-12, 1e12)),
+        "selected by": np.select([sel_c & sel_p, sel_c, sel_p], ["both", "correlation", "precision"], "neither"),
     })
 
 
 def plot_neuron_scatter(ds: xr.Dataset, max_points: int = 60_000) -> Figure:
     """Per layer: |correlation| against log10 precision of every channel and sample, coloured
     by the metric that selected it (channels without a finite score are left out). Beyond
-    ``max_points`` a seeded random subset of the unselected points is drawn (every selected
-    point is kept), so memory and time stay bounded as the number of images grows."""
-    df = neuron_frame(ds)
-    df = df[np.isfinite(df["correlation"]) & np.isfinite(df["log10 precision"])]
-    if len(df) > max_points:
-        chosen = df["selected by"] != "neither"
-        rest = df[~chosen]
-        keep = max(0, max_points - int(chosen.sum()))
-        df = pd.concat([df[chosen], rest.sample(n=min(keep, len(rest)), random_state=0)])
+    ``max_points`` a seeded random subset is drawn before any table is built, selected
+    points first (up to half of the budget), so memory and time stay bounded as the number
+    of images grows."""
+    corr = ds["neuron_correlation"].values.ravel()
+    prec = ds["neuron_precision"].values.ravel().astype(np.float64)
+    picked = ds["selected_correlation"].values.ravel() | ds["selected_precision"].values.ravel()
+    finite = np.isfinite(corr) & np.isfinite(np.log10(np.clip(prec, 1e-12, 1e12)))
+    chosen, rest = np.flatnonzero(finite & picked), np.flatnonzero(finite & ~picked)
+    rng = np.random.default_rng(0)
+    if len(chosen) + len(rest) > max_points:
+        if len(chosen) > max_points // 2:
+            chosen = np.sort(rng.choice(chosen, max_points // 2, replace=False))
+        keep = max_points - len(chosen)
+        if len(rest) > keep:
+            rest = np.sort(rng.choice(rest, keep, replace=False))
+    df = neuron_frame(ds, np.concatenate([chosen, rest]))
     layers = [str(v) for v in ds["layer"].values]
     cols = min(4, len(layers))
     rows = -(-len(layers) // cols)

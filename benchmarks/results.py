@@ -149,7 +149,8 @@ def bf16_table(bf16: dict, fp32: dict | None) -> list[str]:
 
 
 def main() -> None:
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
+            if not p.stem.startswith("scale-")}  # scale.py renders its own page (SCALE.md)
     merge(runs)
     peer_runs = {k: v for k, v in runs.items() if "rows" in v}
     for r in peer_runs.values():
