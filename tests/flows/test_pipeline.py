@@ -135,6 +135,19 @@ def test_report_figures_never_mislead(reference_run) -> None:
     assert "all gradient" not in page and "all cam" not in page
 
 
+def test_the_readme_store_analyses_run_on_a_real_store(reference_run) -> None:
+    """The README's "Five common analyses" block, run as written on a run's store."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Five common analyses"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    scope: dict = {}
+    exec(code.replace('"runs/default"', repr(str(reference_run))), scope)  # noqa: S102 - our own README
+    assert scope["picked"].dtype == bool and scope["picked"].sum() > 0
+
+
 def test_rerun_rewrites_nothing(reference_run) -> None:
     from attriflow.tasks.stages.plan import nothing_to_do, plan_run
 
