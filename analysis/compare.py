@@ -72,7 +72,10 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
         signed-rank, NaN with fewer than :data:`MIN_PAIRS` non-zero differences), ``up``
         (the positive differences' rank sum is the larger), ``p_holm`` (over all rows) and
         ``verdict``: ``better`` / ``worse`` (Holm-adjusted p below :data:`ALPHA`, the
-        direction ``up`` read in the metric's sense), ``no difference`` or ``too few pairs``.
+        direction ``up`` read in the metric's sense), ``not significant``, ``identical
+        scores``, ``too few pairs``, or ``not compared: other evaluation settings`` (the
+        runs' ``evaluate`` settings differ, so the same map scores differently: no test,
+        ``comparable`` False).
     """
     from scipy.stats import rankdata, wilcoxon
 
@@ -85,8 +88,10 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
     better = dict(zip(ref_metrics, (bool(b) for b in ref["higher_is_better"].values)))
     ref_score = np.asarray(ref["score"].values, dtype=np.float64)
     rows: list[dict[str, Any]] = []
+    ref_eval = _manifest(ref).get("config", {}).get("evaluate")
     for label in labels[1:]:
         other = runs[label]
+        comparable = _manifest(other).get("config", {}).get("evaluate") == ref_eval
         keys = _keys(other)
         shared = [(ref_pos[k], j) for j, k in enumerate(keys) if k in ref_pos]
         ri = np.array([a for a, _ in shared], dtype=np.int64)
@@ -109,23 +114,25 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
                 d = b[ok] - a[ok]
                 p, up = float("nan"), False
                 nz = d[d != 0]
-                if len(nz) >= MIN_PAIRS:
+                if comparable and len(nz) >= MIN_PAIRS:
                     p = float(wilcoxon(b[ok], a[ok], zero_method="wilcox", alternative="two-sided").pvalue)
                     ranks = rankdata(np.abs(nz))
                     up = bool(ranks[nz > 0].sum() > ranks[nz < 0].sum())  # the test's own direction
                 rows.append({"explainer": name, "metric": metric, "run": label, "reference": ref_label,
                              "n": int(ok.sum()), "nonzero": int(np.count_nonzero(d)),
-                             "mean_difference": float(d.mean()), "p": p, "up": up,
+                             "mean_difference": float(d.mean()), "p": p, "up": up, "comparable": comparable,
                              "higher_is_better": better.get(metric, True)})
     df = pd.DataFrame(rows, columns=["explainer", "metric", "run", "reference", "n", "nonzero", "mean_difference",
-                                     "p", "up", "higher_is_better"])
+                                     "p", "up", "comparable", "higher_is_better"])
     df["p_holm"] = _holm(list(df["p"]))  # over every test of the table: explainers, metrics and runs
     verdicts = []
     for _, r in df.iterrows():
-        if not np.isfinite(r["p_holm"]):
-            verdicts.append("too few pairs" if r["nonzero"] else "no difference")
+        if not r["comparable"]:
+            verdicts.append("not compared: other evaluation settings")
+        elif not np.isfinite(r["p_holm"]):
+            verdicts.append("too few pairs" if r["nonzero"] else "identical scores")
         elif r["p_holm"] >= ALPHA:
-            verdicts.append("no difference")
+            verdicts.append("not significant")
         else:
             verdicts.append("better" if bool(r["up"]) == bool(r["higher_is_better"]) else "worse")
     df["verdict"] = verdicts

@@ -36,23 +36,24 @@ from attriflow.analysis.report import (
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1400px;
-padding:1rem 2rem;color:#1d1d1f;background:#fff}
+padding:1rem 1rem;color:#1d1d1f;background:#fff}
 h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd}
 h3{font-size:1.05rem}
-table{border-collapse:collapse;font-size:.82rem;margin:.5rem 0}
-th,td{border:1px solid #ddd;padding:.25rem .45rem;text-align:right;white-space:nowrap}
-th{background:#f3f3f6;position:sticky;top:0}
-td.name,th.name{text-align:left}
+table{border-collapse:collapse;font-size:.78rem;margin:.5rem 0}
+th,td{border:1px solid #ddd;padding:.2rem .3rem;text-align:right;white-space:nowrap}
+th{background:#f3f3f6;position:sticky;top:0;white-space:normal;min-width:3.5rem}
+td.name,th.name{text-align:left;white-space:normal;overflow-wrap:anywhere;min-width:0}
+table.text td,table.text th{white-space:normal;overflow-wrap:anywhere;min-width:5rem;text-align:left}
 tr.subtotal td{background:#f7f7fa;font-style:italic}
 td.best{font-weight:700;background:#e7f6e7}
 td.best::after{content:" \\2605"}
 td.worse{background:#fbeaea}.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.4rem .8rem;margin:.4rem 0}
-.ci{color:#666;font-size:.75rem}
+.ci{color:#666;font-size:.7rem}
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85rem;color:#444}
 pre{background:#f6f8fa;padding:.6rem;overflow:auto;font-size:.78rem}
 nav a{margin-right:1rem}
-.family{border-left:6px solid var(--fam,#999);padding-left:1rem}
+.family{border-left:6px solid var(--fam,#999);padding-left:.6rem}
 .wrap{overflow-x:auto}
 """
 
@@ -74,8 +75,9 @@ def img(fig: Figure) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] = (),
-          name_cols: int = 1) -> str:
-    """An HTML table; cells are already-escaped HTML fragments."""
+          name_cols: int = 1, text: bool = False) -> str:
+    """An HTML table; cells are already-escaped HTML fragments (``text``: every cell is
+    text that wraps, as in provenance tables, instead of unbroken numbers)."""
     head = "".join(f'<th class="name">{h}</th>' if i < name_cols else f"<th>{h}</th>" for i, h in enumerate(headers))
     body = []
     for r, row in enumerate(rows):
@@ -87,7 +89,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Se
             else:
                 cells.append(f'<td class="name">{cell}</td>' if i < name_cols else f"<td>{cell}</td>")
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    return f'<div class="wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    cls = ' class="text"' if text else ""
+    return f'<div class="wrap"><table{cls}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _cell(row: pd.Series) -> tuple[str, str]:
@@ -101,7 +104,9 @@ def metric_table_html(summary: pd.DataFrame, families: Sequence[str] | None = No
     """The metric table (mean and interval per metric), family rows then sub-total."""
     metrics = list(dict.fromkeys(summary["metric"]))
     better = dict(zip(summary["metric"], summary["higher_is_better"]))
-    headers = ["family", "explainer", *[f"{escape(m)} {'↑' if better[m] else '↓'}" for m in metrics]]
+    # metric names break after their underscores, so eleven metric columns fit 1400 px
+    headers = ["family", "explainer",
+               *[f"{escape(m).replace('_', '_<wbr>')} {'↑' if better[m] else '↓'}" for m in metrics]]
     rows, classes = [], []
     part = summary if families is None else summary[summary["family"].isin(families)]
     for (family, explainer), group in part.groupby(["family", "explainer"], sort=False):
@@ -149,7 +154,7 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
                ("provenance", "Provenance"), ("metrics", "Metrics"), ("families", "Families"),
                ("maps", "Maps"), ("cost", "Cost"), ("sanity", "Sanity check"), ("neurons", "Neurons"))) + "</nav>"]
     out.append("<h2 id='provenance'>Provenance</h2>")
-    out.append(table(["field", "value"], [[escape(k), escape(v)] for k, v in provenance(ds)], name_cols=2))
+    out.append(table(["field", "value"], [[escape(k), escape(v)] for k, v in provenance(ds)], name_cols=2, text=True))
     out.append("<details><summary>resolved configuration</summary><pre>"
                + escape(json.dumps(manifest.get("config", {}), indent=2, sort_keys=True)) + "</pre></details>")
     pct = round(options.confidence * 100)
@@ -175,7 +180,7 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
             if info.get("family") == family:
                 rows.append([escape(label), escape(str(info.get("method", ""))),
                              f"<code>{escape(json.dumps(info.get('params', {}), sort_keys=True))}</code>"])
-        out.append(table(["explainer", "method", "parameters"], rows, name_cols=3))
+        out.append(table(["explainer", "method", "parameters"], rows, name_cols=3, text=True))
         out.append(metric_table_html(summary, [family]))
         if family in family_figures:
             out.append(img(family_figures[family]))
@@ -243,11 +248,13 @@ def render_comparison_html(runs: dict[str, xr.Dataset], summaries: dict[str, pd.
     fields = [k for k, _ in provenance(next(iter(runs.values())))]
     prov = {lab: dict(provenance(ds)) for lab, ds in runs.items()}
     out.append(table(["field", *[escape(x) for x in labels]],
-                     [[escape(f), *[escape(prov[lab].get(f, "")) for lab in labels]] for f in fields]))
+                     [[escape(f), *[escape(prov[lab].get(f, "")) for lab in labels]] for f in fields],
+                     name_cols=1 + len(labels), text=True))  # every column wraps
     if diff is not None and len(diff):
         out.append("<h2 id='config'>Settings that differ</h2>")
         out.append(table(["setting", *[escape(x) for x in labels]],
-                         [[escape(k), *[escape(v) for v in row]] for k, row in diff.iterrows()], name_cols=1))
+                         [[escape(k), *[escape(v) for v in row]] for k, row in diff.iterrows()],
+                         name_cols=1 + len(labels), text=True))
     out.append("<h2 id='metrics'>Metrics</h2>")
     out.append(f"<p>Each explainer against itself, on the samples both runs scored; {escape(TEST_NAME)}; a cell "
                f"is marked better (&#9733;) or worse only where the adjusted p-value is below {ALPHA}. "

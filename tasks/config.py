@@ -175,6 +175,18 @@ class ModelConfig(_Strict):
                              f"got {self.factory!r}")
         if self.weights and self.random_init:
             raise ValueError("model: give either weights or random_init: true, not both")
+        if self.arch != "reference" and not self.arch.startswith("timm:") and not (self.factory or self.program):
+            import difflib
+
+            import torchvision  # a torchvision name: the unknown one is said before its missing weights
+
+            names = torchvision.models.list_models(module=torchvision.models)
+            if self.arch not in names:
+                close = difflib.get_close_matches(self.arch, names, n=5, cutoff=0.6)
+                raise ValueError(f"model.arch: unknown architecture {self.arch!r}; use 'reference', "
+                                 f"'timm:<name>' or a torchvision model name"
+                                 + (f" (did you mean {', '.join(map(repr, close))}?)" if close else
+                                    " (torchvision.models.list_models() lists them)"))
         if self.arch != "reference" and not self.weights and not self.random_init:
             raise ValueError(
                 "model.weights: a torchvision or timm architecture needs a local weights file "

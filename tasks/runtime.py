@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from attriflow.analysis.metrics.sanity import randomisation_units
-from attriflow.explainers import Explainer, UnsupportedModelError, get_explainer
+from attriflow.explainers import Explainer, LayerNotFoundError, UnsupportedModelError, get_explainer
 from attriflow.explainers._batching import auto_batch_size
 from attriflow.explainers._hooks import capture_outputs
 from attriflow.tasks.config import RunConfig
@@ -124,13 +124,16 @@ class Runtime:
 
 def _make_explainer(method: str, params: dict, module: torch.nn.Module, loaded: LoadedModel,
                     example: torch.Tensor, name: str | None = None) -> Explainer:
-    exp = get_explainer(method)(module, **params)
-    exp.normalization = (tuple(loaded.mean), tuple(loaded.std))
     try:
-        exp.check(example)  # a model the method cannot explain is refused before any work
-    except UnsupportedModelError as err:
-        raise UnsupportedModelError(f"explain.explainers[{name or method}]: {err}") from None
-    exp.resolve(example)  # automatic layers are fixed once and recorded with the params
+        exp = get_explainer(method)(module, **params)
+        exp.normalization = (tuple(loaded.mean), tuple(loaded.std))
+        try:
+            exp.check(example)  # a model the method cannot explain is refused before any work
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"explain.explainers[{name or method}]: {err}") from None
+        exp.resolve(example)  # automatic layers are fixed once and recorded with the params
+    except LayerNotFoundError as err:  # a configured layer the model does not have
+        raise LayerNotFoundError(f"explain.explainers[{name or method}].params.layer: {err}") from None
     return exp
 
 

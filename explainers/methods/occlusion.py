@@ -11,7 +11,7 @@ from torch import Tensor
 from attriflow.explainers._batching import iter_jobs
 from attriflow.explainers._numerics import working_dtype
 from attriflow.explainers._scores import ScoreKind, target_scores
-from attriflow.explainers.base import Explainer, ExplainerSpec, Family
+from attriflow.explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
 from attriflow.explainers.registry import register
 
 
@@ -56,6 +56,15 @@ class Occlusion(Explainer):
         needs_internals=False,
     )
     Params = OcclusionParams
+
+    def refuse(self, example: Tensor) -> None:
+        """A window larger than the image cannot slide over it: refused before any work,
+        naming the parameter."""
+        side = min(int(example.shape[-2]), int(example.shape[-1]))
+        if self.p.window > side:
+            raise UnsupportedModelError(
+                f"params.window: the occlusion window ({self.p.window} pixels) is larger than the "
+                f"image ({int(example.shape[-2])}x{int(example.shape[-1])}); use a window of at most {side}")
 
     @classmethod
     def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102

@@ -44,8 +44,8 @@ def test_a_planted_difference_is_found_on_shared_samples_in_any_order() -> None:
     assert tests.loc[("sal", "insertion_auc", "b"), "n"] == n  # the 5 new samples are not paired
     assert abs(tests.loc[("sal", "insertion_auc", "b"), "mean_difference"] - 0.05) < 0.002
     for metric in ("deletion_auc", "insertion_auc"):
-        assert tests.loc[("gc", metric, "b"), "verdict"] == "no difference"  # zero-mean noise only
-        assert tests.loc[("sal", metric, "c"), "verdict"] == "no difference"  # identical scores: no test
+        assert tests.loc[("gc", metric, "b"), "verdict"] == "not significant"  # zero-mean noise only
+        assert tests.loc[("sal", metric, "c"), "verdict"] == "identical scores"  # nothing to test
         assert np.isnan(tests.loc[("sal", metric, "c"), "p"])
     # the p-value is scipy's on the matched pairs, Holm-adjusted over the two runs compared
     pos = {k: i for i, k in enumerate(keys)}
@@ -63,7 +63,7 @@ def test_noise_alone_is_not_marked_and_few_pairs_are_not_tested() -> None:
     marked = 0
     for seed in range(20):  # independent noise: at most a few chance findings in 80 tests at 5 %
         other = _run(keys, ref["score"].values + np.random.default_rng(seed).normal(0, 0.1, (2, n, 2)))
-        marked += int((paired_tests({"a": ref, "b": other})["verdict"] != "no difference").sum())
+        marked += int(paired_tests({"a": ref, "b": other})["verdict"].isin(["better", "worse"]).sum())
     assert marked <= 2  # Holm over the table: at most 5 % of comparisons with any mark
     few = _run(keys[:4], ref["score"].values[:, :4] + 0.3)
     assert set(paired_tests({"a": ref, "b": few})["verdict"]) == {"too few pairs"}
@@ -104,5 +104,8 @@ def test_incomparable_runs_are_named_and_settings_diffed() -> None:
     text = " ".join(comparison_warnings({"a": ref, "b": other}))
     assert "different samples (6 shared of 8 and 10)" in text and "another model" in text
     assert "evaluated with other settings" in text
+    # other evaluation settings: the same maps score differently, so no verdict at all
+    shifted = _run(keys, score + 0.2, steps=8)
+    assert set(paired_tests({"a": ref, "b": shifted})["verdict"]) == {"not compared: other evaluation settings"}
     diff = config_diff({"a": ref, "b": other})
     assert list(diff.index) == ["evaluate.steps"] and diff.loc["evaluate.steps"].tolist() == ["32", "8"]

@@ -229,9 +229,16 @@ def test_unknown_layer_fails_before_any_work_listing_valid_ones(tmp_path, prefec
         {"method": "grad_cam", "params": {"layer": "block9"}}]}}))
     out = _cli(["run", str(cfg), "--run-dir", str(tmp_path / "run")], {}, prefect_server)
     assert out.returncode == 1
-    assert "unknown layer 'block9'" in out.stderr and "block4" in out.stderr
+    assert "explain.explainers[grad_cam].params.layer: unknown layer 'block9'" in out.stderr and "block4" in out.stderr
     assert "Traceback" not in out.stderr  # checked before Prefect starts: one clear line
     assert not (tmp_path / "run").exists()
+    # a parameter that cannot fit the image: the same, before any work (was a failed shard)
+    cfg.write_text(yaml.safe_dump({**SMALL, "explain": {"explainers": [
+        {"method": "occlusion", "params": {"window": 100}}]}}))
+    out = _cli(["run", str(cfg), "--run-dir", str(tmp_path / "run")], {}, prefect_server)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "attriflow: error: explain.explainers[occlusion]: params.window: the occlusion window (100 pixels)")
 
 
 def test_a_store_of_another_image_size_is_refused(reference_run) -> None:
@@ -370,11 +377,15 @@ def test_report_compares_runs_side_by_side(reference_run, tmp_path, prefect_serv
     # the same samples, model, data and evaluation: no warning; identical saliency scores are
     # never marked (the paired test has nothing to test); the settings that differ are listed
     assert "class='warn'" not in page and "all gradient" not in page
-    assert "no difference (n = 24)" in cells[1] and "best" not in row
+    assert "identical scores (n = 24)" in cells[1] and "best" not in row
     assert "Wilcoxon signed-rank" in page and "neurons.enabled" in page and "explain.explainers" in page
     assert (tmp_path / "cmp" / "comparison_maps.png").stat().st_size > 5_000
     md = (tmp_path / "cmp" / "summary.md").read_text()
     assert "`other{x}`" in md and "## Paired tests against `small`" in md and "> **Warning:**" not in md
+    import shutil
+
+    if shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome"):
+        _screenshot(_chromium(), tmp_path / "cmp" / "index.html", "comparison.png", "1400,1800", ink=0.01)
 
 
 def test_report_escapes_user_strings(reference_run, tmp_path) -> None:
@@ -418,8 +429,9 @@ PROBE = """<script>window.addEventListener('load', () => {
 const imgs = [...document.images];
 const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;
 const families = [...document.querySelectorAll('section.family')].map(s => s.dataset.family);
+const hidden = Math.max(0, ...[...document.querySelectorAll('.wrap')].map(w => w.scrollWidth - w.clientWidth));
 const pre = document.createElement('pre'); pre.id = 'probe';
-pre.textContent = JSON.stringify({images: imgs.length, broken, families});
+pre.textContent = JSON.stringify({images: imgs.length, broken, families, hidden});
 document.body.appendChild(pre);});</script>"""
 
 
@@ -433,9 +445,31 @@ def _browse(chromium: str, page: Path, *args: str) -> subprocess.CompletedProces
 def _probe(chromium: str, page: Path, extra: str = "") -> dict:
     probed = page.with_name("probe.html")
     probed.write_text(page.read_text().replace("</body>", extra + PROBE + "</body>"))
-    dom = _browse(chromium, probed, "--dump-dom").stdout
+    dom = _browse(chromium, probed, "--window-size=1400,2400", "--dump-dom").stdout
     start = dom.index('<pre id="probe">') + len('<pre id="probe">')
     return json.loads(dom[start: dom.index("</pre>", start)])
+
+
+def _screenshot(chromium: str, page: Path, name: str, size: str = "1400,2400", ink: float = 0.05) -> Path:
+    """A screenshot of ``page`` at ``size`` pixels, checked not blank; kept under
+    ``$ATTRIFLOW_SCREENSHOTS/<name>`` when that is set (how docs/ gets its pictures)."""
+    import os
+    import shutil
+
+    import matplotlib.image
+
+    shot = page.with_name(name)
+    out = _browse(chromium, page, f"--window-size={size}", f"--screenshot={shot}")
+    assert shot.exists(), out.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.std() > 0.05, "blank screenshot"
+    non_white = (pixels < 0.9).any(axis=-1).mean()
+    assert non_white > ink, f"only {non_white:.1%} of the screenshot is not white"
+    if os.environ.get("ATTRIFLOW_SCREENSHOTS"):
+        keep = Path(os.environ["ATTRIFLOW_SCREENSHOTS"])
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, keep / name)
+    return shot
 
 
 def test_report_renders_in_headless_chromium(reference_run, tmp_path) -> None:
@@ -444,25 +478,18 @@ def test_report_renders_in_headless_chromium(reference_run, tmp_path) -> None:
     screenshot is not blank."""
     import shutil
 
-    import matplotlib.image
-
     chromium = _chromium()
     page = tmp_path / "index.html"
     shutil.copy(reference_run / "report" / "index.html", page)  # no figure files next to it
     probe = _probe(chromium, page)
     assert probe["images"] >= 8 and probe["broken"] == 0, probe
+    assert probe["hidden"] == 0, probe  # every table readable at 1400 px: no column scrolled out of view
     families = sorted({str(f) for f in xr.open_zarr(reference_run / "store.zarr")["family"].values})
     assert sorted(probe["families"]) == families
     # the probe does see a broken image when there is one
     bad = _probe(chromium, page, '<img alt="bad" src="data:image/png;base64,AAAA">')
     assert bad["broken"] == 1
-    shot = tmp_path / "shot.png"
-    out = _browse(chromium, page, "--window-size=1280,2400", f"--screenshot={shot}")
-    assert shot.exists(), out.stderr[-2000:]
-    pixels = matplotlib.image.imread(shot)[..., :3]
-    assert pixels.std() > 0.05, "blank screenshot"
-    non_white = (pixels < 0.9).any(axis=-1).mean()
-    assert non_white > 0.05, f"only {non_white:.1%} of the screenshot is not white"
+    _screenshot(chromium, page, "report.png")
 
 
 def _clashing_folder(path: Path) -> Path:

@@ -37,6 +37,8 @@ def test_defaults_are_the_embedded_run() -> None:
         ({"explain": {"explainers": [{"method": "saliency"}, {"method": "saliency"}]}},
          "explain.explainers", "repeated: saliency"),
         ({"evaluate": {"steps": 0}}, "evaluate.steps", "greater than or equal to 1"),
+        # an unknown architecture is said before the weights it would also need
+        ({"model": {"arch": "resnet99"}}, "model", "unknown architecture 'resnet99'"),
     ],
 )
 def test_bad_field_is_named(raw, field, why) -> None:
