@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from attriflow.tasks.config import RunConfig, RunnerConfig
+from attriflow.tasks.runtime import failure_of, is_deterministic, retry_transient
 from attriflow.tasks.stages import (
     evaluate_shard,
     explain_shard,
@@ -30,10 +31,32 @@ class RunFailedError(RuntimeError):
     """Some shards failed; finished shards are kept and a rerun does only the rest."""
 
 
-def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], started: float) -> list[str]:
+def failure_message(failed: list[tuple[str, str]], retries: int) -> str:
+    """What failed and what to do, from (description, kind) pairs, kind one of
+    ``deterministic`` (an error a rerun would repeat: not retried; its cause must be fixed),
+    ``transient`` (still failing after the retries: "rerun to finish") and ``upstream`` (not
+    run because a task it waits for failed)."""
+    groups = {kind: [label for label, k in failed if k == kind] for kind in ("deterministic", "transient", "upstream")}
+    parts = [f"{len(failed)} shard task(s) did not finish; finished shards are kept"]
+    if groups["deterministic"]:
+        parts.append(f"{len(groups['deterministic'])} failed with an error that a rerun would repeat (not retried): "
+                     "fix its cause, then run the same command: " + "; ".join(groups["deterministic"]))
+    if groups["transient"]:
+        parts.append(f"{len(groups['transient'])} still failing after {retries} retr{'y' if retries == 1 else 'ies'}; "
+                     "rerun to finish: " + "; ".join(groups["transient"]))
+    if groups["upstream"]:
+        parts.append(f"{len(groups['upstream'])} not run because a task they wait for failed: "
+                     + "; ".join(groups["upstream"]))
+    return ". ".join(parts)
+
+
+def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], started: float
+             ) -> list[tuple[str, str]]:
     """Wait for futures with a progress bar (on a terminal); then one line in the flow run's
     log (shown by the Prefect UI and on the console, terminal or not) with the counts and the
-    seconds since the run started; names of the tasks that failed."""
+    seconds since the run started. Returns (description, kind) of each task that did not
+    finish, kind as :func:`failure_message` reads it (deterministic errors,
+    :func:`~attriflow.tasks.runtime.is_deterministic`, were not retried)."""
     from prefect import get_run_logger
 
     items = list(futures)
@@ -43,7 +66,9 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], star
             fut.wait()
             state = fut.state
             if not state.is_completed():
-                failed.append(f"{label} ({state.name}: {state.message or ''})".strip())
+                kind = ("deterministic" if state.is_failed() and is_deterministic(failure_of(state)) else
+                        "transient" if state.is_failed() or state.is_crashed() else "upstream")
+                failed.append((f"{label} ({state.name}: {state.message or ''})".strip(), kind))
             bar.update(1)
     if items:
         get_run_logger().info(
@@ -130,7 +155,8 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
     """
     _tag_flow_run(run_tags(config))
     config_json = config.model_dump_json()
-    retry = {"retries": config.runner.retries, "retry_delay_seconds": config.runner.retry_delay_seconds}
+    retry = {"retries": config.runner.retries, "retry_delay_seconds": config.runner.retry_delay_seconds,
+             "retry_condition_fn": retry_transient}  # errors a retry would repeat are not retried
     load_task, explain_task, neurons_task, evaluate_task, sanity_task = (
         t.with_options(**retry) for t in (load_shard, explain_shard, select_neurons, evaluate_shard, sanity_check))
     started = time.perf_counter()
@@ -178,8 +204,5 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
                 "failed": len(futs) - len(done),
             }
         if failed:
-            raise RunFailedError(
-                f"{len(failed)} shard task(s) failed; finished shards are kept, rerun to finish: "
-                + "; ".join(failed)
-            )
+            raise RunFailedError(failure_message(failed, config.runner.retries))
         return {"store": plan["store"], "report": report, "counts": counts}

@@ -17,6 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -299,23 +300,66 @@ def fault_point(name: str) -> None:
 
 
 class InjectedFault(RuntimeError):
-    """Raised by :func:`fault_raise` (tests of the retry policy and of failing shards)."""
+    """Raised by :func:`fault_raise` (tests of the retry policy and of failing shards): a
+    transient error, retried."""
+
+
+class InjectedInputError(ValueError):
+    """Raised by :func:`fault_raise` with ``:deterministic``: an error that a retry repeats."""
+
+
+#: Exceptions that a retry of the same task on the same inputs raises again: wrong
+#: parameters, shapes, names, refusals (the explainers' and the store's errors derive from
+#: ``ValueError`` or ``KeyError``). Anything else (``OSError``, ``MemoryError``, a lost worker,
+#: a ``RuntimeError`` such as out-of-memory on the device) may pass on a retry.
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, LookupError, AttributeError, NotImplementedError, ArithmeticError, AssertionError,
+    ImportError)
+
+
+def is_deterministic(exc: BaseException | None) -> bool:
+    """Whether ``exc`` would be raised again by a retry (see :data:`DETERMINISTIC_ERRORS`);
+    an exception whose ``__cause__`` is deterministic counts as deterministic."""
+    while exc is not None:
+        if isinstance(exc, DETERMINISTIC_ERRORS):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def failure_of(state: Any) -> BaseException | None:
+    """The exception a failed Prefect state holds, or None where it cannot be read."""
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return data
+    try:
+        out = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable result: treated as transient
+        return None
+    return out if isinstance(out, BaseException) else None
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed shard task unless its error is
+    deterministic (:func:`is_deterministic`): a retry would only repeat it, cost the task's
+    time again, and delay the message naming what to fix."""
+    return not is_deterministic(failure_of(state))
 
 
 def fault_raise(run_dir: str | Path, label: str) -> None:
-    """Fault injection for retry tests: ``ATTRIFLOW_RAISE=<label>:<times>`` makes the task
-    ``label`` (its task-run name, e.g. ``explain-grad_cam-1``) raise the first ``times``
-    times it runs (``always``: every time). Counted in ``RUN_DIR/.faults/`` so that
-    retries on other worker processes see the count."""
-    spec = os.environ.get("ATTRIFLOW_RAISE")
-    if not spec:
-        return
-    target, _, times = spec.rpartition(":")
-    if target != label:
-        return
-    counter = Path(run_dir) / ".faults" / label
-    counter.parent.mkdir(parents=True, exist_ok=True)
-    with counter.open("ab") as f:
-        f.write(b".")
-    if times == "always" or counter.stat().st_size <= int(times):
-        raise InjectedFault(f"injected fault in {label} (ATTRIFLOW_RAISE={spec})")
+    """Fault injection for retry tests: ``ATTRIFLOW_RAISE=<label>:<times>[:deterministic]``
+    makes the task ``label`` (its task-run name, e.g. ``explain-grad_cam-1``) raise the first
+    ``times`` times it runs (``always``: every time): :class:`InjectedFault` (transient), or
+    :class:`InjectedInputError` with ``:deterministic``. Several specs are separated by commas.
+    Counted in ``RUN_DIR/.faults/`` so that retries on other worker processes see the count."""
+    for spec in filter(None, os.environ.get("ATTRIFLOW_RAISE", "").split(",")):
+        target, times, kind = (spec.split(":") + ["transient"])[:3]
+        if target != label:
+            continue
+        counter = Path(run_dir) / ".faults" / label
+        counter.parent.mkdir(parents=True, exist_ok=True)
+        with counter.open("ab") as f:
+            f.write(b".")
+        if times == "always" or counter.stat().st_size <= int(times):
+            error = InjectedInputError if kind == "deterministic" else InjectedFault
+            raise error(f"injected fault in {label} (ATTRIFLOW_RAISE={spec})")

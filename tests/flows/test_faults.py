@@ -84,20 +84,28 @@ def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path,
     from attriflow.flows.run import RunFailedError
 
     run_dir = tmp_path / "run"
-    monkeypatch.setenv("ATTRIFLOW_RAISE", "explain-grad_cam-1:always")
+    # a transient error (retried) and one that a retry would repeat (a ValueError: not retried)
+    monkeypatch.setenv("ATTRIFLOW_RAISE", "explain-grad_cam-1:always,evaluate-saliency-2:always:deterministic")
     with pytest.raises(RunFailedError) as err:
         run({**SMALL, "runner": {"retries": 2}}, run_dir)
     message = str(err.value)
     assert "explain grad_cam shard 1 (Failed" in message and "InjectedFault" in message
     assert (run_dir / ".faults" / "explain-grad_cam-1").read_bytes() == b"..."  # 1 try + 2 retries
+    assert (run_dir / ".faults" / "evaluate-saliency-2").read_bytes() == b"."  # not retried
+    repeat, rerun, upstream = message.split(". ")[1:]
+    assert repeat.startswith("1 failed with an error that a rerun would repeat (not retried): fix its cause")
+    assert "evaluate saliency shard 2" in repeat and "InjectedInputError" in repeat
+    assert rerun.startswith("1 still failing after 2 retries; rerun to finish: explain grad_cam shard 1")
+    assert upstream.startswith("2 not run because a task they wait for failed: evaluate grad_cam shard 1")
     status = json.loads(cli(["status", str(run_dir), "--json"], {}, prefect_server).stdout)["stages"]
     assert status["explain"]["saliency"]["done"] == 3 and status["explain"]["grad_cam"]["done"] == 2
     assert status["evaluate"]["grad_cam"]["done"] == 2 and status["neurons"]["done"] == 3
+    assert status["evaluate"]["saliency"]["done"] == 2
     assert status["sanity"] == {"saliency": {"done": 1, "total": 1}, "grad_cam": {"done": 0, "total": 1}}
     monkeypatch.delenv("ATTRIFLOW_RAISE")
     result = run(SMALL, run_dir)
     assert result["counts"]["explain"] == {"computed": 1, "reused": 5, "failed": 0}
-    assert result["counts"]["evaluate"] == {"computed": 1, "reused": 5, "failed": 0}
+    assert result["counts"]["evaluate"] == {"computed": 2, "reused": 4, "failed": 0}
     assert result["counts"]["sanity"] == {"computed": 1, "reused": 1, "failed": 0}
     _same_store(run_dir, reference_run)
 
