@@ -413,13 +413,19 @@ class RunConfig(_Strict):
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per bad field, each naming its dotted path."""
-    lines = [f"invalid config {source}:"]
+    """``invalid config SOURCE: FIELD: what is wrong``: one line for one bad field, else one
+    line per bad field after the first, each naming its dotted path."""
+    lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc or '(top level)'}: {msg}")
-    return "\n".join(lines)
+        if loc and msg.startswith((f"{loc}.", f"{loc}:")):  # a model validator's message names the field itself
+            lines.append(msg)
+        else:
+            lines.append(f"{loc or '(top level)'}: {msg}")
+    if len(lines) == 1:
+        return f"invalid config {source}: {lines[0]}"
+    return "\n  ".join([f"invalid config {source}:", *lines])
 
 
 def parse_config(raw: Any, source: str = "<config>") -> RunConfig:

@@ -110,9 +110,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """
     if not path.is_file():
         raise ModelLoadError(
-            f"weights file {str(path)!r} not found. attriflow never downloads weights: put the "
-            "file there (for example a torchvision checkpoint saved with "
-            "torch.save(model.state_dict(), path)) or change model.weights in the config"
+            f"model.weights: file {str(path)!r} not found; attriflow never downloads weights: put the "
+            "file there (for example a checkpoint saved with torch.save(model.state_dict(), path)) "
+            "or change model.weights in the config"
         )
     if path.suffix == ".safetensors":
         try:

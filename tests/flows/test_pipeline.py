@@ -241,6 +241,29 @@ def test_unknown_layer_fails_before_any_work_listing_valid_ones(tmp_path, prefec
         "attriflow: error: explain.explainers[occlusion]: params.window: the occlusion window (100 pixels)")
 
 
+@pytest.mark.parametrize("section, expected", [
+    ({"model": {"arch": "resnet999"}}, "invalid config 'cfg.yaml': model.arch: unknown architecture 'resnet999'"),
+    ({"model": {"arch": "resnet18", "weights": "missing.pth"}}, "model.weights: file '"),
+    ({"model": {"factory": "missing.py:build"}}, "model.factory: file 'missing.py' not found"),
+    ({"data": {"kind": "imagefolder", "root": "missing"}}, "data.root: folder '"),
+    ({"data": {"kind": "manifest", "path": "missing.csv"}}, "data.path: file '"),
+])
+def test_each_early_error_is_one_line_naming_the_field(section, expected, tmp_path, monkeypatch, capsys) -> None:
+    """Checked from the config, the model and the data before Prefect starts: one
+    ``attriflow: error: <field>: ...`` line, no traceback, no run directory."""
+    from attriflow.flows import cli
+
+    for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "DASK_LOGGING__DISTRIBUTED"):
+        monkeypatch.delenv(key, raising=False)  # main() sets defaults: restored after the test
+    monkeypatch.chdir(tmp_path)
+    Path("cfg.yaml").write_text(yaml.safe_dump({**SMALL, **section}))
+    code = cli.main(["run", "cfg.yaml", "--run-dir", "run"])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and err.count("\n") == 1, err
+    assert err.startswith(f"attriflow: error: {expected}"), err
+    assert not Path("run").exists()
+
+
 def test_a_store_of_another_image_size_is_refused(reference_run) -> None:
     from attriflow.tasks.storage import StoreLayoutError
 
