@@ -254,7 +254,8 @@ def test_each_early_error_is_one_line_naming_the_field(section, expected, tmp_pa
     from attriflow.flows import cli
 
     for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "DASK_LOGGING__DISTRIBUTED"):
-        monkeypatch.delenv(key, raising=False)  # main() sets defaults: restored after the test
+        monkeypatch.setenv(key, "")  # main() sets defaults: restored (or removed) after the test
+        monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
     Path("cfg.yaml").write_text(yaml.safe_dump({**SMALL, **section}))
     code = cli.main(["run", "cfg.yaml", "--run-dir", "run"])
