@@ -196,7 +196,26 @@ def with_runner_options(cfg: Any, args: argparse.Namespace) -> Any:
 
 
 def _run_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int]] | None]:
-    """Run the flow; (exit code, per-stage counts of a run that finished)."""
+    """Run the flow; (exit code, per-stage counts of a run that finished). A first Ctrl-C
+    (SIGINT) lets the running shard tasks finish and exits 130 saying how to resume; a second
+    one exits at once."""
+    import signal
+    import threading
+
+    from attriflow.flows.run import INTERRUPTED, interrupt
+
+    INTERRUPTED.clear()
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():  # a Ctrl-C is noted even where it is swallowed
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        return _execute_flow(cfg, run_dir)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+
+
+def _execute_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int]] | None]:
     from attriflow.flows.run import RunFailedError, execute
     from attriflow.flows.server import ServerStartError, prefect_api
     from attriflow.tasks.runtime import planning_errors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,39 @@ from attriflow.tasks.stages import (
     write_report,
 )
 from attriflow.tasks.storage import Shard, run_lock
+
+
+#: Set by the CLI's SIGINT handler (:func:`interrupt`). The waits of the flow check it, so
+#: that a Ctrl-C whose ``KeyboardInterrupt`` was swallowed (raised inside a logging call
+#: of Prefect's, say) still stops the run at the next wait.
+INTERRUPTED = threading.Event()
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGINT handler of ``attriflow run``: note the interrupt, then raise
+    ``KeyboardInterrupt`` as Python's default handler does."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _wait(fut: PrefectFuture[Any]) -> None:
+    """``fut.wait()``, polling :data:`INTERRUPTED` twice a second.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        Once :data:`INTERRUPTED` is set.
+    """
+    inner = getattr(fut, "wrapped_future", None)
+    while not INTERRUPTED.is_set():
+        if inner is None:
+            fut.wait()
+            return
+        fut.wait(0.5)
+        if inner.done():
+            fut.wait()  # the future's final state, read from its result
+            return
+    raise KeyboardInterrupt
 
 
 class RunFailedError(RuntimeError):
@@ -63,7 +97,7 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], star
     failed = []
     with tqdm(total=len(items), desc=stage, unit="shard", file=sys.stderr, disable=None) as bar:
         for label, fut in items:
-            fut.wait()
+            _wait(fut)
             state = fut.state
             if not state.is_completed():
                 kind = ("deterministic" if state.is_failed() and is_deterministic(failure_of(state)) else

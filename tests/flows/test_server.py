@@ -138,3 +138,36 @@ def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path) -
     plan = plan_run(load_config(cfg).model_dump_json(), run_dir)
     assert plan["stages"]["load"] == {"computed": 0, "reused": 4}  # finished shards kept
     assert 0 < plan["stages"]["explain"]["computed"] < 8  # the interrupted work is what is left
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_next_wait() -> None:
+    """A SIGINT whose KeyboardInterrupt is caught somewhere else (inside a logging call, say)
+    is noted by the CLI's handler, and the flow's next wait on a shard raises it again."""
+    import concurrent.futures
+    import uuid
+
+    from prefect.futures import PrefectConcurrentFuture
+
+    from attriflow.flows.run import INTERRUPTED, _wait, interrupt
+
+    pending = PrefectConcurrentFuture(uuid.uuid4(), concurrent.futures.Future())
+    before = signal.signal(signal.SIGINT, interrupt)
+    INTERRUPTED.clear()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # swallowed
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            _wait(pending)
+        assert time.monotonic() - started < 2
+        # a future that is done is waited for as usual (no interrupt pending)
+        INTERRUPTED.clear()
+        finished = concurrent.futures.Future()
+        finished.set_result(None)
+        _wait(PrefectConcurrentFuture(uuid.uuid4(), finished))
+    finally:
+        signal.signal(signal.SIGINT, before)
+        INTERRUPTED.clear()
