@@ -20,6 +20,7 @@ import xarray as xr
 
 from attriflow.analysis.metrics.sanity import SIMILARITIES
 from attriflow.analysis.report import (
+    STAGE_COST_NOTE,
     ReportOptions,
     cost_table,
     coverage_note,
@@ -31,6 +32,8 @@ from attriflow.analysis.report import (
     neuron_rows,
     provenance,
     sanity_table,
+    share,
+    stage_costs,
     taxonomy,
 )
 
@@ -189,9 +192,16 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
     if "grid" in figures:
         out.append(img(figures["grid"]))
     out.append("<h2 id='cost'>Cost</h2>")
+    out.append(f"<p>{escape(STAGE_COST_NOTE)}</p>")
+    out.append(table(["stage", "task seconds", "seconds / image", "share", "timed tasks"],
+                     [[escape(str(r["stage"])), fmt(r["seconds"], 1), fmt(r["seconds_per_image"], 4),
+                       share(r["share"]), f"{r['timed']}/{r['tasks']}"]
+                      for _, r in stage_costs(ds).iterrows()], name_cols=1))
     cost = cost_table(ds)
-    out.append(table(["family", "explainer", "wall seconds / image", "forward passes / image", "backward passes / image"],
+    out.append(table(["family", "explainer", "explain s / image", "evaluate s / image", "sanity s",
+                      "forward passes / image", "backward passes / image"],
                      [[escape(str(r["family"])), escape(str(r["explainer"])), fmt(r.get("seconds_per_image", np.nan), 5),
+                       fmt(r.get("evaluate_seconds_per_image", np.nan), 5), fmt(r.get("sanity_seconds", np.nan), 2),
                        fmt(r.get("forward_per_image", np.nan), 1), fmt(r.get("backward_per_image", np.nan), 1)]
                       for _, r in cost.iterrows()], name_cols=2))
     if "cost" in figures:

@@ -202,22 +202,41 @@ def wide_table(summary: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def cost_table(ds: xr.Dataset) -> pd.DataFrame:
-    """Per explainer: wall seconds per image of the explain stage and forward / backward
-    passes per image (mean; NaN where the method could not count them)."""
-    manifest = manifest_of(ds)
-    n = ds.sizes["sample"]
-    shard = int(manifest.get("config", {}).get("shard_size", n)) or n
-    sizes = np.array([min(shard, n - s) for s in range(0, n, shard)], dtype=np.float64)
+STAGE_COST_NOTE = ("Wall seconds of each stage's tasks, summed (tasks that ran side by side each count): "
+                   "the explain stage's are the attributions alone, the others' include reading their inputs. "
+                   "Per explainer: attribution and evaluation seconds per image, the sanity check's seconds.")
+
+
+def _shard_sizes(ds: xr.Dataset) -> np.ndarray:
+    """The number of (configured) samples of each shard of ``ds``."""
     if "shard_samples" in ds.coords:  # a store's current view: the configured samples of each shard
-        sizes = np.asarray(ds["shard_samples"].values, dtype=np.float64)
+        return np.asarray(ds["shard_samples"].values, dtype=np.float64)
+    n = ds.sizes["sample"]
+    shard = int(manifest_of(ds).get("config", {}).get("shard_size", n)) or n
+    return np.array([min(shard, n - s) for s in range(0, n, shard)], dtype=np.float64)
+
+
+def _per_image(seconds: np.ndarray, sizes: np.ndarray) -> float:
+    """Seconds per image over the timed shards (NaN: none timed)."""
+    timed = np.isfinite(seconds)
+    return float(seconds[timed].sum() / sizes[timed].sum()) if timed.any() and sizes[timed].sum() else float("nan")
+
+
+def cost_table(ds: xr.Dataset) -> pd.DataFrame:
+    """Per explainer: wall seconds per image of its attribution (``explain_seconds``) and of
+    its evaluation (``evaluate_seconds``: the metrics, reading included), its sanity check's
+    wall seconds (``sanity_seconds``), and forward / backward passes per image (mean; NaN
+    where the method could not count them or a task was not timed)."""
+    sizes = _shard_sizes(ds)
     rows = []
     for i in explainer_order(ds):
         row: dict[str, Any] = {"family": str(ds["family"].values[i]), "explainer": str(ds["explainer"].values[i])}
-        if "explain_seconds" in ds:
-            sec = np.asarray(ds["explain_seconds"].values[i], dtype=np.float64)
-            timed = np.isfinite(sec)
-            row["seconds_per_image"] = float(sec[timed].sum() / sizes[timed].sum()) if timed.any() else float("nan")
+        for stage in ("explain", "evaluate"):
+            if f"{stage}_seconds" in ds:
+                sec = np.asarray(ds[f"{stage}_seconds"].values[i], dtype=np.float64)
+                row["seconds_per_image" if stage == "explain" else "evaluate_seconds_per_image"] = _per_image(sec, sizes)
+        if "sanity_seconds" in ds:
+            row["sanity_seconds"] = float(ds["sanity_seconds"].values[i])
         for kind in ("forward", "backward"):
             var = f"{kind}_passes"
             if var in ds:
@@ -226,6 +245,34 @@ def cost_table(ds: xr.Dataset) -> pd.DataFrame:
                 row[f"{kind}_per_image"] = float(p.mean()) if p.size else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: The stages in the order they run, with the variable timing their tasks.
+STAGE_TIMINGS = (("load", "load_seconds"), ("explain", "explain_seconds"), ("neurons", "neurons_seconds"),
+                 ("evaluate", "evaluate_seconds"), ("sanity", "sanity_seconds"))
+
+
+def stage_costs(ds: xr.Dataset) -> pd.DataFrame:
+    """Per stage: the summed wall seconds of its tasks over the run's samples and explainers
+    (tasks that ran in parallel count each), seconds per image of the run, the share of all
+    stages' seconds, and how many of its tasks were timed (``timed`` / ``tasks``: a task done
+    before the store kept timings has none). The explain stage's seconds are the
+    attributions alone; the other stages' include reading their inputs. A stage the store
+    lacks is left out."""
+    n = float(ds.sizes["sample"])
+    rows = []
+    for stage, var in STAGE_TIMINGS:
+        if var not in ds:
+            continue
+        sec = np.asarray(ds[var].values, dtype=np.float64)
+        timed = np.isfinite(sec)
+        rows.append({"stage": stage, "seconds": float(sec[timed].sum()), "tasks": int(sec.size),
+                     "timed": int(timed.sum())})
+    df = pd.DataFrame(rows, columns=["stage", "seconds", "tasks", "timed"])
+    total = df["seconds"].sum()
+    df["seconds_per_image"] = df["seconds"] / n if n else np.nan
+    df["share"] = df["seconds"] / total if total > 0 else np.nan
+    return df
 
 
 def sanity_curves(ds: xr.Dataset) -> pd.DataFrame | None:
@@ -373,6 +420,11 @@ def fmt(value: float, digits: int = 4) -> str:
     return "–" if not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def share(value: float) -> str:
+    """A share (0-1) as a percentage for a table; an en dash for NaN."""
+    return "–" if not np.isfinite(value) else f"{100 * value:.1f} %"
+
+
 def _interval(row: pd.Series) -> str:
     if not np.isfinite(row["mean"]):
         return "–"
@@ -406,11 +458,16 @@ def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = (),
         lines += [f"**{flagged_note(ds)}**", ""]
     if coverage_note(ds, summary):
         lines += [coverage_note(ds, summary), ""]
-    cost = cost_table(ds)
-    lines += ["## Cost per image", "", "| family | explainer | seconds | forward passes | backward passes |",
+    lines += ["## Cost", "", STAGE_COST_NOTE, "", "| stage | task seconds | seconds / image | share | timed tasks |",
               "|---|---|---|---|---|"]
-    for _, r in cost.iterrows():
+    for _, r in stage_costs(ds).iterrows():
+        lines.append(f"| {r['stage']} | {fmt(r['seconds'], 1)} | {fmt(r['seconds_per_image'], 4)} | "
+                     f"{share(r['share'])} | {r['timed']}/{r['tasks']} |")
+    lines += ["", "| family | explainer | explain s / image | evaluate s / image | sanity s | forward passes | "
+              "backward passes |", "|---|---|---|---|---|---|---|"]
+    for _, r in cost_table(ds).iterrows():
         lines.append(f"| {r['family']} | `{r['explainer']}` | {fmt(r.get('seconds_per_image', np.nan), 5)} | "
+                     f"{fmt(r.get('evaluate_seconds_per_image', np.nan), 5)} | {fmt(r.get('sanity_seconds', np.nan), 2)} | "
                      f"{fmt(r.get('forward_per_image', np.nan), 1)} | {fmt(r.get('backward_per_image', np.nan), 1)} |")
     lines.append("")
     sanity = sanity_table(ds, options.threshold)

@@ -27,7 +27,6 @@ from attriflow.tasks.stages import (
 )
 from attriflow.tasks.storage import Shard, run_lock
 
-
 #: Set by the CLI's SIGINT handler (:func:`interrupt`). The waits of the flow check it, so
 #: that a Ctrl-C whose ``KeyboardInterrupt`` was swallowed (raised inside a logging call
 #: of Prefect's, say) still stops the run at the next wait.

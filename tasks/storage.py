@@ -11,8 +11,11 @@ Layout (dims ``explainer, sample, y, x, metric, point, shard, corner``):
   its scores are NaN and it is left out of every mean;
 - ``forward_passes(explainer, sample)`` and ``backward_passes(explainer, sample)``: model
   evaluations and backward passes each map cost (-1 when the method cannot say);
-  ``explain_seconds(explainer, shard)``: wall time of each shard's attribution (the one
-  non-reproducible variable, see ``NONDETERMINISTIC``);
+  ``explain_seconds(explainer, shard)``: wall time of each shard's attribution;
+- stage timings (``TIMINGS``, the only non-reproducible variables, see ``NONDETERMINISTIC``):
+  ``load_seconds(shard)``, ``evaluate_seconds(explainer, shard)``, ``neurons_seconds(shard)``
+  and ``sanity_seconds(explainer)``: each task's wall time from its start to its record
+  (NaN: not timed, e.g. done before the store kept timings);
 - ``sanity(explainer, sanity_sample, depth, similarity)``: cascading randomisation
   similarities of the config's first samples' maps (coords ``randomised(depth)``: the unit
   re-initialised at each depth, top first), record ``record_sanity(explainer)``;
@@ -169,19 +172,21 @@ METRICS: dict[str, dict[str, Any]] = {
 #: Metrics that have a curve (the others store NaN there).
 CURVE_METRICS = ("deletion_auc", "insertion_auc")
 STAGES = ("load", "explain", "evaluate", "neurons", "sanity")
-#: Wall-clock measurements: the only variables that differ between two identical runs.
-NONDETERMINISTIC = ("explain_seconds",)
+#: Wall-clock measurements of the stages' tasks (the explain stage's is the attribution alone).
+TIMINGS = ("load_seconds", "explain_seconds", "evaluate_seconds", "neurons_seconds", "sanity_seconds")
+#: The only variables that differ between two identical runs.
+NONDETERMINISTIC = TIMINGS
 #: Dimensions that grow in place (``point``: the longest curve so far; shorter ones are NaN-padded).
 GROWING = ("explainer", "sample", "shard", "point", "metric")
 #: Coordinates whose length is the committed size of their axis (written last by a grow).
 MARKERS = {"explainer": "entry", "sample": "sample_key", "metric": "metric"}
 #: Optional parts of the store, recreated (their records cleared) when their shape changes.
 FEATURES: dict[str, tuple[str, ...]] = {
-    "neurons": ("record_neurons", "neuron_correlation", "neuron_precision", "selected_correlation",
+    "neurons": ("record_neurons", "neurons_seconds", "neuron_correlation", "neuron_precision", "selected_correlation",
                 "selected_precision", "overlap_code", "overlap_jaccard", "overlap_code_total",
                 "overlap_jaccard_total", "unit_box", "layer", "unit_layer", "unit_channel"),
     "preview": ("preview",),
-    "sanity": ("sanity", "record_sanity", "depth", "randomised", "similarity"),
+    "sanity": ("sanity", "record_sanity", "sanity_seconds", "depth", "randomised", "similarity"),
 }
 
 
@@ -344,7 +349,9 @@ def _variables(layout: StoreLayout) -> dict[str, Any]:
         "flagged": (("explainer", "sample"), _lazy((e, n), (1, s), bool)),
         "forward_passes": (("explainer", "sample"), _lazy((e, n), (1, s), np.int64)),
         "backward_passes": (("explainer", "sample"), _lazy((e, n), (1, s), np.int64)),
+        "load_seconds": (("shard",), _lazy((k,), (1,), np.float64)),
         "explain_seconds": (("explainer", "shard"), _lazy((e, k), (1, 1), np.float64)),
+        "evaluate_seconds": (("explainer", "shard"), _lazy((e, k), (1, 1), np.float64)),
         "score": (("explainer", "sample", "metric"), _lazy((e, n, m), (1, s, m), np.float32)),
         "curve": (("explainer", "sample", "metric", "point"), _lazy((e, n, m, p), (1, s, m, p), np.float32)),
         "record_load": (("shard",), _lazy((k,), (1,), np.uint64)),
@@ -354,6 +361,7 @@ def _variables(layout: StoreLayout) -> dict[str, Any]:
     if layout.neuron_layers:
         u, nl = sum(c for _, c in layout.neuron_layers), len(layout.neuron_layers)
         data["record_neurons"] = (("shard",), _lazy((k,), (1,), np.uint64))
+        data["neurons_seconds"] = (("shard",), _lazy((k,), (1,), np.float64))
         for name in ("neuron_correlation", "neuron_precision"):
             data[name] = (("sample", "unit"), _lazy((n, u), (s, u), np.float32))
         for name in ("selected_correlation", "selected_precision"):
@@ -369,6 +377,7 @@ def _variables(layout: StoreLayout) -> dict[str, Any]:
         data["sanity"] = (("explainer", "sanity_sample", "depth", "similarity"),
                           _lazy((e, ns, d, len(SIMILARITIES)), (1, ns, d, len(SIMILARITIES)), np.float32))
         data["record_sanity"] = (("explainer",), _lazy((e,), (1,), np.uint64))
+        data["sanity_seconds"] = (("explainer",), _lazy((e,), (1,), np.float64))
     if layout.has_mask:
         data["gt_mask"] = (("sample", "y", "x"), _lazy((n, h, w), (s, h, w), bool))
     if layout.has_box:
@@ -522,11 +531,11 @@ def grow_store(path: StoreRef, layout: StoreLayout, state: StoreState, attrs: di
     if (list(layout.sample_keys[:n_s]) != state.sample_keys or [e.key for e in layout.entries[:n_e]] != state.entries
             or list(layout.metrics[:n_m]) != state.metrics):
         raise ValueError("grow_store: the layout does not extend the store's entries, samples and metrics")
+    changed = _add_timings(path, layout)
     group = _open_group(path, "r+", consolidated=False)
     sizes = {"explainer": len(layout.entries), "sample": layout.n_samples, "shard": layout.n_shards,
              "point": max(layout.n_points, state.n_points), "metric": len(layout.metrics)}
     marker_names = set(MARKERS.values())
-    changed = False
     for name, arr in list(group.arrays()):
         dims = arr.metadata.dimension_names or ()
         target = tuple(sizes.get(d, size) if d in GROWING else size for d, size in zip(dims, arr.shape))
@@ -573,6 +582,29 @@ def grow_store(path: StoreRef, layout: StoreLayout, state: StoreState, attrs: di
     if changed or recreated:
         consolidate(path)
     return {"recreated": recreated}
+
+
+def _add_timings(path: StoreRef, layout: StoreLayout) -> bool:
+    """Create the timing variables (:data:`TIMINGS`) a store written before them lacks, at
+    the store's present sizes (NaN: not timed); whether any was added. A feature's timing
+    is added only where the store holds that feature."""
+    group = _open_group(path, "r", consolidated=False)
+    names = set(group.array_keys())
+    sizes = {"explainer": group["entry"].shape[0], "shard": group["record_load"].shape[0]}
+    missing = {}
+    for name, (dims, _) in _variables(layout).items():
+        if name not in TIMINGS or name in names:
+            continue
+        feature = next((f for f, members in FEATURES.items() if name in members), None)
+        if feature is not None and f"record_{feature}" not in names:
+            continue  # the feature is created whole (with its timing) when the config turns it on
+        shape = tuple(sizes[d] for d in dims)
+        missing[name] = (dims, _lazy(shape, (1,) * len(shape), np.float64))
+    if not missing:
+        return False
+    ds = xr.Dataset(missing, attrs=dict(group.attrs))  # xarray's append rewrites the attrs
+    ds.to_zarr(str(path), mode="a", compute=False, encoding=_encoding(ds), consolidated=False, zarr_format=3)
+    return True
 
 
 def _recreate(path: StoreRef, layout: StoreLayout, features: list[str]) -> None:

@@ -113,6 +113,7 @@ def evaluate_shard(config_json: str, run_dir: str, explainer: str, shard: Shard)
         region,
         rows=view.rows_array(),
     )
+    common.write_seconds(path, "evaluate", t0, explainer=k, shard=shard.index)
     fault_point("evaluate.after_write")
     storage.set_record(path, "evaluate", shard.index, expected[-1], k)
     return common.receipt("evaluate", shard, False, t0, explainer=explainer)

@@ -86,6 +86,7 @@ def load_shard(config_json: str, run_dir: str, shard: Shard) -> dict[str, Any]:
             thumbs = np.round(batch.images[rows].transpose(0, 2, 3, 1) * 255).astype(np.uint8)
             storage.write_region(path, {"preview": (("preview", "y", "x", "rgb"), thumbs)},
                                  {"preview": slice(shard.start, stop)})
+    common.write_seconds(path, "load", t0, shard=shard.index)
     fault_point("load.after_write")
     storage.set_record(path, "load", shard.index, expected[-1])
     return common.receipt("load", shard, False, t0)

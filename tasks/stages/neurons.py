@@ -118,6 +118,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
         "overlap_jaccard_total": (("sample",), tot_jac),
         "unit_box": (("sample", "unit", "corner"), boxes),
     }, region, rows=view.rows_array())
+    common.write_seconds(path, "neurons", t0, shard=shard.index)
     fault_point("neurons.after_write")
     storage.set_record(path, "neurons", shard.index, expected[-1])
     return common.receipt("neurons", shard, False, t0)

@@ -100,6 +100,7 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     out[0, flagged] = np.nan  # non-finite model output
     storage.write_region(path, {"sanity": (("explainer", "sanity_sample", "depth", "similarity"), out)},
                          {"explainer": slice(k, k + 1)})
+    common.write_seconds(path, "sanity", t0, explainer=k)
     fault_point("sanity.after_write")
     storage.set_record(path, "sanity", k, expected)
     return common.receipt("sanity", whole, False, t0, explainer=explainer)

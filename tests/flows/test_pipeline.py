@@ -66,10 +66,25 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert np.isfinite(ds["overlap_code_total"].values).all()
     assert "| **gradient** | `saliency` |" in summary and "| **cam** | `grad_cam` |" in summary
     json.loads(ds["params"].values[1])  # parameters recorded next to the attributions
-    # cost: wall time per shard, passes per image
-    assert ds["explain_seconds"].dims == ("explainer", "shard")
-    assert (ds["explain_seconds"].values > 0).all()
+    # cost: wall time of every stage's tasks, passes per image
+    assert ds["explain_seconds"].dims == ds["evaluate_seconds"].dims == ("explainer", "shard")
+    assert ds["load_seconds"].dims == ds["neurons_seconds"].dims == ("shard",)
+    assert ds["sanity_seconds"].dims == ("explainer",)
+    from attriflow.tasks.storage import TIMINGS
+
+    for name in TIMINGS:
+        assert (ds[name].values > 0).all(), name
     assert (ds["backward_passes"].values == 1).all()
+    from attriflow.analysis.report import stage_costs
+
+    stages = stage_costs(ds).set_index("stage")
+    assert list(stages.index) == ["load", "explain", "neurons", "evaluate", "sanity"]
+    assert (stages["timed"] == stages["tasks"]).all() and stages["tasks"].tolist() == [3, 6, 3, 6, 2]
+    assert np.isclose(stages["share"].sum(), 1.0)
+    assert stages.loc["evaluate", "seconds"] == pytest.approx(float(ds["evaluate_seconds"].sum()))
+    section = summary.partition("## Cost\n")[2].partition("\n## ")[0]
+    for stage in stages.index:
+        assert f"| {stage} | {stages.loc[stage, 'seconds']:.1f} |" in section
     # sanity: cascading randomisation of the first 16 samples, top unit first
     assert ds["sanity"].dims == ("explainer", "sanity_sample", "depth", "similarity")
     assert ds["sanity"].shape == (2, 16, 5, 3)
@@ -83,7 +98,7 @@ def test_store_schema_manifest_and_report(reference_run) -> None:
     assert page.count("<img ") == page.count('src="data:image/png;base64,') >= 8
     assert "src=\"http" not in page and "<script" not in page and "<link" not in page
     assert 'id="family-gradient"' in page and 'id="family-cam"' in page
-    assert "## Sanity check" in summary and "## Cost per image" in summary
+    assert "## Sanity check" in summary and "## Cost\n" in summary
 
 
 def _overlaps(a, b) -> bool:

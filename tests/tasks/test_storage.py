@@ -233,3 +233,27 @@ def test_stores_from_before_the_encodings_read_as_float32_zstd(tmp_path) -> None
     storage.consolidate(path)
     state = storage.read_state(path)
     assert (state.fixed["attribution_dtype"], state.fixed["codec"]) == ("float32", "zstd")
+
+
+def test_a_store_from_before_the_stage_timings_gets_them_untimed_when_grown(tmp_path) -> None:
+    import zarr
+
+    path = tmp_path / "store.zarr"
+    layout = _layout(sanity_units=("fc",), n_sanity=2)
+    storage.init_store(path, layout, {"manifest": "{}"})
+    storage.write_region(path, {"explain_seconds": (("explainer", "shard"), np.array([[2.5]]))},
+                         {"explainer": slice(0, 1), "shard": slice(1, 2)})
+    group = zarr.open_group(str(path), mode="r+")
+    for name in ("load_seconds", "evaluate_seconds", "sanity_seconds"):
+        del group[name]  # as written before the store kept them
+    storage.consolidate(path)
+    grown = _layout(n=14, sanity_units=("fc",), n_sanity=2)
+    storage.grow_store(path, grown, storage.read_state(path), {"manifest": "{}"})
+    ds = storage.open_dataset(path)
+    assert ds["load_seconds"].dims == ("shard",) and ds["load_seconds"].shape == (4,)
+    assert ds["evaluate_seconds"].shape == (2, 4) and ds["sanity_seconds"].shape == (2,)
+    for name in ("load_seconds", "evaluate_seconds", "sanity_seconds"):
+        assert np.isnan(ds[name].values).all()  # not timed, never a made-up zero
+    assert ds["explain_seconds"].values[0, 1] == 2.5  # kept
+    assert "neurons_seconds" not in ds  # only with the neurons feature
+    assert set(storage.TIMINGS) - {"neurons_seconds"} <= set(ds.data_vars)
