@@ -451,7 +451,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / (
         "compare-" + "-vs-".join(Path(r).resolve().name for r in args.run_dirs))
-    page = render_comparison(args.run_dirs, out)
+    page, warnings = render_comparison(args.run_dirs, out)
+    for warning in warnings:  # said on the console too, not only at the top of the page
+        print(f"attriflow: warning: {warning}", file=sys.stderr)
     print(f"comparison: {page}")
     return 0
 

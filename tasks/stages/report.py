@@ -163,9 +163,10 @@ def render_report(run_dir: str | Path, svg: bool | None = None) -> Path:
     return path
 
 
-def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
+def render_comparison(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, list[str]]:
     """Several runs side by side into ``out`` (``index.html``, ``summary.md``, the comparison
-    figure as PNG and SVG, the maps of shared samples as PNG); returns the HTML path. Labels
+    figure as PNG and SVG, the maps of shared samples as PNG); returns the HTML path and the
+    warnings the page opens with (for the console too). Labels
     are the run names, made unique. Explainers are compared only with themselves, by paired
     tests over the shared samples against the first run
     (:func:`attriflow.analysis.compare.paired_tests`); what makes two runs' numbers not
@@ -220,4 +221,4 @@ def render_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
         lines.append("")
     lines += ["![comparison](comparison.png)", ""] + (["![maps](comparison_maps.png)", ""] if maps else [])
     (out / "summary.md").write_text("\n".join(lines))
-    return page
+    return page, warnings

@@ -263,17 +263,13 @@ def test_unknown_layer_fails_before_any_work_listing_valid_ones(tmp_path, prefec
     ({"data": {"kind": "imagefolder", "root": "missing"}}, "data.root: folder '"),
     ({"data": {"kind": "manifest", "path": "missing.csv"}}, "data.path: file '"),
 ])
-def test_each_early_error_is_one_line_naming_the_field(section, expected, tmp_path, monkeypatch, capsys) -> None:
+def test_each_early_error_is_one_line_naming_the_field(section, expected, tmp_path, monkeypatch, capsys,
+                                                       in_process_cli) -> None:
     """Checked from the config, the model and the data before Prefect starts: one
     ``attriflow: error: <field>: ...`` line, no traceback, no run directory."""
-    from attriflow.flows import cli
-
-    for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "DASK_LOGGING__DISTRIBUTED"):
-        monkeypatch.setenv(key, "")  # main() sets defaults: restored (or removed) after the test
-        monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
     Path("cfg.yaml").write_text(yaml.safe_dump({**SMALL, **section}))
-    code = cli.main(["run", "cfg.yaml", "--run-dir", "run"])
+    code = in_process_cli(["run", "cfg.yaml", "--run-dir", "run"])
     err = capsys.readouterr().err
     assert code in (1, 2) and err.count("\n") == 1, err
     assert err.startswith(f"attriflow: error: {expected}"), err
@@ -425,6 +421,27 @@ def test_report_compares_runs_side_by_side(reference_run, tmp_path, prefect_serv
 
     if shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome"):
         _screenshot(_chromium(), tmp_path / "cmp" / "index.html", "comparison.png", "1400,1800", ink=0.01)
+
+
+def test_a_comparison_says_its_warnings_on_the_console(reference_run, tmp_path, capsys, in_process_cli) -> None:
+    """What makes two runs' numbers not comparable is said on the console, not only on the page."""
+    import shutil
+
+    import zarr
+
+    shutil.copytree(reference_run, tmp_path / "retrained")
+    group = zarr.open_group(str(tmp_path / "retrained" / "store.zarr"), mode="r+")
+    manifest = json.loads(group.attrs["manifest"])
+    group.attrs["manifest"] = json.dumps({**manifest, "name": "retrained", "model_digest": "another"})
+    from attriflow.tasks.storage import consolidate
+
+    consolidate(tmp_path / "retrained" / "store.zarr")
+    code = in_process_cli(["report", str(reference_run), str(tmp_path / "retrained"), "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr()
+    assert code == 0 and f"comparison: {tmp_path / 'cmp' / 'index.html'}" in out.out
+    assert out.err.startswith("attriflow: warning: `retrained` explains another model than `small`"), out.err
+    page = (tmp_path / "cmp" / "index.html").read_text()
+    assert "explains another model" in page
 
 
 def test_report_escapes_user_strings(reference_run, tmp_path) -> None:
