@@ -11,7 +11,12 @@ Runs ``attriflow.flows.run.execute`` on the default config (``configs/default.ya
 * the total wall time of the flow (after the temporary Prefect server is up), and the
   report's own seconds (``report`` in the stage table).
 
-Usage: ``.venv/bin/python benchmarks/pipeline.py [--out benchmarks/results/pipeline.json]``.
+Each stage's ``task / model`` ratio is its summed task seconds over the model-evaluation
+seconds inside its tasks: how far the stage is from its own model-evaluation limit (1.0).
+
+Usage: ``.venv/bin/python benchmarks/pipeline.py [--config configs/default.yaml]
+[--out benchmarks/results/pipeline.json]`` (``benchmarks/stages_224.yaml``: the stages
+around the explainers at 224 px).
 """
 
 from __future__ import annotations
@@ -136,6 +141,8 @@ def instrumented_run(config, run_dir: str) -> dict:
     return {"wall_seconds": wall, "model_evaluation_seconds": model, "outside_model_share": 1 - model / wall,
             "stage_task_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
             "stage_model_seconds": {k: round(v, 3) for k, v in stage_model.items()},
+            "stage_task_over_model": {k: round(v / stage_model[k], 3) for k, v in stage_seconds.items()
+                                      if stage_model.get(k)},
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -151,14 +158,16 @@ def reexec_with_tuned_allocator() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
     args = ap.parse_args()
     reexec_with_tuned_allocator()
     from attriflow.tasks.config import load_config
 
-    config = load_config(ROOT / "configs" / "default.yaml")
+    config = load_config(args.config)
     run_dir = tempfile.mkdtemp(prefix="attriflow-bench-run-")
-    result = {"config": "configs/default.yaml", **instrumented_run(config, run_dir)}
+    name = str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT) else str(args.config)
+    result = {"config": name, **instrumented_run(config, run_dir)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
