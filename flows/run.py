@@ -113,12 +113,17 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], star
 def _tag_flow_run(names: list[str]) -> None:
     """Tag the current flow run (not its task runs: Prefect checks every tagged task run
     against tag concurrency limits, a server round trip and a lease per task, which cost
-    about 2 s per shard task on a local server)."""
+    about 2 s per shard task on a local server). Tags only label the run: a server that
+    refuses them is logged as a warning, and the run goes on."""
+    from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, *names])
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=[*flow_run.tags, *names])
+    except Exception as err:  # noqa: BLE001 - labels, not results
+        get_run_logger().warning(f"could not tag the flow run with {names}: {err}")
 
 
 def run_tags(config: RunConfig) -> list[str]:
