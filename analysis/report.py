@@ -1,7 +1,8 @@
 """Summaries of a run store as tables and Markdown (no file writes here).
 
 Everything is computed from the store alone: the ``score``, ``curve``, ``sanity``,
-``forward_passes``/``backward_passes``/``explain_seconds`` variables and the manifest.
+``forward_passes``/``backward_passes`` variables, the stage timings (``*_seconds``,
+``tasks.storage.TIMINGS``) and the manifest.
 Intervals are percentile bootstrap intervals of the mean over samples, drawn from a
 generator seeded by (run seed, metric), so the report is reproducible and equal data
 (a one-explainer family and its sub-total) gets equal intervals.
@@ -202,9 +203,11 @@ def wide_table(summary: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-STAGE_COST_NOTE = ("Wall seconds of each stage's tasks, summed (tasks that ran side by side each count): "
-                   "the explain stage's are the attributions alone, the others' include reading their inputs. "
-                   "Per explainer: attribution and evaluation seconds per image, the sanity check's seconds.")
+STAGE_COST_NOTE = ("Wall seconds of each stage's tasks, summed (tasks that ran side by side each count): the "
+                   "explain stage's are the attributions alone, the others' include reading their inputs. "
+                   "Per image and share come from the timed tasks (tasks done before the store kept timings "
+                   "have none). Per explainer: attribution and evaluation seconds per image, the sanity "
+                   "check's seconds.")
 
 
 def _shard_sizes(ds: xr.Dataset) -> np.ndarray:
@@ -219,7 +222,9 @@ def _shard_sizes(ds: xr.Dataset) -> np.ndarray:
 def _per_image(seconds: np.ndarray, sizes: np.ndarray) -> float:
     """Seconds per image over the timed shards (NaN: none timed)."""
     timed = np.isfinite(seconds)
-    return float(seconds[timed].sum() / sizes[timed].sum()) if timed.any() and sizes[timed].sum() else float("nan")
+    if not timed.any() or not sizes[timed].sum():
+        return float("nan")
+    return float(seconds[timed].sum() / sizes[timed].sum())
 
 
 def cost_table(ds: xr.Dataset) -> pd.DataFrame:
@@ -234,7 +239,7 @@ def cost_table(ds: xr.Dataset) -> pd.DataFrame:
         for stage in ("explain", "evaluate"):
             if f"{stage}_seconds" in ds:
                 sec = np.asarray(ds[f"{stage}_seconds"].values[i], dtype=np.float64)
-                row["seconds_per_image" if stage == "explain" else "evaluate_seconds_per_image"] = _per_image(sec, sizes)
+                row[f"{stage}_seconds_per_image"] = _per_image(sec, sizes)
         if "sanity_seconds" in ds:
             row["sanity_seconds"] = float(ds["sanity_seconds"].values[i])
         for kind in ("forward", "backward"):
@@ -253,25 +258,37 @@ STAGE_TIMINGS = (("load", "load_seconds"), ("explain", "explain_seconds"), ("neu
 
 
 def stage_costs(ds: xr.Dataset) -> pd.DataFrame:
-    """Per stage: the summed wall seconds of its tasks over the run's samples and explainers
-    (tasks that ran in parallel count each), seconds per image of the run, the share of all
-    stages' seconds, and how many of its tasks were timed (``timed`` / ``tasks``: a task done
-    before the store kept timings has none). The explain stage's seconds are the
-    attributions alone; the other stages' include reading their inputs. A stage the store
-    lacks is left out."""
+    """Per stage (in the order they run; a stage the store lacks is left out):
+
+    - ``seconds``: the summed wall seconds of its timed tasks (tasks that ran side by side
+      each count; NaN when none was timed);
+    - ``tasks``, ``timed``: how many tasks it has over the run's samples and explainers, and
+      how many were timed (a task done before the store kept timings was not);
+    - ``seconds_per_image``: seconds per image of the run, from the timed tasks (per
+      explainer over the samples of its timed shards, summed over the explainers; the sanity
+      check's mean timed task times its tasks), NaN when an explainer has no timed task;
+    - ``share``: of all stages' seconds per image (NaN when a stage's is unknown).
+
+    The explain stage's seconds are the attributions alone; the other stages' include
+    reading their inputs."""
     n = float(ds.sizes["sample"])
+    sizes = _shard_sizes(ds)
     rows = []
     for stage, var in STAGE_TIMINGS:
         if var not in ds:
             continue
         sec = np.asarray(ds[var].values, dtype=np.float64)
         timed = np.isfinite(sec)
-        rows.append({"stage": stage, "seconds": float(sec[timed].sum()), "tasks": int(sec.size),
-                     "timed": int(timed.sum())})
-    df = pd.DataFrame(rows, columns=["stage", "seconds", "tasks", "timed"])
-    total = df["seconds"].sum()
-    df["seconds_per_image"] = df["seconds"] / n if n else np.nan
-    df["share"] = df["seconds"] / total if total > 0 else np.nan
+        if "shard" in ds[var].dims:
+            per_row = sec.reshape(-1, sec.shape[-1])
+            per_image = float(sum(_per_image(r, sizes) for r in per_row)) if len(per_row) else float("nan")
+        else:  # one task per explainer over the sanity samples
+            per_image = float(sec[timed].mean() * sec.size / n) if timed.any() and n else float("nan")
+        rows.append({"stage": stage, "seconds": float(sec[timed].sum()) if timed.any() else float("nan"),
+                     "tasks": int(sec.size), "timed": int(timed.sum()), "seconds_per_image": per_image})
+    df = pd.DataFrame(rows, columns=["stage", "seconds", "tasks", "timed", "seconds_per_image"])
+    total = df["seconds_per_image"].sum(skipna=False)
+    df["share"] = df["seconds_per_image"] / total if np.isfinite(total) and total > 0 else np.nan
     return df
 
 
@@ -458,17 +475,18 @@ def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = (),
         lines += [f"**{flagged_note(ds)}**", ""]
     if coverage_note(ds, summary):
         lines += [coverage_note(ds, summary), ""]
-    lines += ["## Cost", "", STAGE_COST_NOTE, "", "| stage | task seconds | seconds / image | share | timed tasks |",
-              "|---|---|---|---|---|"]
+    lines += ["## Cost", "", STAGE_COST_NOTE, "",
+              "| stage | task seconds | seconds / image | share | timed tasks |", "|---|---|---|---|---|"]
     for _, r in stage_costs(ds).iterrows():
         lines.append(f"| {r['stage']} | {fmt(r['seconds'], 1)} | {fmt(r['seconds_per_image'], 4)} | "
                      f"{share(r['share'])} | {r['timed']}/{r['tasks']} |")
-    lines += ["", "| family | explainer | explain s / image | evaluate s / image | sanity s | forward passes | "
-              "backward passes |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| family | explainer | explain s / image | evaluate s / image | sanity s | "
+              "forward passes | backward passes |", "|---|---|---|---|---|---|---|"]
     for _, r in cost_table(ds).iterrows():
-        lines.append(f"| {r['family']} | `{r['explainer']}` | {fmt(r.get('seconds_per_image', np.nan), 5)} | "
-                     f"{fmt(r.get('evaluate_seconds_per_image', np.nan), 5)} | {fmt(r.get('sanity_seconds', np.nan), 2)} | "
-                     f"{fmt(r.get('forward_per_image', np.nan), 1)} | {fmt(r.get('backward_per_image', np.nan), 1)} |")
+        cells = [fmt(r.get("explain_seconds_per_image", np.nan), 5),
+                 fmt(r.get("evaluate_seconds_per_image", np.nan), 5), fmt(r.get("sanity_seconds", np.nan), 2), fmt(r.get("forward_per_image", np.nan), 1),
+                 fmt(r.get("backward_per_image", np.nan), 1)]
+        lines.append(f"| {r['family']} | `{r['explainer']}` | " + " | ".join(cells) + " |")
     lines.append("")
     sanity = sanity_table(ds, options.threshold)
     if sanity is not None:

@@ -166,7 +166,8 @@ def main() -> None:
 
     config = load_config(args.config)
     run_dir = tempfile.mkdtemp(prefix="attriflow-bench-run-")
-    name = str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT) else str(args.config)
+    where = args.config.resolve()
+    name = str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(args.config)
     result = {"config": name, **instrumented_run(config, run_dir)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

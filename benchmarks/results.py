@@ -154,25 +154,26 @@ def stages_section(r: dict | None) -> list[str]:
     if not r:
         return []
     t, m, q = r["stage_task_seconds"], r["stage_model_seconds"], r["stage_task_over_model"]
-    out = ["## The stages around the explainers at 224 px", "",
-           "The issue reported a 14-image ResNet-18 run at 224 px whose neurons, evaluate and sanity stages took "
-           "11 times the explainers' time. `benchmarks/stages_224.yaml` runs those stages on ResNet-18 (random "
-           "weights) at 224 x 224: 8 embedded images, saliency and Grad-CAM, 32 deletion/insertion steps, 50 "
-           "neuron copies and a 4-sample block-level sanity check. "
-           f"`benchmarks/pipeline.py --config {r['config']}` ran at {r['date']} with {r['threads']} threads. "
-           "A stage's **task / model** ratio divides its summed task seconds by the model-evaluation seconds "
-           "inside its tasks; 1.0 would be the stage's own model-evaluation limit. The goal is 1.5x or less.", "",
+    intro = (
+        "The issue reported a 14-image ResNet-18 run at 224 px whose neurons, evaluate and sanity stages "
+        "took 11 times the explainers' time. `benchmarks/stages_224.yaml` runs those stages on ResNet-18 "
+        "(random weights) at 224 x 224: 8 embedded images, saliency and Grad-CAM, 32 deletion/insertion "
+        "steps, 50 neuron copies and a 4-sample block-level sanity check. "
+        f"`benchmarks/pipeline.py --config {r['config']}` ran at {r['date']} with {r['threads']} threads. "
+        "A stage's **task / model** ratio divides its summed task seconds by the model-evaluation seconds "
+        "inside its tasks; 1.0 would be the stage's own model-evaluation limit. The goal is 1.5x or less.")
+    out = ["## The stages around the explainers at 224 px", "", intro, "",
            "| stage | summed task seconds | inside model evaluation | task / model |", "|---|---|---|---|"]
     out += [f"| {k} | {t[k]:.1f} | {m[k]:.1f} | {q[k]:.2f}x |" for k in q]
     met = all(q[k] <= 1.5 for k in ("neurons", "evaluate", "sanity"))
+    verdict = "all within" if met else "not all within"
     out += ["", f"Neurons {q['neurons']:.2f}x, evaluate {q['evaluate']:.2f}x, sanity {q['sanity']:.2f}x: "
-            f"**{'all within' if met else 'not all within'} 1.5x** of their limit. These stages make many model "
-            "evaluations per image: evaluate makes 2 x 33 curve points and 4 drop/increase passes per map, "
-            "neurons evaluates 50 perturbed copies, and sanity makes one attribution per depth. So they take "
-            "most of the run, but that time is spent in the model, not around it. The report's cost section "
-            "shows it per stage. Whole run: "
-            f"{r['wall_seconds']:.1f} s wall, {100 * r['outside_model_share']:.1f} % outside model evaluation "
-            f"(report {t['report']:.1f} s).", ""]
+            f"**{verdict} 1.5x** of their limit. These stages make many model evaluations per image: "
+            "evaluate makes 2 x 33 curve points and 4 drop/increase passes per map, neurons evaluates 50 "
+            "perturbed copies, and sanity makes one attribution per depth. So they take most of the run, "
+            "but that time is spent in the model, not around it. The report's cost section shows it per "
+            f"stage. Whole run: {r['wall_seconds']:.1f} s wall, {100 * r['outside_model_share']:.1f} % "
+            f"outside model evaluation (report {t['report']:.1f} s).", ""]
     return out
 
 

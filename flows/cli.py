@@ -206,13 +206,16 @@ def _run_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int]] |
 
     INTERRUPTED.clear()
     handler = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is threading.main_thread():  # a Ctrl-C is noted even where it is swallowed
+    # only over Python's own handler: an ignored SIGINT (a background job of a script) stays ignored
+    ours = threading.current_thread() is threading.main_thread() and handler is signal.default_int_handler
+    if ours:  # a Ctrl-C is noted even where its KeyboardInterrupt is swallowed
         signal.signal(signal.SIGINT, interrupt)
     try:
         return _execute_flow(cfg, run_dir)
     finally:
-        if threading.current_thread() is threading.main_thread():
+        if ours:
             signal.signal(signal.SIGINT, handler)
+        INTERRUPTED.clear()
 
 
 def _execute_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int]] | None]:

@@ -67,18 +67,25 @@ class RunFailedError(RuntimeError):
 def failure_message(failed: list[tuple[str, str]], retries: int) -> str:
     """What failed and what to do, from (description, kind) pairs, kind one of
     ``deterministic`` (an error a rerun would repeat: not retried; its cause must be fixed),
-    ``transient`` (still failing after the retries: "rerun to finish") and ``upstream`` (not
-    run because a task it waits for failed)."""
-    groups = {kind: [label for label, k in failed if k == kind] for kind in ("deterministic", "transient", "upstream")}
+    ``transient`` (still failing after the retries: "rerun to finish"), ``lost`` (crashed,
+    cancelled, or its worker lost: "rerun to finish") and ``upstream`` (not run because a task
+    it waits for did not finish)."""
+    groups = {kind: [label for label, k in failed if k == kind]
+              for kind in ("deterministic", "transient", "lost", "upstream")}
     parts = [f"{len(failed)} shard task(s) did not finish; finished shards are kept"]
     if groups["deterministic"]:
-        parts.append(f"{len(groups['deterministic'])} failed with an error that a rerun would repeat (not retried): "
-                     "fix its cause, then run the same command: " + "; ".join(groups["deterministic"]))
+        parts.append(f"{len(groups['deterministic'])} failed with an error that a rerun would repeat (not "
+                     "retried): fix its cause, then run the same command: "
+                     + "; ".join(groups["deterministic"]))
     if groups["transient"]:
-        parts.append(f"{len(groups['transient'])} still failing after {retries} retr{'y' if retries == 1 else 'ies'}; "
-                     "rerun to finish: " + "; ".join(groups["transient"]))
+        tries = f"after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else "(runner.retries: 0)"
+        parts.append(f"{len(groups['transient'])} failed {tries}; rerun to finish: "
+                     + "; ".join(groups["transient"]))
+    if groups["lost"]:
+        parts.append(f"{len(groups['lost'])} crashed, were cancelled or lost their worker; rerun to finish: "
+                     + "; ".join(groups["lost"]))
     if groups["upstream"]:
-        parts.append(f"{len(groups['upstream'])} not run because a task they wait for failed: "
+        parts.append(f"{len(groups['upstream'])} not run because a task they wait for did not finish: "
                      + "; ".join(groups["upstream"]))
     return ". ".join(parts)
 
@@ -99,8 +106,8 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], star
             _wait(fut)
             state = fut.state
             if not state.is_completed():
-                kind = ("deterministic" if state.is_failed() and is_deterministic(failure_of(state)) else
-                        "transient" if state.is_failed() or state.is_crashed() else "upstream")
+                kind = ("upstream" if state.is_pending() else "lost" if not state.is_failed() else
+                        "deterministic" if is_deterministic(failure_of(state)) else "transient")
                 failed.append((f"{label} ({state.name}: {state.message or ''})".strip(), kind))
             bar.update(1)
     if items:
@@ -225,6 +232,8 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
         failed += _collect("evaluate", ((f"evaluate {e} shard {i}", f) for (e, i), f in evals.items()), started)
         failed += _collect("sanity", ((f"sanity {e}", f) for e, f in sanity.items()), started)
         wait([*evals.values(), *sanity.values()])
+        if INTERRUPTED.is_set():  # a Ctrl-C swallowed after the last wait: no report, exit as interrupted
+            raise KeyboardInterrupt
         report = write_report(run_dir)
         from prefect import get_run_logger
 

@@ -419,7 +419,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"].removeprefix("Value error, ")
-        if loc and msg.startswith((f"{loc}.", f"{loc}:")):  # a model validator's message names the field itself
+        if loc and msg.startswith((f"{loc}.", f"{loc}:")):  # a model validator's message names its field
             lines.append(msg)
         else:
             lines.append(f"{loc or '(top level)'}: {msg}")

@@ -310,21 +310,36 @@ class InjectedInputError(ValueError):
 
 #: Exceptions that a retry of the same task on the same inputs raises again: wrong
 #: parameters, shapes, names, refusals (the explainers' and the store's errors derive from
-#: ``ValueError`` or ``KeyError``). Anything else (``OSError``, ``MemoryError``, a lost worker,
-#: a ``RuntimeError`` such as out-of-memory on the device) may pass on a retry.
+#: ``ValueError`` or ``KeyError``).
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, TypeError, LookupError, AttributeError, NotImplementedError, ArithmeticError, AssertionError,
     ImportError)
+#: Exceptions that may pass on a retry, wherever they sit in an exception's chain: I/O (a
+#: network file system, a remote store; zarr's "not found" errors are ``FileNotFoundError``
+#: too), memory, the device's memory.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, MemoryError, torch.OutOfMemoryError)
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (``__cause__``,
+    ``__context__``, also where ``from None`` hides them from the traceback)."""
+    out: list[BaseException] = []
+    while exc is not None and not any(exc is seen for seen in out):
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
 
 
 def is_deterministic(exc: BaseException | None) -> bool:
-    """Whether ``exc`` would be raised again by a retry (see :data:`DETERMINISTIC_ERRORS`);
-    an exception whose ``__cause__`` is deterministic counts as deterministic."""
-    while exc is not None:
-        if isinstance(exc, DETERMINISTIC_ERRORS):
-            return True
-        exc = exc.__cause__
-    return False
+    """Whether a retry would raise ``exc`` again: an exception of
+    :data:`DETERMINISTIC_ERRORS` (itself or one it was raised from) with no
+    :data:`TRANSIENT_ERRORS` anywhere in its chain (a ``ValueError`` wrapping an ``OSError``
+    may pass on a retry). Unknown exceptions (``RuntimeError``, a lost worker) and None count
+    as transient."""
+    chain = _chain(exc)
+    if any(isinstance(e, TRANSIENT_ERRORS) for e in chain):
+        return False
+    return any(isinstance(e, DETERMINISTIC_ERRORS) for e in chain)
 
 
 def failure_of(state: Any) -> BaseException | None:
@@ -333,7 +348,7 @@ def failure_of(state: Any) -> BaseException | None:
     if isinstance(data, BaseException):
         return data
     try:
-        out = state.result(raise_on_failure=False)
+        out = state.result(raise_on_failure=False, retry_result_failure=False, _sync=True)
     except Exception:  # noqa: BLE001 - an unreadable result: treated as transient
         return None
     return out if isinstance(out, BaseException) else None
@@ -342,8 +357,19 @@ def failure_of(state: Any) -> BaseException | None:
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry a failed shard task unless its error is
     deterministic (:func:`is_deterministic`): a retry would only repeat it, cost the task's
-    time again, and delay the message naming what to fix."""
-    return not is_deterministic(failure_of(state))
+    time again, and delay the message naming what to fix. The error is then logged with its
+    traceback (Prefect logs it only once the retries are spent)."""
+    exc = failure_of(state)
+    if not is_deterministic(exc):
+        return True
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().error(f"not retried: {type(exc).__name__} is an error a retry would repeat",
+                               exc_info=(type(exc), exc, exc.__traceback__))
+    except Exception:  # noqa: BLE001 - no run logger: the final message still names the error
+        pass
+    return False
 
 
 def fault_raise(run_dir: str | Path, label: str) -> None:
@@ -353,7 +379,11 @@ def fault_raise(run_dir: str | Path, label: str) -> None:
     :class:`InjectedInputError` with ``:deterministic``. Several specs are separated by commas.
     Counted in ``RUN_DIR/.faults/`` so that retries on other worker processes see the count."""
     for spec in filter(None, os.environ.get("ATTRIFLOW_RAISE", "").split(",")):
-        target, times, kind = (spec.split(":") + ["transient"])[:3]
+        target, _, times = spec.rpartition(":")
+        kind = "transient"
+        if times == "deterministic":
+            kind = times
+            target, _, times = target.rpartition(":")
         if target != label:
             continue
         counter = Path(run_dir) / ".faults" / label

@@ -182,9 +182,9 @@ GROWING = ("explainer", "sample", "shard", "point", "metric")
 MARKERS = {"explainer": "entry", "sample": "sample_key", "metric": "metric"}
 #: Optional parts of the store, recreated (their records cleared) when their shape changes.
 FEATURES: dict[str, tuple[str, ...]] = {
-    "neurons": ("record_neurons", "neurons_seconds", "neuron_correlation", "neuron_precision", "selected_correlation",
-                "selected_precision", "overlap_code", "overlap_jaccard", "overlap_code_total",
-                "overlap_jaccard_total", "unit_box", "layer", "unit_layer", "unit_channel"),
+    "neurons": ("record_neurons", "neurons_seconds", "neuron_correlation", "neuron_precision",
+                "selected_correlation", "selected_precision", "overlap_code", "overlap_jaccard",
+                "overlap_code_total", "overlap_jaccard_total", "unit_box", "layer", "unit_layer", "unit_channel"),
     "preview": ("preview",),
     "sanity": ("sanity", "record_sanity", "sanity_seconds", "depth", "randomised", "similarity"),
 }
@@ -764,6 +764,12 @@ def set_record(path: StoreRef, stage: str, shard: int, digest: int, explainer: i
         arr[shard] = np.uint64(digest)
     else:
         arr[explainer, shard] = np.uint64(digest)
+
+
+def set_seconds(path: StoreRef, stage: str, seconds: float, *index: int) -> None:
+    """Write a task's wall seconds into ``<stage>_seconds`` at ``index`` (one chunk per
+    element, like the records; see :data:`TIMINGS`)."""
+    _open_group(path)[f"{stage}_seconds"][index] = np.float64(seconds)
 
 
 def read_records(path: StoreRef) -> dict[str, np.ndarray]:

@@ -47,12 +47,11 @@ def store_path(run_dir: str | Path) -> storage.StoreRef:
     return Path(run_dir) / storage.STORE_NAME
 
 
-def write_seconds(path: storage.StoreRef, stage: str, t0: float, **index: int) -> None:
-    """Store the task's wall seconds since ``t0`` in ``<stage>_seconds`` at ``index`` (e.g.
-    ``explainer=k, shard=i``), before the task's record is set (see ``storage.TIMINGS``)."""
-    seconds = np.array(time.perf_counter() - t0, dtype=np.float64).reshape((1,) * len(index))
-    storage.write_region(path, {f"{stage}_seconds": (tuple(index), seconds)},
-                         {dim: slice(i, i + 1) for dim, i in index.items()})
+def write_seconds(path: storage.StoreRef, stage: str, started: float, *index: int) -> None:
+    """Store the task's wall seconds since ``started`` (taken once the worker's runtime is
+    built, so a worker's first task does not count loading the model) in
+    ``<stage>_seconds[index]``, before the task's record is set (see ``storage.TIMINGS``)."""
+    storage.set_seconds(path, stage, time.perf_counter() - started, *index)
 
 
 def receipt(stage: str, shard: Shard, skipped: bool, t0: float, **extra: Any) -> dict[str, Any]:

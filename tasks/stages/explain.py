@@ -102,7 +102,7 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
         maps = exp.attribute(rt.prepare_inputs(inputs), targets, batch_size=rt.explain_batch,
                              seeds=seeds).float()
     _sync(rt.device)
-    seconds = np.array([[time.perf_counter() - started]])
+    seconds = time.perf_counter() - started
     forward, backward = _passes(exp, len(ids))
     maps_np, overflow, imprecise = storage.round_maps(maps.cpu().numpy(), rt.config.store.attribution_dtype)
     _warn_encoding(explainer, shard, overflow, imprecise)
@@ -117,8 +117,7 @@ def explain_shard(config_json: str, run_dir: str, explainer: str, shard: Shard) 
         {"explainer": slice(k, k + 1), "sample": slice(shard.start, shard.stop)},
         rows=view.rows_array(),
     )
-    storage.write_region(path, {"explain_seconds": (("explainer", "shard"), seconds)},
-                         {"explainer": slice(k, k + 1), "shard": slice(shard.index, shard.index + 1)})
+    storage.set_seconds(path, "explain", seconds, k, shard.index)
     fault_point("explain.after_write")
     storage.set_record(path, "explain", shard.index, expected[-1], k)
     fault_point("explain.after_record")

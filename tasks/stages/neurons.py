@@ -66,6 +66,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
 
     t0 = time.perf_counter()
     rt = get_runtime(config_json)
+    started = time.perf_counter()  # the task's own work (the runtime is built once per worker)
     path = store_path(run_dir)
     nc = rt.config.neurons
     view = common.shard_view(rt, path, shard)
@@ -118,7 +119,7 @@ def select_neurons(config_json: str, run_dir: str, shard: Shard) -> dict[str, An
         "overlap_jaccard_total": (("sample",), tot_jac),
         "unit_box": (("sample", "unit", "corner"), boxes),
     }, region, rows=view.rows_array())
-    common.write_seconds(path, "neurons", t0, shard=shard.index)
+    common.write_seconds(path, "neurons", started, shard.index)
     fault_point("neurons.after_write")
     storage.set_record(path, "neurons", shard.index, expected[-1])
     return common.receipt("neurons", shard, False, t0)

@@ -61,6 +61,7 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
 
     t0 = time.perf_counter()
     rt = get_runtime(config_json)
+    started = time.perf_counter()  # the task's own work (the runtime is built once per worker)
     path = store_path(run_dir)
     k = explainer_index(rt, path, explainer)
     keys, positions = sanity_samples(rt, common.stored_keys(path))
@@ -100,7 +101,7 @@ def sanity_check(config_json: str, run_dir: str, explainer: str) -> dict[str, An
     out[0, flagged] = np.nan  # non-finite model output
     storage.write_region(path, {"sanity": (("explainer", "sanity_sample", "depth", "similarity"), out)},
                          {"explainer": slice(k, k + 1)})
-    common.write_seconds(path, "sanity", t0, explainer=k)
+    common.write_seconds(path, "sanity", started, k)
     fault_point("sanity.after_write")
     storage.set_record(path, "sanity", k, expected)
     return common.receipt("sanity", whole, False, t0, explainer=explainer)

@@ -96,9 +96,38 @@ def test_summary_groups_by_taxonomy_with_subtotals_and_marks_the_best() -> None:
 def test_cost_per_image_accounts_for_the_short_last_shard() -> None:
     ds = _store(n=40)  # shards of 16, 16, 8
     cost = cost_table(ds).set_index("explainer")
-    assert cost.loc["sal", "seconds_per_image"] == pytest.approx(4.0 / 40)
+    assert cost.loc["sal", "explain_seconds_per_image"] == pytest.approx(4.0 / 40)
     assert cost.loc["sal", "forward_per_image"] == 3
     assert np.isnan(cost.loc["sal", "backward_per_image"])  # -1: the method could not count
+
+
+def test_stage_costs_of_fully_and_partly_timed_stages() -> None:
+    from attriflow.analysis.report import STAGE_TIMINGS, stage_costs
+    from attriflow.tasks.storage import TIMINGS
+
+    assert {var for _, var in STAGE_TIMINGS} == set(TIMINGS)  # every stored timing is reported
+    ds = _store(n=40)  # shards of 16, 16, 8; explain: 4 s per explainer over 40 images
+    evaluate = np.array([[3.2, np.nan, np.nan]] * 4)  # timed on the first shard only (an older store)
+    ds = ds.assign(load_seconds=("shard", [0.4, 0.4, 0.2]),
+                   evaluate_seconds=(("explainer", "shard"), evaluate),
+                   sanity_seconds=("explainer", [2.0, np.nan, 2.0, 2.0]),
+                   neurons_seconds=("shard", [np.nan] * 3))
+    costs = stage_costs(ds).set_index("stage")
+    assert list(costs.index) == ["load", "explain", "neurons", "evaluate", "sanity"]
+    assert costs.loc["explain", "seconds"] == pytest.approx(16.0)
+    assert costs.loc["explain", "seconds_per_image"] == pytest.approx(16.0 / 40)
+    # partly timed: the rate of the timed shard (3.2 s / 16 images per explainer), not the
+    # timed seconds spread over every image
+    assert costs.loc["evaluate", "seconds"] == pytest.approx(12.8)
+    assert costs.loc["evaluate", "seconds_per_image"] == pytest.approx(4 * 3.2 / 16)
+    assert (costs.loc["evaluate", "timed"], costs.loc["evaluate", "tasks"]) == (4, 12)
+    assert costs.loc["sanity", "seconds_per_image"] == pytest.approx(2.0 * 4 / 40)
+    # a stage with no timed task: unknown, and so are the shares
+    assert np.isnan(costs.loc["neurons", "seconds"]) and np.isnan(costs.loc["neurons", "seconds_per_image"])
+    assert costs["share"].isna().all()
+    full = stage_costs(ds.drop_vars("neurons_seconds")).set_index("stage")
+    assert full["share"].sum() == pytest.approx(1.0)
+    assert full.loc["evaluate", "share"] == pytest.approx(0.8 / (0.025 + 0.4 + 0.8 + 0.2))
 
 
 def test_sanity_collapse_depths() -> None:

@@ -17,15 +17,14 @@ def reference_run(prefect_server, tmp_path_factory) -> Path:
     return run_dir
 
 
-
-
 @pytest.fixture
 def in_process_cli(monkeypatch):
     """``attriflow.flows.cli.main`` run in this process: the environment defaults it sets
     (Prefect logging, telemetry) are restored, or removed, after the test."""
     from attriflow.flows import cli
 
-    for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "DASK_LOGGING__DISTRIBUTED"):
+    for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
+                "DASK_LOGGING__DISTRIBUTED"):
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
     return cli.main

@@ -80,12 +80,14 @@ def test_a_failing_shard_is_retried(reference_run, tmp_path, monkeypatch) -> Non
     _same_store(tmp_path / "run", reference_run)
 
 
-def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path, monkeypatch, prefect_server) -> None:
+def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path, monkeypatch, prefect_server,
+                                                        caplog) -> None:
     from attriflow.flows.run import RunFailedError
 
     run_dir = tmp_path / "run"
     # a transient error (retried) and one that a retry would repeat (a ValueError: not retried)
-    monkeypatch.setenv("ATTRIFLOW_RAISE", "explain-grad_cam-1:always,evaluate-saliency-2:always:deterministic")
+    monkeypatch.setenv("ATTRIFLOW_RAISE",
+                       "explain-grad_cam-1:always,evaluate-saliency-2:always:deterministic")
     with pytest.raises(RunFailedError) as err:
         run({**SMALL, "runner": {"retries": 2}}, run_dir)
     message = str(err.value)
@@ -95,8 +97,13 @@ def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path,
     repeat, rerun, upstream = message.split(". ")[1:]
     assert repeat.startswith("1 failed with an error that a rerun would repeat (not retried): fix its cause")
     assert "evaluate saliency shard 2" in repeat and "InjectedInputError" in repeat
-    assert rerun.startswith("1 still failing after 2 retries; rerun to finish: explain grad_cam shard 1")
-    assert upstream.startswith("2 not run because a task they wait for failed: evaluate grad_cam shard 1")
+    assert rerun.startswith("1 failed after 2 retries; rerun to finish: explain grad_cam shard 1")
+    assert upstream.startswith("2 not run because a task they wait for did not finish: "
+                               "evaluate grad_cam shard 1")
+    # the error that was not retried is logged with its traceback (Prefect logs one only once
+    # the retries are spent)
+    logged = [r for r in caplog.records if r.getMessage().startswith("not retried: InjectedInputError")]
+    assert logged and logged[0].exc_info and logged[0].exc_info[0].__name__ == "InjectedInputError"
     status = json.loads(cli(["status", str(run_dir), "--json"], {}, prefect_server).stdout)["stages"]
     assert status["explain"]["saliency"]["done"] == 3 and status["explain"]["grad_cam"]["done"] == 2
     assert status["evaluate"]["grad_cam"]["done"] == 2 and status["neurons"]["done"] == 3

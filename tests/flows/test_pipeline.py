@@ -257,7 +257,8 @@ def test_unknown_layer_fails_before_any_work_listing_valid_ones(tmp_path, prefec
 
 
 @pytest.mark.parametrize("section, expected", [
-    ({"model": {"arch": "resnet999"}}, "invalid config 'cfg.yaml': model.arch: unknown architecture 'resnet999'"),
+    ({"model": {"arch": "resnet999"}},
+     "invalid config 'cfg.yaml': model.arch: unknown architecture 'resnet999'"),
     ({"model": {"arch": "resnet18", "weights": "missing.pth"}}, "model.weights: file '"),
     ({"model": {"factory": "missing.py:build"}}, "model.factory: file 'missing.py' not found"),
     ({"data": {"kind": "imagefolder", "root": "missing"}}, "data.root: folder '"),
@@ -423,7 +424,8 @@ def test_report_compares_runs_side_by_side(reference_run, tmp_path, prefect_serv
         _screenshot(_chromium(), tmp_path / "cmp" / "index.html", "comparison.png", "1400,1800", ink=0.01)
 
 
-def test_a_comparison_says_its_warnings_on_the_console(reference_run, tmp_path, capsys, in_process_cli) -> None:
+def test_a_comparison_says_its_warnings_on_the_console(reference_run, tmp_path, capsys,
+                                                       in_process_cli) -> None:
     """What makes two runs' numbers not comparable is said on the console, not only on the page."""
     import shutil
 
@@ -436,7 +438,8 @@ def test_a_comparison_says_its_warnings_on_the_console(reference_run, tmp_path, 
     from attriflow.tasks.storage import consolidate
 
     consolidate(tmp_path / "retrained" / "store.zarr")
-    code = in_process_cli(["report", str(reference_run), str(tmp_path / "retrained"), "--out", str(tmp_path / "cmp")])
+    code = in_process_cli(["report", str(reference_run), str(tmp_path / "retrained"),
+                           "--out", str(tmp_path / "cmp")])
     out = capsys.readouterr()
     assert code == 0 and f"comparison: {tmp_path / 'cmp' / 'index.html'}" in out.out
     assert out.err.startswith("attriflow: warning: `retrained` explains another model than `small`"), out.err

@@ -143,13 +143,16 @@ def test_a_swallowed_ctrl_c_still_stops_the_next_wait() -> None:
     """A SIGINT whose KeyboardInterrupt is caught somewhere else (inside a logging call, say)
     is noted by the CLI's handler, and the flow's next wait on a shard raises it again."""
     import concurrent.futures
+    import threading
     import uuid
 
     from prefect.futures import PrefectConcurrentFuture
 
     from attriflow.flows.run import INTERRUPTED, _wait, interrupt
 
-    pending = PrefectConcurrentFuture(uuid.uuid4(), concurrent.futures.Future())
+    inner = concurrent.futures.Future()
+    threading.Timer(3.0, inner.set_result, (None,)).start()  # a wait that ignored the flag would end here
+    pending = PrefectConcurrentFuture(uuid.uuid4(), inner)
     before = signal.signal(signal.SIGINT, interrupt)
     INTERRUPTED.clear()
     try:
@@ -161,7 +164,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_next_wait() -> None:
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             _wait(pending)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 2 and not inner.done()
         # a future that is done is waited for as usual (no interrupt pending)
         INTERRUPTED.clear()
         finished = concurrent.futures.Future()

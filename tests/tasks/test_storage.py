@@ -249,11 +249,17 @@ def test_a_store_from_before_the_stage_timings_gets_them_untimed_when_grown(tmp_
     storage.consolidate(path)
     grown = _layout(n=14, sanity_units=("fc",), n_sanity=2)
     storage.grow_store(path, grown, storage.read_state(path), {"manifest": "{}"})
+    assert storage.grow_store(path, grown, storage.read_state(path), {"manifest": "{}"}) == {"recreated": []}
     ds = storage.open_dataset(path)
     assert ds["load_seconds"].dims == ("shard",) and ds["load_seconds"].shape == (4,)
     assert ds["evaluate_seconds"].shape == (2, 4) and ds["sanity_seconds"].shape == (2,)
     for name in ("load_seconds", "evaluate_seconds", "sanity_seconds"):
         assert np.isnan(ds[name].values).all()  # not timed, never a made-up zero
     assert ds["explain_seconds"].values[0, 1] == 2.5  # kept
-    assert "neurons_seconds" not in ds  # only with the neurons feature
-    assert set(storage.TIMINGS) - {"neurons_seconds"} <= set(ds.data_vars)
+    assert "neurons_seconds" not in ds  # only with the neurons feature ...
+    with_neurons = _layout(n=14, sanity_units=("fc",), n_sanity=2, neuron_layers=(("l", 2),))
+    assert storage.grow_store(path, with_neurons, storage.read_state(path), {"manifest": "{}"}) == {
+        "recreated": ["neurons"]}  # ... created whole with it
+    ds = storage.open_dataset(path)
+    assert ds["neurons_seconds"].shape == (4,) and np.isnan(ds["neurons_seconds"].values).all()
+    assert set(storage.TIMINGS) <= set(ds.data_vars)
