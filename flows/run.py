@@ -40,6 +40,14 @@ def interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` when :data:`INTERRUPTED` is set. (The flow function calls
+    this rather than reading the event: Dask's client pickles the flow function by value,
+    and an event holds a lock, which cannot be pickled.)"""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 def _wait(fut: PrefectFuture[Any]) -> None:
     """``fut.wait()``, polling :data:`INTERRUPTED` twice a second.
 
@@ -232,8 +240,7 @@ def run_experiment(config: RunConfig, run_dir: str) -> dict[str, Any]:
         failed += _collect("evaluate", ((f"evaluate {e} shard {i}", f) for (e, i), f in evals.items()), started)
         failed += _collect("sanity", ((f"sanity {e}", f) for e, f in sanity.items()), started)
         wait([*evals.values(), *sanity.values()])
-        if INTERRUPTED.is_set():  # a Ctrl-C swallowed after the last wait: no report, exit as interrupted
-            raise KeyboardInterrupt
+        _raise_if_interrupted()  # a Ctrl-C swallowed after the last wait: no report, exit as interrupted
         report = write_report(run_dir)
         from prefect import get_run_logger
 
