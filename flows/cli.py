@@ -219,7 +219,7 @@ def _run_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int]] |
 
 
 def _execute_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int]] | None]:
-    from attriflow.flows.run import RunFailedError, execute
+    from attriflow.flows.run import INTERRUPT_NOTICE, INTERRUPTED, RunFailedError, execute
     from attriflow.flows.server import ServerStartError, prefect_api
     from attriflow.tasks.runtime import planning_errors
     from attriflow.tasks.storage import StoreLayoutError
@@ -229,13 +229,13 @@ def _execute_flow(cfg: Any, run_dir: Path) -> tuple[int, dict[str, dict[str, int
             try:
                 result = execute(cfg, str(run_dir))
             except KeyboardInterrupt:
-                print("attriflow: interrupted: letting the running shard tasks finish (Ctrl-C again to "
-                      "stop at once)", file=sys.stderr, flush=True)
+                if not INTERRUPTED.is_set():  # the handler says it at once; without it, say it now
+                    print(INTERRUPT_NOTICE, file=sys.stderr, flush=True)
                 _join_task_threads()
                 return _fail(f"interrupted: finished shards are kept in {run_dir}; run the same command to "
                              "resume (`attriflow plan` shows what is left)", 130), None
-    except KeyboardInterrupt:  # the second Ctrl-C
-        return _fail(f"interrupted: finished shards are kept in {run_dir}", 130), None
+    except KeyboardInterrupt:  # while the server starts or stops (a second Ctrl-C exits in the handler)
+        return _fail(f"interrupted: finished shards are kept in {run_dir}; run the same command to resume", 130), None
     except (RunFailedError, StoreLayoutError, ServerStartError, *planning_errors()) as err:
         return _fail(str(err), 1), None
     print(f"store:   {result['store']}")
@@ -558,10 +558,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")  # runs are offline; no telemetry banner
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the Dask runner's workers inherit it
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
     except BrokenPipeError:  # `attriflow plan ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except KeyboardInterrupt:  # before any work started (importing, checking the config)
+        print("attriflow: interrupted before any shard task started", file=sys.stderr, flush=True)
+        code = 130
+    if code == 130 and argv is None and _running_task_threads():
+        from attriflow.flows.run import exit_now
+
+        exit_now(130)  # task threads still in the model: do not wait for them at shutdown
+    return code
+
+
+def _running_task_threads() -> bool:
+    """Whether a task runner's worker thread is still running (a shard task in progress)."""
+    import threading
+
+    return any(t.is_alive() and not t.daemon and t.name.startswith("ThreadPoolExecutor")
+               for t in threading.enumerate() if t is not threading.main_thread())
 
 
 if __name__ == "__main__":

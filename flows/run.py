@@ -33,11 +33,37 @@ from attriflow.tasks.storage import Shard, run_lock
 INTERRUPTED = threading.Event()
 
 
+INTERRUPT_NOTICE = ("attriflow: interrupted: letting the running shard tasks finish (Ctrl-C again to stop at "
+                    "once)")
+
+
 def interrupt(signum: int, frame: Any) -> None:
-    """SIGINT handler of ``attriflow run``: note the interrupt, then raise
-    ``KeyboardInterrupt`` as Python's default handler does."""
+    """SIGINT handler of ``attriflow run``. The first: note the interrupt, say at once what
+    happens next, and raise ``KeyboardInterrupt`` as Python's default handler does (the run
+    lets its running shard tasks finish). The second: :func:`exit_now` with status 130."""
+    if INTERRUPTED.is_set():  # the second: exit now, whatever is running
+        print("attriflow: interrupted at once: finished shards are kept; run the same command to resume",
+              file=sys.stderr, flush=True)
+        exit_now(130)
     INTERRUPTED.set()
+    print(INTERRUPT_NOTICE, file=sys.stderr, flush=True)
     raise KeyboardInterrupt
+
+
+def exit_now(code: int) -> None:
+    """Leave the process at once (``os._exit``: no waiting for task threads still inside the
+    model, whose interpreter shutdown can abort inside torch's thread pool), after stopping
+    the temporary Prefect server and clearing the run directory's lock."""
+    import os
+
+    from attriflow.flows.server import stop_temporary_servers
+    from attriflow.tasks.storage import clear_held_locks
+
+    stop_temporary_servers()
+    clear_held_locks()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _raise_if_interrupted() -> None:

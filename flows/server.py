@@ -148,6 +148,7 @@ def prefect_api(timeout: float | None = None, stop_at_exit: bool = False) -> Ite
             "`prefect server start` in another shell, then PREFECT_API_URL=http://127.0.0.1:4200/api")
     if stop_at_exit:
         threading._register_atexit(_stop, proc)  # type: ignore[attr-defined]  # as Prefect's services do
+        _AT_EXIT.append(proc)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
@@ -158,6 +159,17 @@ def prefect_api(timeout: float | None = None, stop_at_exit: bool = False) -> Ite
         if not stop_at_exit:
             _stop(proc)
             log.close()
+
+
+#: Temporary servers left to stop at the interpreter's shutdown (``stop_at_exit``).
+_AT_EXIT: list[subprocess.Popen[bytes]] = []
+
+
+def stop_temporary_servers() -> None:
+    """Stop now the temporary servers that would be stopped at the interpreter's shutdown:
+    for a process about to leave through ``os._exit``, which skips that shutdown."""
+    while _AT_EXIT:
+        _stop(_AT_EXIT.pop())
 
 
 def _flush_logs() -> None:

@@ -874,6 +874,17 @@ class RunLockedError(RuntimeError):
     """Another process holds the run directory."""
 
 
+def clear_held_locks() -> None:
+    """Clear the pid in the lock files of the run directories this process holds, for an exit
+    through ``os._exit`` (a second Ctrl-C): the kernel releases the flocks, and a cleared pid
+    tells the next run that the exit was deliberate (see :func:`run_lock`)."""
+    for key in list(_HELD):
+        try:
+            os.truncate(Path(key) / ".attriflow.lock", 0)
+        except OSError:
+            pass
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the block (``flock``: released on death).
