@@ -98,15 +98,17 @@ def test_a_finished_rerun_needs_no_prefect_server(reference_run, tmp_path) -> No
     assert json.loads(plan.stdout)["stages"]["evaluate"] == {"computed": 0, "reused": 6}
 
 
-def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path) -> None:
-    """SIGINT (a terminal's Ctrl-C) while shards run: the running tasks finish, the run says
-    how to resume and exits 130 without a traceback, its server is gone, and a rerun
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path, presses) -> None:
+    """SIGINT (a terminal's Ctrl-C) while shards run: the run says at once what happens; the
+    running tasks finish (a second Ctrl-C: it exits at once), the run says how to resume and
+    exits 130 without a traceback, its server is gone, its lock is clear, and a rerun
     computes only what is left."""
     cfg = tmp_path / "slow.yaml"
     cfg.write_text(yaml.safe_dump({
         "name": "slow", "shard_size": 4, "data": {"n_samples": 16},
         "explain": {"batch_size": 8, "explainers": [
-            {"method": "saliency"}, {"method": "occlusion", "params": {"window": 8, "stride": 4}}]},
+            {"method": "saliency"}, {"method": "occlusion", "params": {"window": 8, "stride": 2}}]},
         "evaluate": {"steps": 8}, "neurons": {"enabled": False}, "sanity": {"enabled": False}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
@@ -123,6 +125,13 @@ def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path) -
         # swallowed there, and noted by attriflow's handler for the flow's next wait
         server = [p for p in _children(run.pid) if b"uvicorn" in open(f"/proc/{p}/cmdline", "rb").read()]
         run.send_signal(signal.SIGINT)
+        if presses == 2:
+            for line in run.stderr:  # said at once, before the running tasks finish
+                lines.append(line)
+                if "letting the running shard tasks finish (Ctrl-C again to stop at once)" in line:
+                    break
+            run.send_signal(signal.SIGINT)
+            started = time.monotonic()
         _, err = run.communicate(timeout=240)
     finally:
         if run.poll() is None:
@@ -130,7 +139,10 @@ def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path) -
     err = "".join(lines) + err
     assert run.returncode == 130, err[-3000:]
     assert "run the same command to resume" in err and "Traceback" not in err
+    if presses == 2:
+        assert "interrupted at once" in err and time.monotonic() - started < 20
     assert server and not any(_alive(p) for p in server)
+    assert (run_dir / ".attriflow.lock").read_text() == ""  # released, not left by a death
     from attriflow.tasks.config import load_config
     from attriflow.tasks.stages.plan import plan_run
 
