@@ -27,6 +27,7 @@ from attriflow.analysis.report import (
     family_order,
     flagged_note,
     fmt,
+    incomplete_note,
     manifest_of,
     metric_summary,
     neuron_rows,
@@ -156,6 +157,8 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
            "<nav>" + "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in (
                ("provenance", "Provenance"), ("metrics", "Metrics"), ("families", "Families"),
                ("maps", "Maps"), ("cost", "Cost"), ("sanity", "Sanity check"), ("neurons", "Neurons"))) + "</nav>"]
+    if incomplete_note(ds):  # before any number
+        out.append(f"<p class='warn'><b>{escape(incomplete_note(ds))}</b></p>")
     out.append("<h2 id='provenance'>Provenance</h2>")
     out.append(table(["field", "value"], [[escape(k), escape(v)] for k, v in provenance(ds)], name_cols=2, text=True))
     out.append("<details><summary>resolved configuration</summary><pre>"

@@ -242,11 +242,13 @@ def cost_table(ds: xr.Dataset) -> pd.DataFrame:
                 row[f"{stage}_seconds_per_image"] = _per_image(sec, sizes)
         if "sanity_seconds" in ds:
             row["sanity_seconds"] = float(ds["sanity_seconds"].values[i])
+        # a map costs at least one forward pass: 0 marks a sample not explained (yet)
+        explained = np.asarray(ds["forward_passes"].values[i]) != 0 if "forward_passes" in ds else None
         for kind in ("forward", "backward"):
             var = f"{kind}_passes"
             if var in ds:
                 p = np.asarray(ds[var].values[i], dtype=np.float64)
-                p = p[p >= 0]
+                p = p[explained & (p >= 0)] if explained is not None else p[p >= 0]
                 row[f"{kind}_per_image"] = float(p.mean()) if p.size else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -350,6 +352,34 @@ def coverage_note(ds: xr.Dataset, summary: pd.DataFrame) -> str:
         return ""
     return (f"Scored on fewer than the run's {total} samples (at most, per explainer): {', '.join(short)}. "
             "Localisation metrics need ground truth of the explained class; non-finite maps are left out.")
+
+
+def incomplete_note(ds: xr.Dataset) -> str:
+    """One sentence naming the stages and explainers whose shards are not all finished (from
+    the completion records of the run's view), or an empty string for a finished run. Its
+    numbers then cover only the finished shards."""
+    parts = []
+    names = [str(e) for e in ds["explainer"].values] if "explainer" in ds.dims else []
+    for stage in ("explain", "evaluate"):
+        var = f"record_{stage}"
+        if var not in ds:
+            continue
+        done = np.asarray(ds[var].values) != 0
+        for i in explainer_order(ds):
+            if not done[i].all():
+                parts.append(f"{names[i]} {stage} {int(done[i].sum())}/{done[i].size} shards")
+    if "record_neurons" in ds:
+        done = np.asarray(ds["record_neurons"].values) != 0
+        if not done.all():
+            parts.append(f"neurons {int(done.sum())}/{done.size} shards")
+    if "record_sanity" in ds and "sanity" in ds:
+        missing = [names[i] for i in explainer_order(ds) if not ds["record_sanity"].values[i]]
+        if missing:
+            parts.append(f"sanity check not done for {', '.join(missing)}")
+    if not parts:
+        return ""
+    return ("Incomplete run: " + "; ".join(parts) + ". Its numbers cover the finished shards only, and "
+            "explainers scored on different samples are not comparable; run the same command to finish.")
 
 
 def flagged_note(ds: xr.Dataset) -> str:
@@ -465,6 +495,8 @@ def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = (),
     options = ReportOptions.from_manifest(manifest)
     summary = metric_summary(ds, options) if summary is None else summary
     lines = [f"# attriflow run `{manifest.get('name', '?')}`", ""]
+    if incomplete_note(ds):  # before any number
+        lines += [f"> **Warning:** {incomplete_note(ds)}", ""]
     lines += [f"- {k}: {v}" for k, v in provenance(ds)] + [""]
     pct = round(options.confidence * 100)
     lines += [f"## Metrics (mean [{pct}% bootstrap interval] over samples)", ""]

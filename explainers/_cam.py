@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from attriflow.explainers._hooks import capture_outputs, default_cam_layer, get_layer
+from attriflow.explainers._hooks import capture_outputs, default_cam_layer, get_layer, spatial_layers
 from attriflow.explainers._scores import ScoreKind, target_scores
-from attriflow.explainers.base import Explainer
+from attriflow.explainers.base import Explainer, UnsupportedModelError
 
 
 class CAMParams(BaseModel):
@@ -45,6 +45,32 @@ class CAMExplainer(Explainer):
         super().__init__(model, **params)
         if self.p.layer is not None:
             get_layer(model, self.p.layer)  # fail early with the list of valid names
+
+    def refuse(self, example: Tensor) -> None:
+        """Refuse a configured layer without a spatial output: a CAM weighs the layer's
+        (N, C, h, w) feature maps, so a layer whose output is not 4-D (a classifier, a
+        flatten) cannot be explained, and one of 1 x 1 positions (the global pooling) gives
+        a constant map. Subclasses that refuse more call this first.
+
+        Raises
+        ------
+        UnsupportedModelError
+            Naming the layer, its output shape and the spatial layers that work.
+        """
+        if self.p.layer is None:
+            return  # the automatic layer is the last spatial one
+        name = str(self.p.layer)
+        with capture_outputs(self.model, [name]) as acts, torch.no_grad():
+            self.model(example[:1])
+        shape = tuple(acts[name].shape)
+        if len(shape) == 4 and shape[-1] * shape[-2] > 1:
+            return
+        what = "1 x 1 positions: every map would be constant" if len(shape) == 4 else \
+            "no (N, C, h, w) feature maps to weigh"
+        usable = ", ".join(n for n, _ in spatial_layers(self.model, example[:1])[-6:])
+        raise UnsupportedModelError(
+            f"{self.spec.name}: params.layer {name!r} outputs shape {shape}, {what}; use a convolutional "
+            f"layer (the last spatial ones: {usable})")
 
     def resolve(self, example: Tensor) -> None:
         """Fix the automatically found target layer (recorded in ``params()``)."""

@@ -142,7 +142,8 @@ def _collect(stage: str, futures: Iterable[tuple[str, PrefectFuture[Any]]], star
             if not state.is_completed():
                 kind = ("upstream" if state.is_pending() else "lost" if not state.is_failed() else
                         "deterministic" if is_deterministic(failure_of(state)) else "transient")
-                failed.append((f"{label} ({state.name}: {state.message or ''})".strip(), kind))
+                said = label if kind == "upstream" else f"{label} ({state.name}: {state.message or ''})"
+                failed.append((said, kind))  # (Prefect's message for a task not run names task-run ids)
             bar.update(1)
     if items:
         get_run_logger().info(

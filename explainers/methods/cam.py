@@ -71,6 +71,7 @@ class CAM(CAMExplainer):
         UnsupportedModelError
             Naming the layer, the classifier and the size of the mismatch.
         """
+        super().refuse(example)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(example.shape, generator=g, dtype=torch.float32).to(example)
         name = self.layer_name(x)

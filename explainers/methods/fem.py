@@ -57,6 +57,7 @@ class FEM(CAMExplainer):
         UnsupportedModelError
             Naming the layer, its size and ``k``.
         """
+        super().refuse(example)
         name = self.layer_name(example)
         with capture_outputs(self.model, [name]) as acts, torch.no_grad():
             self.model(example)

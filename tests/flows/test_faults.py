@@ -98,12 +98,20 @@ def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path,
     assert repeat.startswith("1 failed with an error that a rerun would repeat (not retried): fix its cause")
     assert "evaluate saliency shard 2" in repeat and "InjectedInputError" in repeat
     assert rerun.startswith("1 failed after 2 retries; rerun to finish: explain grad_cam shard 1")
-    assert upstream.startswith("2 not run because a task they wait for did not finish: "
-                               "evaluate grad_cam shard 1")
+    assert upstream == ("2 not run because a task they wait for did not finish: evaluate grad_cam shard 1; "
+                        "sanity grad_cam")
     # the error that was not retried is logged with its traceback (Prefect logs one only once
     # the retries are spent)
     logged = [r for r in caplog.records if r.getMessage().startswith("not retried: InjectedInputError")]
     assert logged and logged[0].exc_info and logged[0].exc_info[0].__name__ == "InjectedInputError"
+    # the report written anyway says so before any number, and counts no pass for the
+    # samples never explained
+    summary = (run_dir / "report" / "summary.md").read_text()
+    warning = summary[summary.index("> **Warning:** Incomplete run: "):summary.index("## Metrics")]
+    assert "grad_cam explain 2/3 shards" in warning and "saliency evaluate 2/3 shards" in warning
+    assert "sanity check not done for grad_cam" in warning and "neurons" not in warning
+    assert any(line.startswith("| cam | `grad_cam` |") and line.endswith("| 1.0 | 1.0 |")  # its cost row
+               for line in summary.splitlines())
     status = json.loads(cli(["status", str(run_dir), "--json"], {}, prefect_server).stdout)["stages"]
     assert status["explain"]["saliency"]["done"] == 3 and status["explain"]["grad_cam"]["done"] == 2
     assert status["evaluate"]["grad_cam"]["done"] == 2 and status["neurons"]["done"] == 3
@@ -115,6 +123,7 @@ def test_a_shard_that_keeps_failing_fails_the_run_alone(reference_run, tmp_path,
     assert result["counts"]["evaluate"] == {"computed": 2, "reused": 4, "failed": 0}
     assert result["counts"]["sanity"] == {"computed": 1, "reused": 1, "failed": 0}
     _same_store(run_dir, reference_run)
+    assert "Incomplete run" not in (run_dir / "report" / "summary.md").read_text()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path) -> None:
