@@ -292,6 +292,18 @@ def test_fem_refuses_a_layer_too_small_for_its_threshold(x_t) -> None:
     assert get_explainer("fem")(net, layer="1").attribute(*x_t).abs().sum() > 0  # 10x10: fine
 
 
+@pytest.mark.parametrize("method", ["grad_cam", "score_cam", "cam", "fem"])
+def test_a_cam_refuses_a_layer_without_spatial_output(method, x_t) -> None:
+    """A classifier or flatten output has no feature maps (every shard failed with an
+    IndexError), a global pool has one position (a constant map): refused, naming the shape."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).double().eval()
+    for layer, shape in (("4", r"\(1, 3\)"), ("3", r"\(1, 4\)"), ("2", r"\(1, 4, 1, 1\), 1 x 1 positions")):
+        with pytest.raises(UnsupportedModelError, match=rf"{method}: params.layer '{layer}' outputs shape {shape}"):
+            get_explainer(method)(net, layer=layer).attribute(*x_t)
+    assert get_explainer(method)(net, layer="1").attribute(*x_t).shape == x_t[0].shape[:1] + x_t[0].shape[2:]
+
+
 class Spelled(nn.Module):
     """Conv - <a ReLU spelled some way> - maxpool - Conv - ReLU - mean - Linear."""
 
