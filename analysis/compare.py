@@ -52,6 +52,26 @@ def _holm(p: list[float]) -> list[float]:
     return out
 
 
+#: The ``evaluate`` settings each metric's score depends on (``batch_size`` changes no
+#: score); a metric not listed depends on every setting.
+SCORE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "deletion_auc": ("steps", "blur_kernel", "blur_sigma"),
+    "insertion_auc": ("steps", "blur_kernel", "blur_sigma"),
+    "average_drop_soft": (), "increase_soft": (),
+    "average_drop_top": ("drop_top_fraction",), "increase_top": ("drop_top_fraction",),
+    "pointing_game": ("pointing_tolerance",), "energy_pointing_game": (), "bbox_accuracy": (), "iou": (),
+    "gini": (),
+}
+
+
+def settings_differ(metric: str, a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+    """The ``evaluate`` settings that differ between two runs and change ``metric``'s score
+    (:data:`SCORE_SETTINGS`; all differing settings but ``batch_size`` for another metric)."""
+    a, b = a or {}, b or {}
+    keys = SCORE_SETTINGS.get(metric, tuple(k for k in {*a, *b} if k != "batch_size"))
+    return sorted(k for k in keys if a.get(k) != b.get(k))
+
+
 def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
     """Every (explainer, metric) scored by the first run and another run, compared on the
     samples both scored.
@@ -74,8 +94,8 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
         ``verdict``: ``better`` / ``worse`` (Holm-adjusted p below :data:`ALPHA`, the
         direction ``up`` read in the metric's sense), ``not significant``, ``identical
         scores``, ``too few pairs``, or ``not compared: other evaluation settings`` (the
-        runs' ``evaluate`` settings differ, so the same map scores differently: no test,
-        ``comparable`` False).
+        runs' ``evaluate`` settings that this metric depends on differ, so the same map
+        scores differently, :func:`settings_differ`: no test, ``comparable`` False).
     """
     from scipy.stats import rankdata, wilcoxon
 
@@ -91,7 +111,7 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
     ref_eval = _manifest(ref).get("config", {}).get("evaluate")
     for label in labels[1:]:
         other = runs[label]
-        comparable = _manifest(other).get("config", {}).get("evaluate") == ref_eval
+        other_eval = _manifest(other).get("config", {}).get("evaluate")
         keys = _keys(other)
         shared = [(ref_pos[k], j) for j, k in enumerate(keys) if k in ref_pos]
         ri = np.array([a for a, _ in shared], dtype=np.int64)
@@ -113,6 +133,7 @@ def paired_tests(runs: dict[str, xr.Dataset]) -> pd.DataFrame:
                     continue
                 d = b[ok] - a[ok]
                 p, up = float("nan"), False
+                comparable = not settings_differ(metric, ref_eval, other_eval)
                 nz = d[d != 0]
                 if comparable and len(nz) >= MIN_PAIRS:
                     p = float(wilcoxon(b[ok], a[ok], zero_method="wilcox", alternative="two-sided").pvalue)
@@ -165,10 +186,12 @@ def comparison_warnings(runs: dict[str, xr.Dataset]) -> list[str]:
         if (ds.sizes.get("y"), ds.sizes.get("x")) != (ref.sizes.get("y"), ref.sizes.get("x")):
             out.append(f"`{label}` maps are {ds.sizes.get('y')}x{ds.sizes.get('x')} pixels, `{ref_label}`'s "
                        f"{ref.sizes.get('y')}x{ref.sizes.get('x')}")
-        ev, ref_ev = m.get("config", {}).get("evaluate"), ref_m.get("config", {}).get("evaluate")
-        if ev != ref_ev:
-            out.append(f"`{label}` was evaluated with other settings than `{ref_label}` (evaluate: {ev} against "
-                       f"{ref_ev}): the same map scores differently")
+        ev, ref_ev = m.get("config", {}).get("evaluate") or {}, ref_m.get("config", {}).get("evaluate") or {}
+        differ = sorted(k for k in {*ev, *ref_ev} if k != "batch_size" and ev.get(k) != ref_ev.get(k))
+        if differ:
+            said = ", ".join(f"{k}: {ev.get(k)} against {ref_ev.get(k)}" for k in differ)
+            out.append(f"`{label}` was evaluated with other settings than `{ref_label}` (evaluate.{said}): the "
+                       "metrics that depend on them score the same map differently and are not compared")
     return out
 
 

@@ -13,13 +13,16 @@ from attriflow.analysis.compare import ALPHA, comparison_warnings, config_diff, 
 
 
 def _run(keys: list[str], score: np.ndarray, *, digest: str = "m1", steps: int = 32,
-         explainers: tuple[str, ...] = ("sal", "gc")) -> xr.Dataset:
+         explainers: tuple[str, ...] = ("sal", "gc"), batch_size: int = 256,
+         metrics: tuple[str, ...] = ("deletion_auc", "insertion_auc")) -> xr.Dataset:
     manifest = {"model_digest": digest, "model": f"model {digest}", "data": "embedded",
-                "config": {"seed": 0, "evaluate": {"steps": steps}, "explain": {"batch_size": 8}}}
+                "config": {"seed": 0, "evaluate": {"steps": steps, "batch_size": batch_size},
+                           "explain": {"batch_size": 8}}}
     return xr.Dataset(
         {"score": (("explainer", "sample", "metric"), score)},
-        coords={"explainer": list(explainers), "metric": ["deletion_auc", "insertion_auc"],
-                "higher_is_better": ("metric", [False, True]), "sample_key": ("sample", keys)},
+        coords={"explainer": list(explainers), "metric": list(metrics),
+                "higher_is_better": ("metric", [m != "deletion_auc" for m in metrics]),
+                "sample_key": ("sample", keys)},
         attrs={"manifest": json.dumps(manifest)},
     )
 
@@ -107,5 +110,15 @@ def test_incomparable_runs_are_named_and_settings_diffed() -> None:
     # other evaluation settings: the same maps score differently, so no verdict at all
     shifted = _run(keys, score + 0.2, steps=8)
     assert set(paired_tests({"a": ref, "b": shifted})["verdict"]) == {"not compared: other evaluation settings"}
+    assert "(evaluate.steps: 8 against 32)" in " ".join(comparison_warnings({"a": ref, "b": shifted}))
+    # ... only the metrics that depend on the setting; a batch size changes no score
+    three = ("deletion_auc", "insertion_auc", "gini")
+    s3 = np.random.default_rng(1).normal(size=(2, 10, 3))
+    verdicts = paired_tests({"a": _run(keys, s3, metrics=three),
+                             "b": _run(keys, s3 + 0.5, steps=8, metrics=three)}).set_index(["explainer", "metric"])
+    assert verdicts.loc[("sal", "deletion_auc"), "verdict"] == "not compared: other evaluation settings"
+    assert verdicts.loc[("sal", "gini"), "verdict"] == "better"  # 10 pairs, all +0.5
+    batch = {"a": ref, "b": _run(keys, score, batch_size=64)}
+    assert comparison_warnings(batch) == [] and "not compared" not in set(paired_tests(batch)["verdict"])
     diff = config_diff({"a": ref, "b": other})
     assert list(diff.index) == ["evaluate.steps"] and diff.loc["evaluate.steps"].tolist() == ["32", "8"]
