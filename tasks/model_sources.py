@@ -76,6 +76,17 @@ def state_dict_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _unpickler_reason(text: str) -> str:
+    """The reason in a ``torch.load(weights_only=True)`` error: the text after its
+    "Unpickler error:" (on that line or the next non-empty one), else its first line."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if "Unpickler error:" in line:
+            rest = [line.split("error:", 1)[1].strip(), *(ln.strip() for ln in lines[i + 1:])]
+            return next((r for r in rest if r), "").split(" Please use")[0]
+    return lines[0] if lines else ""
+
+
 def _last_line(err: BaseException) -> str:
     """``"ZeroDivisionError: division by zero"``: the last line Python prints for ``err``."""
     return traceback.format_exception_only(type(err), err)[-1].strip()
@@ -127,12 +138,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle needing arbitrary code, or a corrupt file
-        text = str(err)
-        why = next((ln.split("error:", 1)[1].strip() for ln in text.splitlines() if "Unpickler error:" in ln),
-                   text.splitlines()[0] if text else type(err).__name__)
-        why = why.split(" Please use")[0]
+        why = _unpickler_reason(str(err)) or type(err).__name__
+        if "Unsupported global" not in why:  # not a pickle of classes: not a checkpoint at all
+            raise ModelLoadError(
+                f"model.weights: {str(path)!r} is not a readable PyTorch checkpoint ({why}); save one with "
+                "torch.save(model.state_dict(), path)") from None
         raise ModelLoadError(
-            f"cannot load {str(path)!r} safely with torch.load(weights_only=True) ({why}). "
+            f"model.weights: cannot load {str(path)!r} safely with torch.load(weights_only=True) ({why}). "
             "If you trust the file, convert it once to a plain state dict: "
             "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth')"
         ) from None

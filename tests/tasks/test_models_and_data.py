@@ -57,8 +57,12 @@ def test_training_checkpoints_are_unwrapped(tmp_path, wrap) -> None:
 def test_pickled_checkpoint_is_refused(tmp_path) -> None:
     path = tmp_path / "full.pth"
     torch.save(torchvision.models.resnet18(weights=None), path)  # a whole pickled module
-    with pytest.raises(ModelLoadError, match="weights_only=True.*state_dict"):
+    with pytest.raises(ModelLoadError, match="weights_only=True.*Unsupported global.*state_dict"):
         build_model(ModelConfig(arch="resnet18", weights=str(path)))
+    (tmp_path / "garbage.pth").write_text("garbage")  # not a checkpoint at all: no advice to unpickle it
+    with pytest.raises(ModelLoadError, match=r"model.weights: '.*garbage.pth' is not a readable PyTorch checkpoint "
+                                             r"\(Unsupported operand 103\)"):
+        build_model(ModelConfig(arch="resnet18", weights=str(tmp_path / "garbage.pth")))
 
 
 def test_unknown_arch_lists_choices() -> None:
