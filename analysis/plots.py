@@ -251,7 +251,7 @@ def plot_cost(ds: xr.Dataset) -> Figure:
     df = cost_table(ds)
     palette = family_palette(ds)
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 0.35 * len(df) + 1.6), squeeze=False)
-    for ax, col, title in ((axes[0, 0], "explain_seconds_per_image", "wall seconds per image"),
+    for ax, col, title in ((axes[0, 0], "explain_seconds_per_image", "attribution seconds per image"),
                            (axes[0, 1], "forward_per_image", "forward passes per image")):
         if col not in df:
             ax.set_visible(False)

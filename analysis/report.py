@@ -513,7 +513,7 @@ def render_markdown(ds: xr.Dataset, figures: Sequence[tuple[str, str]] = (),
         lines.append(f"| {r['stage']} | {fmt(r['seconds'], 1)} | {fmt(r['seconds_per_image'], 4)} | "
                      f"{share(r['share'])} | {r['timed']}/{r['tasks']} |")
     lines += ["", "| family | explainer | explain s / image | evaluate s / image | sanity s | "
-              "forward passes | backward passes |", "|---|---|---|---|---|---|---|"]
+              "forward passes / image | backward passes / image |", "|---|---|---|---|---|---|---|"]
     for _, r in cost_table(ds).iterrows():
         cells = [fmt(r.get("explain_seconds_per_image", np.nan), 5),
                  fmt(r.get("evaluate_seconds_per_image", np.nan), 5), fmt(r.get("sanity_seconds", np.nan), 2), fmt(r.get("forward_per_image", np.nan), 1),
