@@ -148,7 +148,10 @@ def test_ctrl_c_stops_the_run_keeps_its_shards_and_leaves_no_process(tmp_path, p
 
     plan = plan_run(load_config(cfg).model_dump_json(), run_dir)
     assert plan["stages"]["load"] == {"computed": 0, "reused": 4}  # finished shards kept
-    assert 0 < plan["stages"]["explain"]["computed"] < 8  # the interrupted work is what is left
+    left = plan["stages"]["explain"]["computed"]
+    # the interrupted work is what is left: one press lets the running task finish, two
+    # abandon it (when pressed before any explain task finished, all eight are left)
+    assert 0 < left < 8 if presses == 1 else 0 < left <= 8
 
 
 def test_a_swallowed_ctrl_c_still_stops_the_next_wait() -> None:
