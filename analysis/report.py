@@ -231,11 +231,14 @@ def cost_table(ds: xr.Dataset) -> pd.DataFrame:
     """Per explainer: wall seconds per image of its attribution (``explain_seconds``) and of
     its evaluation (``evaluate_seconds``: the metrics, reading included), its sanity check's
     wall seconds (``sanity_seconds``), and forward / backward passes per image (mean; NaN
-    where the method could not count them or a task was not timed)."""
+    where the method could not count them or a task was not timed; 0 for a method whose
+    recorded cost is no pass at all, a sanity baseline)."""
     sizes = _shard_sizes(ds)
+    static = manifest_of(ds).get("explainers", {})
     rows = []
     for i in explainer_order(ds):
         row: dict[str, Any] = {"family": str(ds["family"].values[i]), "explainer": str(ds["explainer"].values[i])}
+        cost = static.get(row["explainer"], {}).get("cost", {})
         for stage in ("explain", "evaluate"):
             if f"{stage}_seconds" in ds:
                 sec = np.asarray(ds[f"{stage}_seconds"].values[i], dtype=np.float64)
@@ -250,6 +253,8 @@ def cost_table(ds: xr.Dataset) -> pd.DataFrame:
                 p = np.asarray(ds[var].values[i], dtype=np.float64)
                 p = p[explained & (p >= 0)] if explained is not None else p[p >= 0]
                 row[f"{kind}_per_image"] = float(p.mean()) if p.size else float("nan")
+                if cost.get("forward") == 0 and cost.get(kind) == 0:  # a sanity baseline reads no model
+                    row[f"{kind}_per_image"] = 0.0
         rows.append(row)
     return pd.DataFrame(rows)
 

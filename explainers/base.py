@@ -36,6 +36,7 @@ class Family(str, Enum):
     CAM = "cam"
     PERTURBATION = "perturbation"
     OPTIMISATION = "optimisation"
+    BASELINE = "baseline"
 
     def __str__(self) -> str:
         return self.value
@@ -48,8 +49,10 @@ TAXONOMY: dict[Family, str] = {
     Family.CAM: "white-box / activation-cam",
     Family.PERTURBATION: "black-box / perturbation",
     Family.OPTIMISATION: "black-box / mask optimisation",
+    Family.BASELINE: "no model / sanity baseline",
 }
 
+#: What a method reads from the model; a sanity baseline (family ``baseline``) reads none.
 Access = Literal["gradients", "activations", "forward"]
 
 
@@ -64,7 +67,8 @@ class ExplainerSpec:
     family : Family
         Taxonomy group.
     access : tuple of str
-        What the method needs from the model: ``"gradients"``, ``"activations"``, ``"forward"``.
+        What the method needs from the model: ``"gradients"``, ``"activations"``, ``"forward"``
+        (empty for a sanity baseline, whose map does not depend on the model).
     stochastic : bool
         True when the method draws random numbers (it then receives per-sample generators).
     batches_evaluations : bool

@@ -434,7 +434,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             branch = "└──" if i == len(members) - 1 else "├──"
             cost = r["cost_per_image"]
             passes = f"{cost['forward']} fwd + {cost['backward']} bwd per image"
-            print(f"  {branch} {r['name']:<20} {r['summary']}  [needs {', '.join(r['access'])}; {passes}]")
+            print(f"  {branch} {r['name']:<20} {r['summary']}  [needs {', '.join(r['access']) or 'no model'}; {passes}]")
     return 0
 
 

@@ -3,6 +3,7 @@
 from attriflow.explainers.methods import (  # noqa: F401
     ablation_cam,
     cam,
+    centred_gaussian,
     deconvnet,
     deeplift,
     eigen_cam,
@@ -20,10 +21,12 @@ from attriflow.explainers.methods import (  # noqa: F401
     lrp_zplus,
     neuromask,
     occlusion,
+    random_map,
     rise,
     saliency,
     score_cam,
     sise,
     smooth_grad,
+    sobel,
     xgrad_cam,
 )

@@ -367,6 +367,28 @@ def check_target_dependent(z: Zoo, exp: Explainer, out: Tensor) -> str:
     return "finite, target-dependent"
 
 
+def check_baseline(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """A sanity baseline reads no model: its map equals its definition computed here
+    (``sobel``: scikit-image's ``filters.sobel`` of the channel mean; ``centred_gaussian``:
+    the closed form; ``random_map``: the same draws again from the first image's seed)."""
+    if exp.spec.name == "sobel":
+        from skimage.filters import sobel
+
+        ref = torch.from_numpy(np.stack([sobel(x.mean(0).double().numpy()) for x in z.x])).float()
+        close(out, ref, 1e-5)
+        return "skimage sobel"
+    if exp.spec.name == "centred_gaussian":
+        h, w = out.shape[-2:]
+        yy, xx = np.mgrid[:h, :w]
+        ref = np.exp(-0.5 * (((yy - (h - 1) / 2) / (0.25 * h)) ** 2 + ((xx - (w - 1) / 2) / (0.25 * w)) ** 2))
+        close(out, torch.from_numpy(ref).float().expand_as(out), 1e-6)
+        return "closed form"
+    assert exp.spec.name == "random_map", exp.spec.name
+    again = torch.rand(out.shape[-2:], generator=torch.Generator().manual_seed(11))
+    assert torch.equal(out[0], again), "the first image's map is not its seed's draws"
+    return "seeded draws"
+
+
 def captum_check(cls_name: str, reduce: str, **kwargs: Any) -> Check:
     def check(z: Zoo, exp: Explainer, out: Tensor) -> str:
         import captum.attr
@@ -662,6 +684,9 @@ CASES: dict[str, Case] = {
                  note="first image, 32 masks; no oracle: finite, non-zero, changes with the target"),
     "neuromask": Case(check_target_dependent, lambda z: {"iterations": 10}, one_image=True,
                       note="first image, 10 iterations; no oracle: finite, non-zero, changes with the target"),
+    "random_map": Case(check_baseline, note="sanity baseline: the first image's seeded draws"),
+    "centred_gaussian": Case(check_baseline, note="sanity baseline: = the closed form"),
+    "sobel": Case(check_baseline, note="sanity baseline: = scikit-image's filters.sobel of the channel mean"),
 }
 
 
