@@ -44,6 +44,25 @@ AUTO_MAX_BATCH = 256
 _auto_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
+def iter_ragged_jobs(counts: list[int], batch_size: int, device: torch.device | None = None
+                     ) -> Iterator[tuple[Tensor, Tensor]]:
+    """:func:`iter_jobs` for items with different numbers of evaluations (superpixels of
+    each image): ``counts[i]`` evaluations of item ``i``, item-major, in batches of
+    ``batch_size`` jobs.
+
+    Yields
+    ------
+    (Tensor, Tensor)
+        int64 item and evaluation indices of one batch.
+    """
+    item = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
+    first = torch.cumsum(torch.tensor([0, *counts[:-1]], dtype=torch.int64), 0) if counts else item
+    for start in range(0, len(item), max(batch_size, 1)):
+        i = item[start:start + batch_size]
+        e = torch.arange(start, start + len(i)) - first[i]
+        yield i.to(device), e.to(device)
+
+
 def auto_batch_size(model: nn.Module, example: Tensor, budget_bytes: int = AUTO_BUDGET_BYTES,
                     cap: int = AUTO_MAX_BATCH) -> int:
     """Evaluations per pass chosen from the model's activation footprint.

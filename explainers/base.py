@@ -36,6 +36,7 @@ class Family(str, Enum):
     CAM = "cam"
     PERTURBATION = "perturbation"
     OPTIMISATION = "optimisation"
+    SHAPLEY = "shapley"
     BASELINE = "baseline"
 
     def __str__(self) -> str:
@@ -49,6 +50,7 @@ TAXONOMY: dict[Family, str] = {
     Family.CAM: "white-box / activation-cam",
     Family.PERTURBATION: "black-box / perturbation",
     Family.OPTIMISATION: "black-box / mask optimisation",
+    Family.SHAPLEY: "black-box / surrogate and Shapley",
     Family.BASELINE: "no model / sanity baseline",
 }
 

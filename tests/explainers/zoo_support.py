@@ -607,6 +607,25 @@ def check_occlusion(z: Zoo, exp: Explainer, out: Tensor) -> str:
     return "captum"
 
 
+def check_superpixels(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """= Captum's FeatureAblation / ShapleyValueSampling on the same (grid) superpixels; the
+    Shapley permutations are the first image's seed's, drawn by Captum from the global
+    generator."""
+    import captum.attr
+
+    from attriflow.explainers._segments import segment
+
+    labels = segment(z.x[:1], exp.p)[0]
+    kw: dict[str, Any] = {"feature_mask": labels[None, None], "target": z.t[:1], "perturbations_per_eval": 16}
+    if exp.spec.name == "shapley_sampling":
+        torch.manual_seed(11)
+        ref = captum.attr.ShapleyValueSampling(z.model).attribute(z.x[:1], n_samples=exp.p.samples, **kw)
+    else:
+        ref = captum.attr.FeatureAblation(z.model).attribute(z.x[:1], **kw)
+    close(out[:1], ref[:, 0], 1e-3)
+    return "captum"
+
+
 @dataclass(frozen=True)
 class Case:
     """How one explainer is run in the zoo and what its map must satisfy."""
@@ -684,6 +703,11 @@ CASES: dict[str, Case] = {
                  note="first image, 32 masks; no oracle: finite, non-zero, changes with the target"),
     "neuromask": Case(check_target_dependent, lambda z: {"iterations": 10}, one_image=True,
                       note="first image, 10 iterations; no oracle: finite, non-zero, changes with the target"),
+    "feature_ablation": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 6}, one_image=True,
+                             note="first image, 6 grid cells; = Captum FeatureAblation"),
+    "shapley_sampling": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 2},
+                             one_image=True, note="first image, 4 grid cells, 2 permutations; = Captum "
+                                                  "ShapleyValueSampling under the same permutations"),
     "random_map": Case(check_baseline, note="sanity baseline: the first image's seeded draws"),
     "centred_gaussian": Case(check_baseline, note="sanity baseline: = the closed form"),
     "sobel": Case(check_baseline, note="sanity baseline: = scikit-image's filters.sobel of the channel mean"),

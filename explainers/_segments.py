@@ -1,0 +1,102 @@
+"""Superpixel features of an image for the Shapley and surrogate explainers.
+
+A feature is a set of pixels (all channels) switched between the image and the baseline
+together. ``slic`` segments the image with scikit-image's SLIC (Achanta et al. 2012), the
+segmentation LIME's authors use for images; ``grid`` cuts it into equal cells. Both are
+deterministic: the same image gives the same features on every run, worker and batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+Segmentation = Literal["slic", "grid"]
+
+
+class SuperpixelParams(BaseModel):
+    """The features and baseline of a superpixel explainer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    segmentation: Segmentation = "slic"
+    segments: int = Field(50, ge=1, le=4096, description="SLIC's target number of superpixels; grid: cells")
+    compactness: float = Field(10.0, gt=0, description="SLIC's colour / space trade-off")
+    baseline: float = 0.0
+
+
+def segment(images: Tensor, params: SuperpixelParams,
+            normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> list[Tensor]:
+    """Superpixel labels of each image, ``0 .. F_i - 1`` (F_i features of image i).
+
+    Parameters
+    ----------
+    images : Tensor, shape (N, C, H, W)
+        Model inputs.
+    params : SuperpixelParams
+        ``segmentation``, ``segments`` and ``compactness``.
+    normalization : pair of tuples or None
+        The model's (mean, std) per channel: SLIC segments the image with it undone and
+        clipped to [0, 1] (its colour space is Lab of an RGB image in [0, 1]); without it,
+        each image is min-max scaled to [0, 1].
+
+    Returns
+    -------
+    list of Tensor
+        int64 (H, W) labels per image, on the CPU; every label in ``0 .. F_i - 1`` is used.
+
+    Warns
+    -----
+    UserWarning
+        When SLIC finds a single superpixel in an image (its map is then constant).
+    """
+    n, c, h, w = images.shape
+    if params.segmentation == "grid":
+        rows = max(1, min(h, round(params.segments ** 0.5)))
+        cols = max(1, min(w, -(-params.segments // rows)))
+        cell = (torch.arange(h)[:, None] * rows // h) * cols + torch.arange(w)[None, :] * cols // w
+        return [cell.clone() for _ in range(n)]
+    from skimage.segmentation import slic
+
+    x = images.detach().to(torch.float64).cpu()
+    if normalization is not None:
+        mean, std = (torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1) for v in normalization)
+        x = (x * std + mean).clamp(0, 1)
+    else:
+        lo = x.flatten(1).amin(1).view(-1, 1, 1, 1)
+        x = (x - lo) / (x.flatten(1).amax(1).view(-1, 1, 1, 1) - lo).clamp_min(1e-12)
+    out = []
+    for img in x.permute(0, 2, 3, 1).numpy():
+        labels = slic(img if c == 3 else img.mean(-1), n_segments=params.segments,
+                      compactness=params.compactness, start_label=0, channel_axis=-1 if c == 3 else None)
+        _, dense = np.unique(labels, return_inverse=True)  # consecutive labels
+        out.append(torch.from_numpy(dense.reshape(h, w).astype(np.int64)))
+    single = [i for i, lab in enumerate(out) if int(lab.max()) == 0]
+    if single and params.segments > 1:
+        warnings.warn(f"params.segmentation: SLIC found one superpixel in image(s) {single[:8]} of this "
+                      "batch, so their maps are constant (texture without colour edges, or noise); use "
+                      "segmentation: grid, or a lower compactness", stacklevel=2)
+    return out
+
+
+def coalition_inputs(inputs: Tensor, labels: Tensor, keep: Tensor, baseline: float) -> Tensor:
+    """Inputs where only the kept features show the image, the rest the baseline.
+
+    Parameters
+    ----------
+    inputs : Tensor, shape (B, C, H, W)
+        The image of each job.
+    labels : Tensor, shape (B, H, W)
+        Its superpixel labels.
+    keep : Tensor, shape (B, F)
+        bool, per job, which of the image's features show the image (``F`` at least the
+        largest label + 1).
+    baseline : float
+        The value of the other pixels (in model-input units).
+    """
+    shown = keep.gather(1, labels.flatten(1)).view(labels.shape)
+    return torch.where(shown[:, None], inputs, torch.full_like(inputs, baseline))
