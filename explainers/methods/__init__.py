@@ -11,6 +11,7 @@ from attriflow.explainers.methods import (  # noqa: F401
     fem,
     grad_cam,
     grad_cam_plus_plus,
+    gradient_shap,
     gradient_x_input,
     guided_backprop,
     guided_grad_cam,

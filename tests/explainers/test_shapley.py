@@ -83,3 +83,50 @@ def test_slic_on_noise_warns_naming_the_setting() -> None:
     grid = segment(torch.zeros(1, 3, 15, 12), SuperpixelParams(segmentation="grid", segments=12))[0]
     assert sorted(torch.unique(grid).tolist()) == list(range(12))  # 3 x 4 equal cells
     assert (torch.bincount(grid.flatten()) == 15).all()
+
+
+def _gradient_shap_draws(seed: int, samples: int, shape: tuple[int, ...], baseline_std: float, stdev: float
+                         ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """The draws ``gradient_shap`` documents, in its order: per sample a baseline, a point
+    on the path and (stdev > 0) the input noise, all from the image's generator."""
+    g = torch.Generator().manual_seed(seed)
+    base, alpha, noise = [], [], []
+    for _ in range(samples):
+        base.append(torch.randn(shape, generator=g) * baseline_std)
+        alpha.append(torch.rand((), generator=g))
+        noise.append(torch.randn(shape, generator=g) * stdev if stdev > 0 else torch.zeros(shape))
+    return torch.stack(base).double(), torch.stack(alpha).double().numpy(), torch.stack(noise).double()
+
+
+@pytest.mark.parametrize("stdev", [0.0, 0.3])
+def test_gradient_shap_equals_captum_with_the_same_draws(stdev, photos, monkeypatch) -> None:
+    model, x, t = photos
+    samples, seeds = 6, [5, 9]
+    exp = get_explainer("gradient_shap")(model, samples=samples, baseline_std=0.7, stdev=stdev)
+    ours = exp.attribute(x, t, batch_size=4, seeds=torch.tensor(seeds))
+    assert exp.last_forward_passes.tolist() == [samples, samples]
+    for i, seed in enumerate(seeds):
+        base, alpha, noise = _gradient_shap_draws(seed, samples, tuple(x.shape[1:]), 0.7, stdev)
+        # Captum draws which baseline (np.random.choice), where on the path (np.random.uniform)
+        # and the noise (torch.normal); each of our baselines is used once, in order
+        monkeypatch.setattr(np.random, "choice", lambda k, size: np.arange(size))
+        monkeypatch.setattr(np.random, "uniform", lambda lo, hi, size: alpha)
+        monkeypatch.setattr(torch, "normal", lambda mean, std: noise)
+        ref = captum.attr.GradientShap(model).attribute(x[i:i + 1], baselines=base, target=int(t[i]),
+                                                        n_samples=samples, stdevs=stdev)
+        monkeypatch.undo()
+        torch.testing.assert_close(ours[i].double(), ref.sum(1)[0], rtol=1e-5,
+                                   atol=1e-6 * float(ref.abs().max()))
+    alone = exp.attribute(x[1:], t[1:], batch_size=64, seeds=torch.tensor(seeds[1:]))
+    torch.testing.assert_close(alone[0], ours[1], rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_shap_from_the_zero_baseline_tends_to_integrated_gradients(photos) -> None:
+    """With baseline_std = 0 every draw starts at the zero baseline: the mean over uniform
+    path points is a Monte-Carlo estimate of Integrated Gradients (standard error ~ 1/sqrt(n))."""
+    model, x, t = photos
+    ig = get_explainer("integrated_gradients")(model, steps=64).attribute(x[:1], t[:1])
+    gs = get_explainer("gradient_shap")(model, samples=400, baseline_std=0.0).attribute(
+        x[:1], t[:1], seeds=torch.tensor([3]))
+    rel = float((gs - ig).norm() / ig.norm())
+    assert rel < 0.05, rel  # 0.015 here; gradient x input is 0.61 away

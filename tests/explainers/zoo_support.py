@@ -626,6 +626,29 @@ def check_superpixels(z: Zoo, exp: Explainer, out: Tensor) -> str:
     return "captum"
 
 
+def check_gradient_shap(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """= Captum's GradientShap given the same draws (the first image's seed, in the order
+    ``gradient_shap`` documents): its baseline choice, path points and noise replaced by ours."""
+    import captum.attr
+
+    g = torch.Generator().manual_seed(11)
+    shape = tuple(z.x.shape[1:])
+    base, alpha = [], []
+    for _ in range(exp.p.samples):
+        base.append(torch.randn(shape, generator=g) * exp.p.baseline_std)
+        alpha.append(torch.rand((), generator=g))
+    saved = np.random.choice, np.random.uniform
+    np.random.choice = lambda k, size: np.arange(size)  # type: ignore[assignment]
+    np.random.uniform = lambda lo, hi, size: torch.stack(alpha).double().numpy()  # type: ignore[assignment]
+    try:
+        ref = captum.attr.GradientShap(z.model).attribute(z.x[:1], baselines=torch.stack(base).to(z.x),
+                                                          target=z.t[:1], n_samples=exp.p.samples)
+    finally:
+        np.random.choice, np.random.uniform = saved
+    close(out[:1], ref.sum(1), 1e-3)
+    return "captum"
+
+
 @dataclass(frozen=True)
 class Case:
     """How one explainer is run in the zoo and what its map must satisfy."""
@@ -708,6 +731,8 @@ CASES: dict[str, Case] = {
     "shapley_sampling": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 2},
                              one_image=True, note="first image, 4 grid cells, 2 permutations; = Captum "
                                                   "ShapleyValueSampling under the same permutations"),
+    "gradient_shap": Case(check_gradient_shap, lambda z: {"samples": 3}, one_image=True,
+                          note="first image, 3 draws; = Captum GradientShap given the same draws"),
     "random_map": Case(check_baseline, note="sanity baseline: the first image's seeded draws"),
     "centred_gaussian": Case(check_baseline, note="sanity baseline: = the closed form"),
     "sobel": Case(check_baseline, note="sanity baseline: = scikit-image's filters.sobel of the channel mean"),
