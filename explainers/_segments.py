@@ -16,6 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from attriflow.explainers._scores import ScoreKind
+
 Segmentation = Literal["slic", "grid"]
 
 
@@ -100,3 +102,66 @@ def coalition_inputs(inputs: Tensor, labels: Tensor, keep: Tensor, baseline: flo
     """
     shown = keep.gather(1, labels.flatten(1)).view(labels.shape)
     return torch.where(shown[:, None], inputs, torch.full_like(inputs, baseline))
+
+
+def coalition_scores(model: torch.nn.Module, inputs: Tensor, targets: Tensor, labels: list[Tensor],
+                     keep: list[Tensor], baseline: float, batch_size: int, score: ScoreKind,
+                     similarity: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+    """The target score of every coalition of every image, in forward passes of
+    ``batch_size`` coalitions (several images' coalitions share a pass).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier.
+    inputs : Tensor, shape (N, C, H, W)
+        Model inputs.
+    targets : Tensor, shape (N,)
+        Class indices.
+    labels : list of Tensor
+        Per image, its (H, W) superpixel labels (:func:`segment`), on the inputs' device.
+    keep : list of Tensor
+        Per image, bool (S_i, F_i): coalition s shows feature f of the image (the other
+        features show ``baseline``).
+    baseline : float
+        Value of the hidden pixels, in model-input units.
+    batch_size : int
+        Coalitions per forward pass.
+    score : {"logit", "log_prob", "prob"}
+        The explained scalar (:func:`explainers._scores.target_scores`).
+    similarity : bool
+        Also return, per coalition, the cosine similarity of its model input to the image's
+        (flattened, float32: Captum's LIME kernel reads it).
+
+    Returns
+    -------
+    (list of Tensor, list of Tensor or None)
+        Per image, the (S_i,) scores in the inputs' working dtype; and the (S_i,) float32
+        similarities when asked.
+    """
+    from attriflow.explainers._batching import iter_ragged_jobs
+    from attriflow.explainers._numerics import working_dtype
+    from attriflow.explainers._scores import target_scores
+
+    dev = inputs.device
+    counts = [len(k) for k in keep]
+    width = max(k.shape[1] for k in keep)
+    rows = torch.zeros((sum(counts), width), dtype=torch.bool, device=dev)
+    first = [0]
+    for k in keep:
+        rows[first[-1]:first[-1] + len(k), :k.shape[1]] = k.to(dev)
+        first.append(first[-1] + len(k))
+    start = torch.tensor(first[:-1], dtype=torch.int64, device=dev)
+    stacked = torch.stack(labels)
+    out = torch.empty(sum(counts), dtype=working_dtype(inputs.dtype), device=dev)
+    sims = torch.empty(sum(counts), dtype=torch.float32, device=dev) if similarity else None
+    with torch.no_grad():
+        for img, job in iter_ragged_jobs(counts, batch_size, dev):
+            at = start[img] + job
+            x = coalition_inputs(inputs[img], stacked[img], rows[at], baseline)
+            out[at] = target_scores(model(x), targets[img], score).to(out.dtype)
+            if sims is not None:
+                sims[at] = torch.nn.functional.cosine_similarity(
+                    inputs[img].flatten(1).float(), x.flatten(1).float(), dim=1, eps=1e-8)
+    split = [out[a:b] for a, b in zip(first[:-1], first[1:])]
+    return split, ([sims[a:b] for a, b in zip(first[:-1], first[1:])] if sims is not None else None)

@@ -6,10 +6,8 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from attriflow.explainers._batching import iter_ragged_jobs
-from attriflow.explainers._numerics import working_dtype
-from attriflow.explainers._scores import ScoreKind, target_scores
-from attriflow.explainers._segments import SuperpixelParams, coalition_inputs, segment
+from attriflow.explainers._scores import ScoreKind
+from attriflow.explainers._segments import SuperpixelParams, coalition_scores, segment
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
 from attriflow.explainers.registry import register
 
@@ -54,21 +52,10 @@ class FeatureAblation(Explainer):
     ) -> Tensor:
         labels = [lab.to(inputs.device) for lab in segment(inputs, self.p, self.normalization)]
         counts = [int(lab.max()) + 1 for lab in labels]
-        work = working_dtype(inputs.dtype)
-        drops = [torch.zeros(k, dtype=work, device=inputs.device) for k in counts]
-        stacked = torch.stack(labels)
-        width = max(counts)
-        with torch.no_grad():
-            full = torch.cat([target_scores(self.model(inputs[i:i + self.batch_size]),
-                                            targets[i:i + self.batch_size], self.p.score)
-                              for i in range(0, len(inputs), self.batch_size)])
-            for img, feat in iter_ragged_jobs(counts, self.batch_size, inputs.device):
-                keep = torch.ones((len(img), width), dtype=torch.bool, device=inputs.device)
-                keep[torch.arange(len(img), device=inputs.device), feat] = False
-                x = coalition_inputs(inputs[img], stacked[img], keep, self.p.baseline)
-                drop = full[img] - target_scores(self.model(x), targets[img], self.p.score)
-                for i in img.unique().tolist():
-                    sel = img == i
-                    drops[i][feat[sel]] = drop[sel].to(work)
+        # coalition 0 shows the whole image, coalition 1 + i hides superpixel i
+        keep = [torch.cat([torch.ones((1, k), dtype=torch.bool), ~torch.eye(k, dtype=torch.bool)])
+                for k in counts]
+        scores, _ = coalition_scores(self.model, inputs, targets, labels, keep, self.p.baseline,
+                                     self.batch_size, self.p.score)
         self.last_forward_passes = torch.tensor([1 + k for k in counts], dtype=torch.int64)
-        return torch.stack([d[lab] for d, lab in zip(drops, labels)]).to(torch.float32)
+        return torch.stack([(y[0] - y[1:])[lab] for y, lab in zip(scores, labels)]).to(torch.float32)

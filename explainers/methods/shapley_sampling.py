@@ -7,10 +7,8 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
-from attriflow.explainers._batching import iter_ragged_jobs
-from attriflow.explainers._numerics import working_dtype
-from attriflow.explainers._scores import ScoreKind, target_scores
-from attriflow.explainers._segments import SuperpixelParams, coalition_inputs, segment
+from attriflow.explainers._scores import ScoreKind
+from attriflow.explainers._segments import SuperpixelParams, coalition_scores, segment
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
 from attriflow.explainers.registry import register
 
@@ -65,41 +63,25 @@ class ShapleySampling(Explainer):
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
-        dev, s = inputs.device, self.p.samples
-        labels = [lab.to(dev) for lab in segment(inputs, self.p, self.normalization)]
+        s = self.p.samples
+        labels = [lab.to(inputs.device) for lab in segment(inputs, self.p, self.normalization)]
         counts = [int(lab.max()) + 1 for lab in labels]
         gens = generators or [torch.Generator().manual_seed(0) for _ in inputs]
-        # rank[i][p, f]: the step at which feature f joins in permutation p of image i
-        rank = []
+        keep, ranks = [], []
         for k, g in zip(counts, gens):
             perms = torch.stack([torch.randperm(k, generator=g) for _ in range(s)])
-            rank.append(torch.empty_like(perms).scatter_(1, perms, torch.arange(k).expand(s, k)).to(dev))
-        work = working_dtype(inputs.dtype)
-        scores = [torch.zeros(s * k, dtype=work, device=dev) for k in counts]  # (permutation, step)
-        stacked = torch.stack(labels)
-        width = max(counts)
-        with torch.no_grad():
-            empty = torch.full_like(inputs, self.p.baseline)
-            start = torch.cat([target_scores(self.model(empty[i:i + self.batch_size]),
-                                             targets[i:i + self.batch_size], self.p.score)
-                               for i in range(0, len(inputs), self.batch_size)]).to(work)
-            for img, job in iter_ragged_jobs([s * k for k in counts], self.batch_size, dev):
-                keep = torch.zeros((len(img), width), dtype=torch.bool, device=dev)
-                for i in img.unique().tolist():
-                    sel = img == i
-                    k = counts[i]
-                    perm, step = job[sel] // k, job[sel] % k
-                    keep[sel, :k] = rank[i][perm] <= step[:, None]
-                x = coalition_inputs(inputs[img], stacked[img], keep, self.p.baseline)
-                y = target_scores(self.model(x), targets[img], self.p.score).to(work)
-                for i in img.unique().tolist():
-                    sel = img == i
-                    scores[i][job[sel]] = y[sel]
+            rank = torch.empty_like(perms).scatter_(1, perms, torch.arange(k).expand(s, k))  # feature -> step
+            ranks.append(rank)
+            steps = rank[:, None, :] <= torch.arange(k)[None, :, None]  # (permutation, step, feature)
+            # coalition 0 hides everything; then, per permutation, the features up to each step
+            keep.append(torch.cat([torch.zeros((1, k), dtype=torch.bool), steps.reshape(s * k, k)]))
+        scores, _ = coalition_scores(self.model, inputs, targets, labels, keep, self.p.baseline,
+                                     self.batch_size, self.p.score)
         maps = []
-        for i, (k, lab) in enumerate(zip(counts, labels)):
-            curve = scores[i].view(s, k)
-            gain = curve - torch.cat([start[i].expand(s, 1), curve[:, :-1]], 1)  # (permutation, step)
-            phi = gain.gather(1, rank[i]).mean(0)  # per feature: its step's gain, averaged
+        for y, k, rank, lab in zip(scores, counts, ranks, labels):
+            curve = y[1:].view(s, k)
+            gain = curve - torch.cat([y[0].expand(s, 1), curve[:, :-1]], 1)  # (permutation, step)
+            phi = gain.gather(1, rank.to(gain.device)).mean(0)  # per feature: its step's gain, averaged
             maps.append(phi[lab])
         self.last_forward_passes = torch.tensor([1 + s * k for k in counts], dtype=torch.int64)
         return torch.stack(maps).to(torch.float32)
