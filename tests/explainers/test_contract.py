@@ -14,7 +14,11 @@ NAMES = sorted(REGISTRY)
 
 
 #: Smaller settings where a method's default budget is only slow, not different in kind.
-FAST = {"neuromask": {"iterations": 40}, "rise": {"masks": 500}}
+FAST = {"neuromask": {"iterations": 40}, "rise": {"masks": 500},
+        # on these noise images SLIC finds one superpixel (and warns): a grid gives nine
+        **{n: {"segmentation": "grid", "segments": 9} for n in ("feature_ablation", "shapley_sampling")},
+        "kernel_shap": {"segmentation": "grid", "segments": 9, "samples": 200},
+        "lime": {"segmentation": "grid", "segments": 9, "samples": 200, "alpha": 1e-4}}
 
 
 def _make(name: str, model: torch.nn.Module) -> Explainer:

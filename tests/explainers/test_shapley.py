@@ -30,9 +30,9 @@ def photos() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return TinyCNN(classes=3).eval().double(), x, torch.tensor([0, 2])
 
 
-def _captum(cls: str, model, x, t, labels, **kw) -> torch.Tensor:
-    ref = getattr(captum.attr, cls)(model).attribute(x[None], target=int(t), feature_mask=labels[None, None],
-                                                     **kw)
+def _captum(explainer, x, t, labels, **kw) -> torch.Tensor:
+    """A Captum superpixel explainer's map of one image, one value per superpixel."""
+    ref = explainer.attribute(x[None], target=int(t), feature_mask=labels[None, None], **kw)
     assert torch.equal(ref[0, 0], ref[0, 2])  # one value per superpixel, repeated over the channels
     return ref[0, 0].double()  # Captum sums Shapley gains in float32
 
@@ -47,7 +47,7 @@ def test_feature_ablation_equals_captum(segmentation, photos) -> None:
     assert all(int(lab.max()) + 1 >= 6 for lab in labels)  # real superpixels, not one
     assert exp.last_forward_passes.tolist() == [int(lab.max()) + 2 for lab in labels]
     for i in range(len(x)):
-        ref = _captum("FeatureAblation", model, x[i], t[i], labels[i], baselines=-1.0)
+        ref = _captum(captum.attr.FeatureAblation(model), x[i], t[i], labels[i], baselines=-1.0)
         torch.testing.assert_close(ours[i].double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
@@ -60,7 +60,7 @@ def test_shapley_sampling_equals_captum_under_the_same_permutations(segmentation
     labels = segment(x, exp.p)
     for i in range(len(x)):
         torch.manual_seed(int(seeds[i]))
-        ref = _captum("ShapleyValueSampling", model, x[i], t[i], labels[i], n_samples=5)
+        ref = _captum(captum.attr.ShapleyValueSampling(model), x[i], t[i], labels[i], n_samples=5)
         torch.testing.assert_close(ours[i].double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     # efficiency: the superpixels' values sum to f(x) - f(baseline), for every permutation
     with torch.no_grad():
@@ -130,3 +130,36 @@ def test_gradient_shap_from_the_zero_baseline_tends_to_integrated_gradients(phot
         x[:1], t[:1], seeds=torch.tensor([3]))
     rel = float((gs - ig).norm() / ig.norm())
     assert rel < 0.05, rel  # 0.015 here; gradient x input is 0.61 away
+
+
+@pytest.mark.parametrize("segmentation", ["slic", "grid"])
+def test_lime_and_kernel_shap_equal_captum_under_the_same_coalitions(segmentation, photos) -> None:
+    from captum._utils.models.linear_model import SkLearnLasso
+
+    model, x, t = photos
+    seeds = torch.tensor([5, 9])
+    # a small L1 weight: at Captum's 0.01 this random net's logit changes leave every coefficient 0
+    lime = get_explainer("lime")(model, segmentation=segmentation, segments=12, samples=80, alpha=1e-4)
+    shap = get_explainer("kernel_shap")(model, segmentation=segmentation, segments=12, samples=80,
+                                        baseline=-0.5)
+    ours_lime = lime.attribute(x, t, batch_size=7, seeds=seeds)
+    ours_shap = shap.attribute(x, t, batch_size=11, seeds=seeds)
+    labels = segment(x, lime.p)
+    for i in range(len(x)):
+        torch.manual_seed(int(seeds[i]))
+        captum_lime = captum.attr.Lime(model, interpretable_model=SkLearnLasso(alpha=1e-4))
+        ref = _captum(captum_lime, x[i], t[i], labels[i], n_samples=80)
+        assert (ref != 0).float().mean() > 0.5  # a fit that selected superpixels, not all zeros
+        torch.testing.assert_close(ours_lime[i].double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+        torch.manual_seed(int(seeds[i]))
+        ref = _captum(captum.attr.KernelShap(model), x[i], t[i], labels[i], n_samples=80, baselines=-0.5)
+        torch.testing.assert_close(ours_shap[i].double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    # Kernel SHAP's values sum to f(x) - f(baseline) (the full and empty coalitions' weight)
+    with torch.no_grad():
+        gap = (model(x) - model(torch.full_like(x, -0.5))).gather(1, t[:, None])[:, 0]
+    for i, lab in enumerate(labels):
+        per_feature = torch.zeros(int(lab.max()) + 1, dtype=torch.float64).scatter_(
+            0, lab.flatten(), ours_shap[i].double().flatten())
+        assert float(per_feature.sum()) == pytest.approx(float(gap[i]), rel=1e-3)
+    alone = lime.attribute(x[1:], t[1:], batch_size=64, seeds=seeds[1:])
+    torch.testing.assert_close(alone[0], ours_lime[1], rtol=1e-6, atol=1e-7)

@@ -608,20 +608,28 @@ def check_occlusion(z: Zoo, exp: Explainer, out: Tensor) -> str:
 
 
 def check_superpixels(z: Zoo, exp: Explainer, out: Tensor) -> str:
-    """= Captum's FeatureAblation / ShapleyValueSampling on the same (grid) superpixels; the
-    Shapley permutations are the first image's seed's, drawn by Captum from the global
-    generator."""
+    """= Captum's FeatureAblation / ShapleyValueSampling / Lime / KernelShap on the same (grid)
+    superpixels; the permutations and coalitions are the first image's seed's, drawn by
+    Captum from the global generator."""
     import captum.attr
 
     from attriflow.explainers._segments import segment
 
     labels = segment(z.x[:1], exp.p)[0]
     kw: dict[str, Any] = {"feature_mask": labels[None, None], "target": z.t[:1], "perturbations_per_eval": 16}
-    if exp.spec.name == "shapley_sampling":
+    peer = {"feature_ablation": "FeatureAblation", "shapley_sampling": "ShapleyValueSampling", "lime": "Lime",
+            "kernel_shap": "KernelShap"}[exp.spec.name]
+    if exp.spec.name != "feature_ablation":  # the first image's seed: the same permutations or coalitions
         torch.manual_seed(11)
-        ref = captum.attr.ShapleyValueSampling(z.model).attribute(z.x[:1], n_samples=exp.p.samples, **kw)
+        kw["n_samples"] = exp.p.samples
+    if exp.spec.name == "lime":
+        from captum._utils.models.linear_model import SkLearnLasso, SkLearnLinearRegression
+
+        surrogate = SkLearnLasso(alpha=exp.p.alpha) if exp.p.alpha > 0 else SkLearnLinearRegression()
+        explainer = captum.attr.Lime(z.model, interpretable_model=surrogate)
     else:
-        ref = captum.attr.FeatureAblation(z.model).attribute(z.x[:1], **kw)
+        explainer = getattr(captum.attr, peer)(z.model)
+    ref = explainer.attribute(z.x[:1], **kw)
     close(out[:1], ref[:, 0], 1e-3)
     return "captum"
 
@@ -733,6 +741,10 @@ CASES: dict[str, Case] = {
                                                   "ShapleyValueSampling under the same permutations"),
     "gradient_shap": Case(check_gradient_shap, lambda z: {"samples": 3}, one_image=True,
                           note="first image, 3 draws; = Captum GradientShap given the same draws"),
+    "lime": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 12, "alpha": 0.0},
+                 one_image=True, note="first image, 4 grid cells, 12 coalitions, unpenalised surrogate; = Captum Lime"),
+    "kernel_shap": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 12},
+                        one_image=True, note="first image, 4 grid cells, 12 coalitions; = Captum KernelShap"),
     "random_map": Case(check_baseline, note="sanity baseline: the first image's seeded draws"),
     "centred_gaussian": Case(check_baseline, note="sanity baseline: = the closed form"),
     "sobel": Case(check_baseline, note="sanity baseline: = scikit-image's filters.sobel of the channel mean"),
