@@ -17,7 +17,7 @@ class LimeParams(SuperpixelParams):
     """Parameters of :class:`Lime`."""
 
     samples: int = Field(1000, ge=2, le=1_000_000, description="random coalitions per image (lime_image's)")
-    alpha: float = Field(0.01, ge=0, description="L1 weight of the Lasso surrogate (Captum's); 0: least squares")
+    alpha: float = Field(0.01, ge=0, description="L1 weight of the Lasso surrogate; 0: least squares")
     kernel_width: float = Field(1.0, gt=0, description="width of the exponential kernel on cosine distance")
     score: ScoreKind = "logit"
 
