@@ -14,8 +14,9 @@ from torch import nn
 
 from attriflow.explainers import REGISTRY, UnsupportedModelError, get_explainer
 
-CAMS = ["grad_cam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "eigen_cam", "fem", "score_cam",
-        "ablation_cam", "guided_grad_cam"]
+#: Every CAM with a free ``layer`` (``cam`` needs its layer to feed a pooled linear head; SISE
+#: reads several blocks)
+CAMS = sorted(n for n, c in REGISTRY.items() if c.spec.family == "cam" and n not in {"cam", "sise"})
 FAST = {"neuromask": {"iterations": 5}, "rise": {"masks": 16}, "smooth_grad": {"samples": 2},
         "integrated_gradients": {"steps": 4}}
 

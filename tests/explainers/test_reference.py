@@ -151,6 +151,8 @@ def _gradcam_postprocess(low: torch.Tensor, size: tuple[int, int]) -> torch.Tens
         ("grad_cam_plus_plus", {}, "GradCAMPlusPlus"),
         ("xgrad_cam", {}, "XGradCAM"),
         ("layer_cam", {}, "LayerCAM"),
+        ("hires_cam", {}, "HiResCAM"),
+        ("grad_cam_elementwise", {}, "GradCAMElementWise"),
         ("score_cam", {"score": "logit", "channel_softmax": True, "align_corners": True}, "ScoreCAM"),
     ],
 )
@@ -176,6 +178,28 @@ def test_cam_family_equals_pytorch_grad_cam(which, ours, params, ref_name, model
     full = exp.attribute(x, t)
     torch.testing.assert_close(full, F.interpolate(low[:, None], size=x.shape[-2:], mode="bilinear",
                                                    align_corners=False)[:, 0].float())
+
+
+@pytest.mark.parametrize("which", MODELS)
+@pytest.mark.parametrize("ours", ["eigen_grad_cam", "kpca_cam"])
+def test_projection_cams_equal_pytorch_grad_cam_up_to_sign(which, ours, models64) -> None:
+    """Eigen-Grad-CAM (the first principal component of gradients x activations) and
+    KPCA-CAM (the first kernel principal component of the activations), against the
+    projections pytorch-grad-cam computes; their signs are arbitrary, ours oriented."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection, get_2d_projection_kernel
+
+    model, x, t = models64[which]
+    layer = CAM_LAYERS[which]
+    exp = get_explainer(ours)(model, layer=layer, relu=False)
+    low = exp.layer_map(x, t)
+    acts, grads = get_explainer("grad_cam")(model, layer=layer).activations(x, t)
+    if ours == "eigen_grad_cam":
+        ref = torch.from_numpy(get_2d_projection((grads * acts).numpy())).double()
+    else:
+        ref = torch.from_numpy(get_2d_projection_kernel(acts.numpy(), "sigmoid", None)).double()
+    for i in range(len(x)):
+        sign = 1.0 if (low[i] * ref[i]).sum() >= 0 else -1.0
+        _close(low[i : i + 1], sign * ref[i : i + 1], rel=1e-4)
 
 
 @pytest.mark.parametrize("which", MODELS)

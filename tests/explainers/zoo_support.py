@@ -519,6 +519,24 @@ def check_eigen_cam(z: Zoo, exp: Explainer, out: Tensor) -> str:
     return f"grad-cam projection ±, @{layer}"
 
 
+def check_projection_cam(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """Eigen-Grad-CAM: pytorch-grad-cam's SVD projection of gradients x activations;
+    KPCA-CAM: its kernel-PCA projection of the activations; both up to sign."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection, get_2d_projection_kernel
+
+    layer = _layer(exp, z.x)
+    acts, grads = get_explainer("grad_cam")(z.model, layer=layer).activations(z.x, z.t)
+    if exp.spec.name == "eigen_grad_cam":
+        low = get_2d_projection((grads * acts).double().numpy())
+    else:
+        low = get_2d_projection_kernel(acts.double().numpy(), exp.p.kernel, exp.p.gamma)
+    ref = _up(torch.from_numpy(low).double(), z.x.shape[-2:])
+    for i in range(len(z.x)):
+        sign = 1.0 if float((out[i].double() * ref[i]).sum()) >= 0 else -1.0
+        close(out[i : i + 1], sign * ref[i : i + 1], 1e-3)
+    return f"grad-cam projection ±, @{layer}"
+
+
 def check_fem(z: Zoo, exp: Explainer, out: Tensor) -> str:
     """The formula by hand: sum_k mean_k [A_k >= mean_k + 2 std_k] (pytorch-grad-cam's FEM
     weights by the fraction above threshold instead, a different method)."""
@@ -713,6 +731,12 @@ CASES: dict[str, Case] = {
                 note="relu=False; deepest layer with at least 3x3 positions (FEM refuses 2x2 layers, where no "
                      "activation can pass its threshold: the default layer at 64 px); = the formula by hand "
                      "on the captured activations"),
+    "hires_cam": Case(gradcam_peer("HiResCAM"), note="= pytorch-grad-cam"),
+    "grad_cam_elementwise": Case(gradcam_peer("GradCAMElementWise"), note="= pytorch-grad-cam"),
+    "eigen_grad_cam": Case(check_projection_cam, lambda z: {"relu": False},
+                           note="relu=False; = grad-cam's get_2d_projection of grads x acts up to sign"),
+    "kpca_cam": Case(check_projection_cam, lambda z: {"relu": False}, one_image=True,
+                     note="first image, relu=False; = pytorch-grad-cam's kernel-PCA projection up to sign"),
     "guided_grad_cam": Case(check_guided_grad_cam, note="= guided oracle x bilinear Grad-CAM"),
     "score_cam": Case(gradcam_peer("ScoreCAM"),
                       _cheap({"score": "logit", "channel_softmax": True, "align_corners": True}), one_image=True,

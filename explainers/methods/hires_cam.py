@@ -1,0 +1,39 @@
+"""HiResCAM (Draelos & Carin 2020)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attriflow.explainers._cam import CAMExplainer
+from attriflow.explainers._numerics import as_working
+from attriflow.explainers.base import ExplainerSpec, Family
+from attriflow.explainers.registry import register
+
+
+@register
+class HiResCAM(CAMExplainer):
+    """Element-wise product of the layer's activations and the target score's gradient,
+    summed over channels: ``ReLU(sum_k dS/dA_k * A_k)``.
+
+    Grad-CAM averages each channel's gradient over positions first; HiResCAM keeps it per
+    position, so for a CNN whose head is ``layer -> global average pool -> linear`` it equals
+    CAM and, in general, shows the positions the score is locally sensitive to. Equal to
+    pytorch-grad-cam's ``HiResCAM`` after its ReLU, min-max scaling and resize (the test).
+
+    References
+    ----------
+    R. L. Draelos, L. Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
+    convolutional neural networks", arXiv:2011.08891, 2020.
+    """
+
+    spec = ExplainerSpec(
+        name="hires_cam",
+        family=Family.CAM,
+        access=("gradients", "activations"),
+        summary="activations times their gradients, position by position",
+        references=("draelos2020",),
+    )
+
+    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        assert grads is not None
+        return (as_working(grads) * as_working(acts)).sum(dim=1)
