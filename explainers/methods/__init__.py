@@ -2,6 +2,7 @@
 
 from attriflow.explainers.methods import (  # noqa: F401
     ablation_cam,
+    blur_ig,
     cam,
     centred_gaussian,
     deconvnet,
@@ -17,6 +18,7 @@ from attriflow.explainers.methods import (  # noqa: F401
     gradient_x_input,
     guided_backprop,
     guided_grad_cam,
+    guided_ig,
     hires_cam,
     integrated_gradients,
     kernel_shap,
