@@ -680,7 +680,8 @@ def check_pair(z: Zoo, exp: Explainer, out: Tensor) -> str:
     import saliency.core as saliency
 
     def call(batch, call_model_args=None, expected_keys=None):
-        x = torch.from_numpy(np.asarray(batch)).permute(0, 3, 1, 2).to(z.x.dtype).contiguous().requires_grad_(True)
+        x = torch.from_numpy(np.asarray(batch)).permute(0, 3, 1, 2).to(z.x.dtype).contiguous()
+        x.requires_grad_(True)
         (grad,) = torch.autograd.grad(z.model(x)[:, int(z.t[0])].sum(), x)
         return {saliency.INPUT_OUTPUT_GRADIENTS: grad.permute(0, 2, 3, 1).double().numpy()}
 
@@ -793,11 +794,12 @@ CASES: dict[str, Case] = {
     "kernel_shap": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 12},
                         one_image=True, note="first image, 4 grid cells, 12 coalitions; = Captum KernelShap"),
     "blur_ig": Case(check_pair, lambda z: {"steps": 4, "max_sigma": 4.0}, one_image=True, double=True,
-                    note="first image, float64 (a sum of terms that cancel: float32 rounding of the blurred path "
-                         "moves random nets' maps by 0.4-5 % of their max), 4 steps to sigma 4; = PAIR BlurIG"),
+                    note="first image, float64 (a sum of terms that cancel: float32 rounding of the "
+                         "blurred path moves random nets' maps by 0.4-5 % of their max), 4 steps to sigma 4; "
+                         "= PAIR BlurIG"),
     "guided_ig": Case(check_pair, lambda z: {"steps": 4}, one_image=True, double=True,
-                      note="first image, float64 (the adaptive path follows the order of the gradients, which "
-                           "float32 rounding changes), 4 steps; = PAIR GuidedIG"),
+                      note="first image, float64 (the adaptive path follows the order of the gradients, "
+                           "which float32 rounding changes), 4 steps; = PAIR GuidedIG"),
     "random_map": Case(check_baseline, note="sanity baseline: the first image's seeded draws"),
     "centred_gaussian": Case(check_baseline, note="sanity baseline: = the closed form"),
     "sobel": Case(check_baseline, note="sanity baseline: = scikit-image's filters.sobel of the channel mean"),
