@@ -7,6 +7,7 @@ from attriflow.explainers.methods import (  # noqa: F401
     centred_gaussian,
     deconvnet,
     deeplift,
+    deeplift_shap,
     eigen_cam,
     eigen_grad_cam,
     feature_ablation,

@@ -163,3 +163,31 @@ def test_lime_and_kernel_shap_equal_captum_under_the_same_coalitions(segmentatio
         assert float(per_feature.sum()) == pytest.approx(float(gap[i]), rel=1e-3)
     alone = lime.attribute(x[1:], t[1:], batch_size=64, seeds=seeds[1:])
     torch.testing.assert_close(alone[0], ours_lime[1], rtol=1e-6, atol=1e-7)
+
+
+def test_deeplift_shap_equals_captum_with_the_same_references(photos) -> None:
+    """On a net without a ReLU feeding a max-pool (where Captum's hooks mis-order), against
+    Captum's DeepLiftShap given our references; on TinyCNN (which has one) the maps still sum
+    to f(x) - mean_k f(b_k) for per-image references through the max-pool."""
+    from torch import nn
+
+    _, x, t = photos
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 3)).double().eval()
+    seeds = [4, 5]
+    ours = get_explainer("deeplift_shap")(net, baselines=5, baseline_std=0.8).attribute(
+        x, t, batch_size=1, seeds=torch.tensor(seeds))
+    for i, seed in enumerate(seeds):
+        refs = torch.randn((5, *x.shape[1:]), generator=torch.Generator().manual_seed(seed)).double() * 0.8
+        ref = captum.attr.DeepLiftShap(net).attribute(x[i:i + 1], baselines=refs, target=int(t[i]))
+        torch.testing.assert_close(ours[i].double(), ref.sum(1)[0], rtol=1e-5,
+                                   atol=1e-6 * float(ref.abs().max()))
+    model = photos[0]
+    maps = get_explainer("deeplift_shap")(model, baselines=4).attribute(x, t, seeds=torch.tensor(seeds))
+    for i, seed in enumerate(seeds):
+        refs = torch.randn((4, *x.shape[1:]), generator=torch.Generator().manual_seed(seed)).double()
+        with torch.no_grad():
+            delta = model(x[i:i + 1])[0, t[i]] - model(refs)[:, t[i]].mean()
+        assert float(maps[i].double().sum()) == pytest.approx(float(delta), rel=1e-5)

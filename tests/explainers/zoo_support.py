@@ -427,6 +427,20 @@ def check_deeplift(z: Zoo, exp: Explainer, out: Tensor) -> str:
     return f"summation-to-delta {err:.0e}"
 
 
+def check_deeplift_shap(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """Summation to delta against the mean reference: sum = f(x) - mean_k f(b_k), with the
+    references the first image's seed draws."""
+    refs = torch.randn((exp.p.baselines, *z.x.shape[1:]), generator=torch.Generator().manual_seed(11))
+    refs = refs.to(z.x) * exp.p.baseline_std
+    t = z.t[:1]
+    fx = logits(z.model, z.x[:1]).gather(1, t[:, None])[:, 0].double()
+    delta = fx - logits(z.model, refs)[:, int(t)].double().mean()
+    total = out[:1].double().sum(dim=(1, 2))
+    err = float(((total - delta).abs() / (delta.abs() + 1e-3 * fx.abs())).max())
+    assert err <= 1e-3, f"summation to delta: sum {total.tolist()} vs {delta.tolist()} ({err:.2g} off)"
+    return f"summation-to-delta {err:.0e}"
+
+
 def conservation_check(params: dict[str, Any], rtol: float, positive_rule: bool = False) -> Check:
     """Run the rule (with ``params``) on the bias-free copy in float64 (a bias-free deep net's
     activations grow large: float32 sums lose the digits): the map sums to the logit.
@@ -800,6 +814,8 @@ CASES: dict[str, Case] = {
     "guided_ig": Case(check_pair, lambda z: {"steps": 4}, one_image=True, double=True,
                       note="first image, float64 (the adaptive path follows the order of the gradients, "
                            "which float32 rounding changes), 4 steps; = PAIR GuidedIG"),
+    "deeplift_shap": Case(check_deeplift_shap, lambda z: {"baselines": 2}, one_image=True,
+                          note="first image, 2 references; sum = f(x) - mean f(reference) within 1e-3"),
     "random_map": Case(check_baseline, note="sanity baseline: the first image's seeded draws"),
     "centred_gaussian": Case(check_baseline, note="sanity baseline: = the closed form"),
     "sobel": Case(check_baseline, note="sanity baseline: = scikit-image's filters.sobel of the channel mean"),
