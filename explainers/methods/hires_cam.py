@@ -18,7 +18,9 @@ class HiResCAM(CAMExplainer):
     Grad-CAM averages each channel's gradient over positions first; HiResCAM keeps it per
     position, so for a CNN whose head is ``layer -> global average pool -> linear`` it equals
     CAM and, in general, shows the positions the score is locally sensitive to. Equal to
-    pytorch-grad-cam's ``HiResCAM`` after its ReLU, min-max scaling and resize (the test).
+    pytorch-grad-cam's ``HiResCAM`` after its ReLU, min-max scaling and resize; with
+    ``relu=False`` it is TorchRay's Linear Approximation (``linear_approx(..., resize=True)``),
+    the two tests.
 
     References
     ----------

@@ -222,6 +222,24 @@ def test_eigen_cam_equals_pytorch_grad_cam_projection(which, models64) -> None:
         assert ((ours[i] - ours[i].mean()) * (total - total.mean())).sum() >= 0
 
 
+@pytest.mark.parametrize("which", MODELS)
+def test_hires_cam_without_relu_is_torchrays_linear_approximation(which, models64) -> None:
+    """TorchRay's Linear Approximation (``sum_c A * dS/dA`` at a layer, bilinear upsampling)
+    is HiResCAM with ``relu=False``: one method, tested against both peers."""
+    from torchray.attribution.linear_approx import linear_approx
+
+    model, x, t = models64[which]
+    layer = CAM_LAYERS[which]
+    ours = get_explainer("hires_cam")(model, layer=layer, relu=False).attribute(x, t)
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        ref = linear_approx(model, x.clone(), t, saliency_layer=layer, resize=True)
+    finally:  # TorchRay switches the shared model's weight gradients off
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    _close(ours, ref[:, 0], rel=1e-5)
+
+
 def test_cam_equals_grad_cam_without_relu_on_a_gap_head(models64) -> None:
     model, x, t = models64["reference"]
     cam = get_explainer("cam")(model, layer="block4").attribute(x, t)
