@@ -121,6 +121,11 @@ def metric_table_html(summary: pd.DataFrame, families: Sequence[str] | None = No
     return table(headers, rows, classes, name_cols=2)
 
 
+#: The family of the sanity baselines (``explainers.base.Family.BASELINE``; analysis does not
+#: import the explainers).
+BASELINE_FAMILY = "baseline"
+
+
 def _palette_css(palette: dict[str, Any]) -> dict[str, str]:
     return {f: "#%02x%02x%02x" % tuple(int(255 * c) for c in rgb[:3]) for f, rgb in palette.items()}
 
@@ -187,7 +192,11 @@ def render_run_html(ds: xr.Dataset, figures: dict[str, Figure], family_figures: 
                 rows.append([escape(label), escape(str(info.get("method", ""))),
                              f"<code>{escape(json.dumps(info.get('params', {}), sort_keys=True))}</code>"])
         out.append(table(["explainer", "method", "parameters"], rows, name_cols=3, text=True))
-        out.append(metric_table_html(summary, [family]))
+        # the sanity baselines' rows under every family's, so each section shows whether its
+        # methods beat maps that read no model (Adebayo et al. 2018)
+        present = set(summary["family"])
+        baselines = [BASELINE_FAMILY] if family != BASELINE_FAMILY and BASELINE_FAMILY in present else []
+        out.append(metric_table_html(summary, [family, *baselines]))
         if family in family_figures:
             out.append(img(family_figures[family]))
         out.append("</section>")
