@@ -2,13 +2,15 @@
 
 A feature is a set of pixels (all channels) switched between the image and the baseline
 together. ``slic`` segments the image with scikit-image's SLIC (Achanta et al. 2012), the
-segmentation LIME's authors use for images; ``grid`` cuts it into equal cells. Both are
+segmentation LIME's authors use for images; ``grid`` cuts it into ``round(sqrt(segments))``
+rows of ``ceil(segments / rows)`` near-equal cells (at least ``segments`` cells). Both are
 deterministic: the same image gives the same features on every run, worker and batch.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -26,8 +28,10 @@ class SuperpixelParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     segmentation: Segmentation = "slic"
-    segments: int = Field(50, ge=1, le=4096, description="SLIC's target number of superpixels; grid: cells")
-    compactness: float = Field(10.0, gt=0, description="SLIC's colour / space trade-off")
+    segments: int = Field(50, ge=2, le=4096,
+                          description="SLIC's target number of superpixels; grid: at least this many cells")
+    compactness: float = Field(10.0, gt=0,
+                               description="SLIC's colour / space trade-off (Lab; / 100 if not RGB)")
     baseline: float = 0.0
 
 
@@ -57,7 +61,7 @@ def segment(images: Tensor, params: SuperpixelParams,
         When SLIC finds a single superpixel in an image (its map is then constant).
     """
     n, c, h, w = images.shape
-    if params.segmentation == "grid":
+    if params.segmentation == "grid":  # rows x cols >= segments cells, rows = round(sqrt(segments))
         rows = max(1, min(h, round(params.segments ** 0.5)))
         cols = max(1, min(w, -(-params.segments // rows)))
         cell = (torch.arange(h)[:, None] * rows // h) * cols + torch.arange(w)[None, :] * cols // w
@@ -73,8 +77,11 @@ def segment(images: Tensor, params: SuperpixelParams,
         x = (x - lo) / (x.flatten(1).amax(1).view(-1, 1, 1, 1) - lo).clamp_min(1e-12)
     out = []
     for img in x.permute(0, 2, 3, 1).numpy():
+        # RGB: SLIC's Lab distances (0-100); other channel counts: their mean in [0, 1], where
+        # the same trade-off needs a compactness 100 times smaller
         labels = slic(img if c == 3 else img.mean(-1), n_segments=params.segments,
-                      compactness=params.compactness, start_label=0, channel_axis=-1 if c == 3 else None)
+                      compactness=params.compactness if c == 3 else params.compactness / 100, start_label=0,
+                      channel_axis=-1 if c == 3 else None)
         _, dense = np.unique(labels, return_inverse=True)  # consecutive labels
         out.append(torch.from_numpy(dense.reshape(h, w).astype(np.int64)))
     single = [i for i, lab in enumerate(out) if int(lab.max()) == 0]
@@ -104,11 +111,17 @@ def coalition_inputs(inputs: Tensor, labels: Tensor, keep: Tensor, baseline: flo
     return torch.where(shown[:, None], inputs, torch.full_like(inputs, baseline))
 
 
+#: Per image ``i`` and its coalition indices ``jobs`` (int64, CPU), the coalitions as bool
+#: (len(jobs), F_i) rows: which of the image's features each shows.
+Coalitions = Callable[[int, Tensor], Tensor]
+
+
 def coalition_scores(model: torch.nn.Module, inputs: Tensor, targets: Tensor, labels: list[Tensor],
-                     keep: list[Tensor], baseline: float, batch_size: int, score: ScoreKind,
-                     similarity: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+                     counts: list[int], coalitions: Coalitions, baseline: float, batch_size: int,
+                     score: ScoreKind, similarity: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
     """The target score of every coalition of every image, in forward passes of
-    ``batch_size`` coalitions (several images' coalitions share a pass).
+    ``batch_size`` coalitions (several images' coalitions share a pass). Coalitions are
+    built batch by batch (``coalitions``), so memory holds one batch of them, not all.
 
     Parameters
     ----------
@@ -120,9 +133,11 @@ def coalition_scores(model: torch.nn.Module, inputs: Tensor, targets: Tensor, la
         Class indices.
     labels : list of Tensor
         Per image, its (H, W) superpixel labels (:func:`segment`), on the inputs' device.
-    keep : list of Tensor
-        Per image, bool (S_i, F_i): coalition s shows feature f of the image (the other
-        features show ``baseline``).
+    counts : list of int
+        Per image, its number of coalitions S_i.
+    coalitions : callable
+        ``coalitions(i, jobs)``: bool (len(jobs), F_i), coalition ``jobs[s]`` of image ``i``
+        showing feature f of the image (the other features show ``baseline``).
     baseline : float
         Value of the hidden pixels, in model-input units.
     batch_size : int
@@ -144,24 +159,26 @@ def coalition_scores(model: torch.nn.Module, inputs: Tensor, targets: Tensor, la
     from attriflow.explainers._scores import target_scores
 
     dev = inputs.device
-    counts = [len(k) for k in keep]
-    width = max(k.shape[1] for k in keep)
-    rows = torch.zeros((sum(counts), width), dtype=torch.bool, device=dev)
+    width = max(int(lab.max()) + 1 for lab in labels)
     first = [0]
-    for k in keep:
-        rows[first[-1]:first[-1] + len(k), :k.shape[1]] = k.to(dev)
-        first.append(first[-1] + len(k))
-    start = torch.tensor(first[:-1], dtype=torch.int64, device=dev)
+    for c in counts:
+        first.append(first[-1] + c)
+    start = torch.tensor(first[:-1], dtype=torch.int64)
     stacked = torch.stack(labels)
-    out = torch.empty(sum(counts), dtype=working_dtype(inputs.dtype), device=dev)
-    sims = torch.empty(sum(counts), dtype=torch.float32, device=dev) if similarity else None
+    out = torch.empty(first[-1], dtype=working_dtype(inputs.dtype), device=dev)
+    sims = torch.empty(first[-1], dtype=torch.float32, device=dev) if similarity else None
     with torch.no_grad():
-        for img, job in iter_ragged_jobs(counts, batch_size, dev):
-            at = start[img] + job
-            x = coalition_inputs(inputs[img], stacked[img], rows[at], baseline)
-            out[at] = target_scores(model(x), targets[img], score).to(out.dtype)
+        for img, job in iter_ragged_jobs(counts, batch_size):
+            keep = torch.zeros((len(img), width), dtype=torch.bool)
+            for i in img.unique().tolist():
+                sel = img == i
+                rows = coalitions(i, job[sel])
+                keep[sel, :rows.shape[1]] = rows
+            at = (start[img] + job).to(dev)
+            x = coalition_inputs(inputs[img.to(dev)], stacked[img.to(dev)], keep.to(dev), baseline)
+            out[at] = target_scores(model(x), targets[img.to(dev)], score).to(out.dtype)
             if sims is not None:
                 sims[at] = torch.nn.functional.cosine_similarity(
-                    inputs[img].flatten(1).float(), x.flatten(1).float(), dim=1, eps=1e-8)
+                    inputs[img.to(dev)].flatten(1).float(), x.flatten(1).float(), dim=1, eps=1e-8)
     split = [out[a:b] for a, b in zip(first[:-1], first[1:])]
     return split, ([sims[a:b] for a, b in zip(first[:-1], first[1:])] if sims is not None else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -116,6 +117,22 @@ class ExplainerParamError(ValueError):
     """Raised when an explainer receives an unknown or invalid parameter."""
 
 
+def _non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite float in nested parameters, with its dotted path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(params)", value
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def validate_params(cls: type[Explainer], params: dict[str, Any]) -> BaseModel:
     """Validate ``params`` against ``cls.Params``; the error names the explainer and field.
 
@@ -134,8 +151,13 @@ def validate_params(cls: type[Explainer], params: dict[str, Any]) -> BaseModel:
     Raises
     ------
     ExplainerParamError
-        If a parameter is unknown or out of range.
+        If a parameter is unknown, out of range, or a NaN or infinite number.
     """
+    bad = _non_finite(params)
+    if bad is not None:
+        raise ExplainerParamError(f"explainer {cls.spec.name!r}: {bad[0]}: must be a finite number, got "
+                                  f"{bad[1]!r} (NaN and infinity mean no setting, and a run's config travels "
+                                  "as JSON, which cannot hold them)")
     try:
         return cls.Params(**params)
     except ValidationError as err:

@@ -535,6 +535,12 @@ def allocator_env(environ: dict[str, str], platform: str, libc: str) -> dict[str
     return {**environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
 
 
+#: The program of the re-executed command: the console script's ``main`` with the working
+#: directory off the import path.
+REEXEC = ("import sys; sys.path.pop(0); sys.argv[0] = 'attriflow'; "
+          "from attriflow.flows.cli import main; sys.exit(main())")
+
+
 def _reexec_with_tuned_allocator(command: str) -> None:
     import platform as _platform
 
@@ -544,7 +550,10 @@ def _reexec_with_tuned_allocator(command: str) -> None:
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "attriflow.flows.cli", *sys.argv[1:]], env)
+        # not ``python -m``, which puts the working directory first on the path: an attriflow/
+        # folder there (a checkout, a copy) would replace the installed package; ``-c`` puts
+        # "" there, removed before the import, as the console script's own path has no cwd
+        os.execve(sys.executable, [sys.executable, "-c", REEXEC, *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:

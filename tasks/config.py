@@ -20,7 +20,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are refused: no setting means them, and JSON (the form configs travel
+    # in to the tasks) has no spelling for them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Size = Annotated[int, Field(ge=16, le=4096)]

@@ -122,7 +122,8 @@ class BlurIG(Explainer):
             x = inputs[img.to(inputs.device)].to(path)
             blurred = gaussian_blur(x, s)
             slope = (gaussian_blur(x, s + self.p.grad_step) - blurred) / self.p.grad_step
-            grad = input_gradient(self.model, blurred.to(inputs.dtype), targets[img.to(inputs.device)], self.p.score)
+            at = img.to(inputs.device)
+            grad = input_gradient(self.model, blurred.to(inputs.dtype), targets[at], self.p.score)
             term = width[step].to(path).to(inputs.device).view(-1, 1, 1, 1) * slope * grad.to(path)
             total.index_add_(0, img.to(inputs.device), term)
         self.last_forward_passes = torch.full((n,), steps, dtype=torch.int64)

@@ -73,11 +73,12 @@ class DeepLiftShap(Explainer):
     ) -> Tensor:
         n = len(inputs)
         gens = generators or [torch.Generator().manual_seed(0) for _ in range(n)]
-        refs = torch.stack([torch.randn((self.p.baselines, *inputs.shape[1:]), generator=g, dtype=torch.float32)
-                            for g in gens]).to(inputs) * self.p.baseline_std  # (N, K, C, H, W)
+        # (N, K, C, H, W) on the CPU: one reference per image at a time goes to the device
+        shape = (self.p.baselines, *inputs.shape[1:])
+        refs = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
         total = torch.zeros(inputs.shape, dtype=working_dtype(inputs.dtype), device=inputs.device)
         for k in range(self.p.baselines):
-            reference = refs[:, k]
+            reference = refs[:, k].to(inputs) * self.p.baseline_std
             with deeplift_hooks(self.model, reference, self.p.maxpool_overlap), torch.enable_grad():
                 for p in self.model.parameters():
                     p.requires_grad_(False)

@@ -53,9 +53,10 @@ class FeatureAblation(Explainer):
         labels = [lab.to(inputs.device) for lab in segment(inputs, self.p, self.normalization)]
         counts = [int(lab.max()) + 1 for lab in labels]
         # coalition 0 shows the whole image, coalition 1 + i hides superpixel i
-        keep = [torch.cat([torch.ones((1, k), dtype=torch.bool), ~torch.eye(k, dtype=torch.bool)])
-                for k in counts]
-        scores, _ = coalition_scores(self.model, inputs, targets, labels, keep, self.p.baseline,
-                                     self.batch_size, self.p.score)
+        def coalitions(i: int, jobs: Tensor) -> Tensor:
+            return jobs[:, None] - 1 != torch.arange(counts[i])  # job 0: nothing hidden
+
+        scores, _ = coalition_scores(self.model, inputs, targets, labels, [1 + k for k in counts], coalitions,
+                                     self.p.baseline, self.batch_size, self.p.score)
         self.last_forward_passes = torch.tensor([1 + k for k in counts], dtype=torch.int64)
         return torch.stack([(y[0] - y[1:])[lab] for y, lab in zip(scores, labels)]).to(torch.float32)

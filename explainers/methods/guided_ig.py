@@ -22,8 +22,8 @@ class GuidedIGParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     steps: int = Field(200, ge=1, le=100_000)
-    fraction: float = Field(0.25, gt=0, le=1, description="share of features (smallest |gradient|) moved per step")
-    max_dist: float = Field(0.02, ge=0, le=1, description="largest deviation from the straight path, as alpha")
+    fraction: float = Field(0.25, gt=0, le=1, description="share of features (least |grad|) moved per step")
+    max_dist: float = Field(0.02, ge=0, le=1, description="largest deviation from the straight path (alpha)")
     baseline: float = 0.0
     score: ScoreKind = "logit"
     reduce: Reduce = "sum"
@@ -80,7 +80,9 @@ class GuidedIG(Explainer):
     compares the two). The path of an image depends on its own gradients, so the steps run
     in order; each step's gradients of all images are taken in passes of ``batch_size``.
 
-    Returns float32 maps of shape (N, H, W).
+    Returns float32 maps of shape (N, H, W); an image whose gradient is NaN or infinite
+    somewhere on its path gets a NaN map (the pipeline flags it), where PAIR's loop never
+    ends.
 
     References
     ----------
@@ -118,8 +120,13 @@ class GuidedIG(Explainer):
                                               targets[active[j:j + self.batch_size]], self.p.score)
                                for j in range(0, len(active), self.batch_size)]).to(torch.float64) \
                 if active else x[:0]
-            for g, i in zip(grads, active):
+            finite = grads.flatten(1).isfinite().all(1).tolist()
+            for g, i, ok in zip(grads, active, finite):
+                if not ok:  # no path through a NaN / inf gradient (PAIR loops forever): a NaN map, flagged
+                    attr[i] = math.nan
+                    continue
                 attr[i] += _step(x[i], g, x_input[i], x_base[i], step, self.p, l1_total[i])
+            active = [i for i, ok in zip(active, finite) if ok]
         self.last_forward_passes = torch.tensor([self.p.steps if d > 0 else 0 for d in l1_total],
                                                 dtype=torch.int64)
         return reduce_channels(attr, self.p.reduce)

@@ -16,8 +16,10 @@ class HiResCAM(CAMExplainer):
     summed over channels: ``ReLU(sum_k dS/dA_k * A_k)``.
 
     Grad-CAM averages each channel's gradient over positions first; HiResCAM keeps it per
-    position, so for a CNN whose head is ``layer -> global average pool -> linear`` it equals
-    CAM and, in general, shows the positions the score is locally sensitive to. Equal to
+    position. For a CNN whose head is ``layer -> global average pool -> linear`` the
+    gradient is the same at every position, so HiResCAM equals Grad-CAM there (and CAM
+    divided by the layer's h x w positions); elsewhere it shows the positions the score is
+    locally sensitive to. Equal to
     pytorch-grad-cam's ``HiResCAM`` after its ReLU, min-max scaling and resize; with
     ``relu=False`` it is TorchRay's Linear Approximation (``linear_approx(..., resize=True)``),
     the two tests.

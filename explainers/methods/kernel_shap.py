@@ -9,7 +9,7 @@ from torch import Tensor
 from attriflow.explainers._scores import ScoreKind
 from attriflow.explainers._segments import SuperpixelParams, coalition_scores, segment
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
-from attriflow.explainers.methods.lime import fit_linear
+from attriflow.explainers.methods.lime import fit_linear, warn_underdetermined
 from attriflow.explainers.registry import register
 
 #: Weight of the empty and the full coalition (Captum's ``inf_weight``): the fit all but
@@ -88,8 +88,10 @@ class KernelShap(Explainer):
             w = torch.ones(self.p.samples, dtype=torch.float64)
             w[:2] = FULL_WEIGHT
             weights.append(w)
-        scores, _ = coalition_scores(self.model, inputs, targets, labels, keep, self.p.baseline,
-                                     self.batch_size, self.p.score)
+        warn_underdetermined(self.spec.name, self.p.samples, counts)
+        scores, _ = coalition_scores(self.model, inputs, targets, labels, [len(z) for z in keep],
+                                     lambda i, jobs: keep[i][jobs], self.p.baseline, self.batch_size,
+                                     self.p.score)
         maps = []
         for z, y, w, lab in zip(keep, scores, weights, labels):
             coef = fit_linear(z.numpy(), y.double().cpu().numpy(), w.numpy(), 0.0)

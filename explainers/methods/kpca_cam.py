@@ -20,7 +20,7 @@ class KPCACAMParams(CAMParams):
     """Parameters of :class:`KPCACAM`."""
 
     kernel: Literal["sigmoid", "rbf", "poly", "cosine", "linear"] = "sigmoid"
-    gamma: float | None = Field(None, gt=0, description="kernel coefficient; None: 1 / channels (scikit-learn)")
+    gamma: float | None = Field(None, gt=0, description="kernel coefficient; None: 1 / channels (sklearn)")
 
 
 @register

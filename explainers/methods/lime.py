@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
@@ -32,6 +34,18 @@ def fit_linear(z: np.ndarray, y: np.ndarray, w: np.ndarray, alpha: float) -> np.
     model = Lasso(alpha=alpha) if alpha > 0 else LinearRegression()
     model.fit(z.astype(np.float32), y.astype(np.float32), sample_weight=w.astype(np.float32))
     return np.asarray(model.coef_, dtype=np.float64).reshape(-1)
+
+
+def warn_underdetermined(name: str, samples: int, counts: list[int]) -> None:
+    """Warn when an unpenalised surrogate has fewer coalitions than unknowns (one coefficient
+    per superpixel and the intercept): least squares then returns one of infinitely many
+    fits, its minimum-norm one, not an estimate."""
+    short = [i for i, k in enumerate(counts) if samples <= k]
+    if short:
+        warnings.warn(f"{name}: params.samples ({samples}) is not more than the superpixels of image(s) "
+                      f"{short[:8]} of this batch (up to {max(counts[i] for i in short)}): the regression is "
+                      "underdetermined and its values arbitrary; raise params.samples above params.segments",
+                      stacklevel=3)
 
 
 @register
@@ -83,8 +97,11 @@ class Lime(Explainer):
         gens = generators or [torch.Generator().manual_seed(0) for _ in inputs]
         keep = [torch.cat([torch.bernoulli(torch.full((1, k), 0.5), generator=g)
                            for _ in range(self.p.samples)]).bool() for k, g in zip(counts, gens)]
-        scores, sims = coalition_scores(self.model, inputs, targets, labels, keep, self.p.baseline,
-                                        self.batch_size, self.p.score, similarity=True)
+        if self.p.alpha == 0:
+            warn_underdetermined(self.spec.name, self.p.samples, counts)
+        scores, sims = coalition_scores(self.model, inputs, targets, labels, [len(z) for z in keep],
+                                        lambda i, jobs: keep[i][jobs], self.p.baseline, self.batch_size,
+                                        self.p.score, similarity=True)
         assert sims is not None
         maps = []
         for z, y, sim, lab in zip(keep, scores, sims, labels):

@@ -16,7 +16,7 @@ from attriflow.explainers.registry import register
 class ShapleySamplingParams(SuperpixelParams):
     """Parameters of :class:`ShapleySampling`."""
 
-    samples: int = Field(25, ge=1, description="random permutations of the superpixels (Captum's n_samples)")
+    samples: int = Field(25, ge=1, le=100_000, description="random orders of the superpixels (n_samples)")
     score: ScoreKind = "logit"
 
 
@@ -67,16 +67,20 @@ class ShapleySampling(Explainer):
         labels = [lab.to(inputs.device) for lab in segment(inputs, self.p, self.normalization)]
         counts = [int(lab.max()) + 1 for lab in labels]
         gens = generators or [torch.Generator().manual_seed(0) for _ in inputs]
-        keep, ranks = [], []
+        ranks = []
         for k, g in zip(counts, gens):
             perms = torch.stack([torch.randperm(k, generator=g) for _ in range(s)])
             rank = torch.empty_like(perms).scatter_(1, perms, torch.arange(k).expand(s, k))  # feature -> step
             ranks.append(rank)
-            steps = rank[:, None, :] <= torch.arange(k)[None, :, None]  # (permutation, step, feature)
-            # coalition 0 hides everything; then, per permutation, the features up to each step
-            keep.append(torch.cat([torch.zeros((1, k), dtype=torch.bool), steps.reshape(s * k, k)]))
-        scores, _ = coalition_scores(self.model, inputs, targets, labels, keep, self.p.baseline,
-                                     self.batch_size, self.p.score)
+
+        def coalitions(i: int, jobs: Tensor) -> Tensor:
+            # job 0 hides everything; job 1 + p * k + t shows permutation p's features up to step t
+            k = counts[i]
+            perm, step = (jobs - 1).clamp_min(0) // k, (jobs - 1).clamp_min(0) % k
+            return (ranks[i][perm] <= step[:, None]) & (jobs[:, None] > 0)
+
+        scores, _ = coalition_scores(self.model, inputs, targets, labels, [1 + s * k for k in counts],
+                                     coalitions, self.p.baseline, self.batch_size, self.p.score)
         maps = []
         for y, k, rank, lab in zip(scores, counts, ranks, labels):
             curve = y[1:].view(s, k)

@@ -76,3 +76,13 @@ def test_guided_ig_equals_pair(max_dist, baseline, photos, monkeypatch) -> None:
                                           max_dist=max_dist)
         np.testing.assert_allclose(ours[i].numpy(), ref.sum(-1), rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     assert exp.last_forward_passes.tolist() == [15, 15]  # one gradient per step
+
+
+def test_guided_ig_gives_a_nan_map_where_a_gradient_is_not_finite() -> None:
+    """PAIR's loop never ends once the only features left to move have NaN gradients; ours
+    stops that image's path and returns a NaN map (the pipeline flags it)."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).double().eval()
+    with torch.no_grad():
+        net[1].weight[0, 5] = float("nan")
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert get_explainer("guided_ig")(net, steps=3).attribute(x, torch.tensor([0])).isnan().all()

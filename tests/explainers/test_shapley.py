@@ -191,3 +191,16 @@ def test_deeplift_shap_equals_captum_with_the_same_references(photos) -> None:
         with torch.no_grad():
             delta = model(x[i:i + 1])[0, t[i]] - model(refs)[:, t[i]].mean()
         assert float(maps[i].double().sum()) == pytest.approx(float(delta), rel=1e-5)
+
+
+def test_an_underdetermined_surrogate_warns_and_one_superpixel_is_refused(photos) -> None:
+    from attriflow.explainers import ExplainerParamError
+
+    model, x, t = photos
+    few = r"kernel_shap: params.samples \(10\) is not more than the superpixels"
+    with pytest.warns(UserWarning, match=few):
+        get_explainer("kernel_shap")(model, segmentation="grid", segments=16, samples=10).attribute(x, t)
+    with pytest.warns(UserWarning, match=r"lime: params.samples \(10\) is not more than"):
+        get_explainer("lime")(model, segmentation="grid", segments=16, samples=10, alpha=0.0).attribute(x, t)
+    with pytest.raises(ExplainerParamError, match=r"'lime': segments: Input should be greater than or equal to 2"):
+        get_explainer("lime")(model, segments=1)

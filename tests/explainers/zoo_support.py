@@ -801,8 +801,10 @@ CASES: dict[str, Case] = {
     "shapley_sampling": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 2},
                              one_image=True, note="first image, 4 grid cells, 2 permutations; = Captum "
                                                   "ShapleyValueSampling under the same permutations"),
-    "gradient_shap": Case(check_gradient_shap, lambda z: {"samples": 3}, one_image=True,
-                          note="first image, 3 draws; = Captum GradientShap given the same draws"),
+    "gradient_shap": Case(check_gradient_shap, lambda z: {"samples": 3}, one_image=True, double=True,
+                          note="first image, float64 (at Gaussian baselines these random nets' float32 "
+                               "gradients change with the memory layout by up to their max), 3 draws; = "
+                               "Captum GradientShap given the same draws"),
     "lime": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 12, "alpha": 0.0},
                  one_image=True, note="first image, 4 grid cells, 12 coalitions, unpenalised surrogate; = Captum Lime"),
     "kernel_shap": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 12},

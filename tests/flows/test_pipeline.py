@@ -563,8 +563,8 @@ def _clashing_folder(path: Path) -> Path:
 
 
 def test_cli_reexecutes_with_the_tuned_allocator(reference_run, tmp_path) -> None:
-    """The console script re-executes itself (``python -m``: the working directory first on
-    the path) from a folder holding data.py, tasks.py and analysis/; then the Python API
+    """The console script re-executes itself from a folder holding data.py, tasks.py,
+    analysis/ and attriflow/, none of which it imports; then the Python API
     runs from the same folder, as a notebook next to such files would."""
     from attriflow.flows.cli import GLIBC_TUNABLES, allocator_env
 
@@ -577,6 +577,11 @@ def test_cli_reexecutes_with_the_tuned_allocator(reference_run, tmp_path) -> Non
 
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "ATTRIFLOW_ALLOCATOR")}
     work = _clashing_folder(tmp_path / "work")
+    # an attriflow/ folder too (a checkout, a copy): the command runs the installed attriflow,
+    # as the console script did before re-executing (it once re-ran with this folder first)
+    (work / "attriflow").mkdir()
+    fake = "raise ImportError('a user folder was imported: attriflow')\n"
+    (work / "attriflow" / "__init__.py").write_text(fake)
     script = Path(sys.executable).with_name("attriflow")
     proc = subprocess.Popen([str(script), "report", str(reference_run)], env=env,
                             cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -593,7 +598,10 @@ def test_cli_reexecutes_with_the_tuned_allocator(reference_run, tmp_path) -> Non
     # (glibc splits the value in place at its ':' when it parses it at start-up)
     assert f"GLIBC_TUNABLES={GLIBC_TUNABLES}".replace(":", "\x00") in seen
     # the public API from the same folder: a finished run answered (no Prefect server
-    # reachable) and its store opened
+    # reachable) and its store opened (``import attriflow`` there is the folder's by Python's rules)
+    import shutil
+
+    shutil.rmtree(work / "attriflow")
     cfg = tmp_path / "small.yaml"
     cfg.write_text(yaml.safe_dump(SMALL))
     code = ("import json, sys, attriflow\n"

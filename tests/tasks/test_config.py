@@ -88,3 +88,16 @@ def test_shipped_example_configs_parse() -> None:
 def test_a_label_cannot_look_like_a_store_entry() -> None:
     with pytest.raises(ConfigError, match="'@' is reserved"):
         parse_config({"explain": {"explainers": [{"method": "saliency", "label": "saliency@dea860bc"}]}})
+
+
+@pytest.mark.parametrize(("section", "expected"), [
+    ({"explain": {"explainers": [{"method": "lime", "params": {"baseline": float("nan")}}]}},
+     r"explainer 'lime': baseline: must be a finite number, got nan"),
+    # was silently run with the default gamma: the JSON form of the config turned inf into null
+    ({"explain": {"explainers": [{"method": "kpca_cam", "params": {"gamma": float("inf")}}]}},
+     r"explainer 'kpca_cam': gamma: must be a finite number, got inf"),
+    ({"evaluate": {"blur_sigma": float("inf")}}, r"evaluate.blur_sigma: Input should be a finite number"),
+])
+def test_nan_and_infinity_are_refused_naming_the_field(section, expected) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(section)
