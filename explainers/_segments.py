@@ -92,6 +92,21 @@ def segment(images: Tensor, params: SuperpixelParams,
     return out
 
 
+def superpixels(inputs: Tensor, params: SuperpixelParams,
+                normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+                ) -> tuple[list[Tensor], list[int]]:
+    """:func:`segment` on the inputs' device: each image's (H, W) labels and its number of
+    superpixels F_i."""
+    labels = [lab.to(inputs.device) for lab in segment(inputs, params, normalization)]
+    return labels, [int(lab.max()) + 1 for lab in labels]
+
+
+def paint(values: list[Tensor], labels: list[Tensor]) -> Tensor:
+    """Maps (N, H, W) float32 holding, at every pixel, its superpixel's value (``values[i]``:
+    (F_i,) per image, any dtype or device)."""
+    return torch.stack([v.to(lab.device)[lab] for v, lab in zip(values, labels)]).to(torch.float32)
+
+
 def coalition_inputs(inputs: Tensor, labels: Tensor, keep: Tensor, baseline: float) -> Tensor:
     """Inputs where only the kept features show the image, the rest the baseline.
 

@@ -210,6 +210,20 @@ def deeplift_hooks(model: nn.Module, reference: Tensor, overlap: str = "accumula
         yield
 
 
+def multipliers(model: nn.Module, inputs: Tensor, targets: Tensor, reference: Tensor, score: ScoreKind,
+                overlap: str = "accumulate") -> Tensor:
+    """DeepLIFT's rescale-rule multipliers of each image's target score with respect to its
+    input against ``reference`` ((1, C, H, W) for all images, or (N, C, H, W), one per
+    image), shape (N, C, H, W): the map is ``(inputs - reference) * multipliers``."""
+    with deeplift_hooks(model, reference, overlap), torch.enable_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)  # restored by Explainer.attribute
+        x = inputs.detach().clone().requires_grad_(True)
+        scores = target_scores(model(x), targets, score)
+        (grad,) = torch.autograd.grad(scores.sum(), x)
+    return grad
+
+
 class DeepLIFTParams(BaseModel):
     """Parameters of :class:`DeepLIFT`."""
 
@@ -279,10 +293,5 @@ class DeepLIFT(Explainer):
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
         reference = torch.full_like(inputs[:1], self.p.baseline)
-        with deeplift_hooks(self.model, reference, self.p.maxpool_overlap), torch.enable_grad():
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-            x = inputs.detach().clone().requires_grad_(True)
-            scores = target_scores(self.model(x), targets, self.p.score)
-            (grad,) = torch.autograd.grad(scores.sum(), x)
+        grad = multipliers(self.model, inputs, targets, reference, self.p.score, self.p.maxpool_overlap)
         return reduce_channels((inputs - reference) * grad, self.p.reduce)

@@ -10,9 +10,9 @@ from torch import Tensor
 
 from attriflow.explainers._gradients import Reduce, reduce_channels
 from attriflow.explainers._numerics import working_dtype
-from attriflow.explainers._scores import ScoreKind, target_scores
+from attriflow.explainers._scores import ScoreKind
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
-from attriflow.explainers.methods.deeplift import deeplift_hooks, refuse_unruled
+from attriflow.explainers.methods.deeplift import multipliers, refuse_unruled
 from attriflow.explainers.registry import register
 
 
@@ -79,12 +79,7 @@ class DeepLiftShap(Explainer):
         total = torch.zeros(inputs.shape, dtype=working_dtype(inputs.dtype), device=inputs.device)
         for k in range(self.p.baselines):
             reference = refs[:, k].to(inputs) * self.p.baseline_std
-            with deeplift_hooks(self.model, reference, self.p.maxpool_overlap), torch.enable_grad():
-                for p in self.model.parameters():
-                    p.requires_grad_(False)
-                x = inputs.detach().clone().requires_grad_(True)
-                scores = target_scores(self.model(x), targets, self.p.score)
-                (grad,) = torch.autograd.grad(scores.sum(), x)
+            grad = multipliers(self.model, inputs, targets, reference, self.p.score, self.p.maxpool_overlap)
             total += ((inputs - reference) * grad).to(total.dtype)
         self.last_forward_passes = torch.full((n,), 2 * self.p.baselines, dtype=torch.int64)
         return reduce_channels(total / self.p.baselines, self.p.reduce)

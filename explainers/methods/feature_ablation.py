@@ -7,7 +7,7 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from attriflow.explainers._scores import ScoreKind
-from attriflow.explainers._segments import SuperpixelParams, coalition_scores, segment
+from attriflow.explainers._segments import SuperpixelParams, coalition_scores, paint, superpixels
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
 from attriflow.explainers.registry import register
 
@@ -50,8 +50,7 @@ class FeatureAblation(Explainer):
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
-        labels = [lab.to(inputs.device) for lab in segment(inputs, self.p, self.normalization)]
-        counts = [int(lab.max()) + 1 for lab in labels]
+        labels, counts = superpixels(inputs, self.p, self.normalization)
         # coalition 0 shows the whole image, coalition 1 + i hides superpixel i
         def coalitions(i: int, jobs: Tensor) -> Tensor:
             return jobs[:, None] - 1 != torch.arange(counts[i])  # job 0: nothing hidden
@@ -59,4 +58,4 @@ class FeatureAblation(Explainer):
         scores, _ = coalition_scores(self.model, inputs, targets, labels, [1 + k for k in counts], coalitions,
                                      self.p.baseline, self.batch_size, self.p.score)
         self.last_forward_passes = torch.tensor([1 + k for k in counts], dtype=torch.int64)
-        return torch.stack([(y[0] - y[1:])[lab] for y, lab in zip(scores, labels)]).to(torch.float32)
+        return paint([y[0] - y[1:] for y in scores], labels)

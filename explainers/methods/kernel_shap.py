@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from attriflow.explainers._scores import ScoreKind
-from attriflow.explainers._segments import SuperpixelParams, coalition_scores, segment
+from attriflow.explainers._segments import SuperpixelParams, coalition_scores, paint, superpixels
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
 from attriflow.explainers.methods.lime import fit_linear, warn_underdetermined
 from attriflow.explainers.registry import register
@@ -68,8 +68,7 @@ class KernelShap(Explainer):
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
-        labels = [lab.to(inputs.device) for lab in segment(inputs, self.p, self.normalization)]
-        counts = [int(lab.max()) + 1 for lab in labels]
+        labels, counts = superpixels(inputs, self.p, self.normalization)
         gens = generators or [torch.Generator().manual_seed(0) for _ in inputs]
         keep, weights = [], []
         for k, g in zip(counts, gens):
@@ -92,9 +91,6 @@ class KernelShap(Explainer):
         scores, _ = coalition_scores(self.model, inputs, targets, labels, [len(z) for z in keep],
                                      lambda i, jobs: keep[i][jobs], self.p.baseline, self.batch_size,
                                      self.p.score)
-        maps = []
-        for z, y, w, lab in zip(keep, scores, weights, labels):
-            coef = fit_linear(z.numpy(), y.double().cpu().numpy(), w.numpy(), 0.0)
-            maps.append(torch.from_numpy(coef).to(lab.device)[lab])
+        values = [fit_linear(z, y, w, 0.0) for z, y, w in zip(keep, scores, weights)]
         self.last_forward_passes = torch.full((len(inputs),), self.p.samples, dtype=torch.int64)
-        return torch.stack(maps).to(torch.float32)
+        return paint(values, labels)

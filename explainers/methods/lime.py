@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from attriflow.explainers._scores import ScoreKind
-from attriflow.explainers._segments import SuperpixelParams, coalition_scores, segment
+from attriflow.explainers._segments import SuperpixelParams, coalition_scores, paint, superpixels
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
 from attriflow.explainers.registry import register
 
@@ -24,16 +24,19 @@ class LimeParams(SuperpixelParams):
     score: ScoreKind = "logit"
 
 
-def fit_linear(z: np.ndarray, y: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
-    """Coefficients of the weighted linear surrogate of ``y`` on the binary coalitions ``z``
-    (S, F), with an intercept: scikit-learn's ``Lasso(alpha)`` (``alpha > 0``) or
-    ``LinearRegression`` (``alpha == 0``), fitted with ``sample_weight=w`` on float32 data
-    as Captum's ``SkLearnLasso`` / ``SkLearnLinearRegression`` do."""
+def fit_linear(z: Tensor, y: Tensor, w: Tensor, alpha: float) -> Tensor:
+    """Coefficients (F,) float64 of the weighted linear surrogate of the scores ``y`` (S,) on
+    the bool coalitions ``z`` (S, F), with an intercept: scikit-learn's ``Lasso(alpha)``
+    (``alpha > 0``) or ``LinearRegression`` (``alpha == 0``), fitted with ``sample_weight=w``
+    (S,) on float32 data as Captum's ``SkLearnLasso`` / ``SkLearnLinearRegression`` do."""
     from sklearn.linear_model import Lasso, LinearRegression
 
+    def f32(t: Tensor) -> np.ndarray:
+        return t.detach().to(torch.float64).cpu().numpy().astype(np.float32)
+
     model = Lasso(alpha=alpha) if alpha > 0 else LinearRegression()
-    model.fit(z.astype(np.float32), y.astype(np.float32), sample_weight=w.astype(np.float32))
-    return np.asarray(model.coef_, dtype=np.float64).reshape(-1)
+    model.fit(f32(z), f32(y), sample_weight=f32(w))
+    return torch.from_numpy(np.asarray(model.coef_, dtype=np.float64).reshape(-1))
 
 
 def warn_underdetermined(name: str, samples: int, counts: list[int]) -> None:
@@ -92,8 +95,7 @@ class Lime(Explainer):
     def _attribute(
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
-        labels = [lab.to(inputs.device) for lab in segment(inputs, self.p, self.normalization)]
-        counts = [int(lab.max()) + 1 for lab in labels]
+        labels, counts = superpixels(inputs, self.p, self.normalization)
         gens = generators or [torch.Generator().manual_seed(0) for _ in inputs]
         keep = [torch.cat([torch.bernoulli(torch.full((1, k), 0.5), generator=g)
                            for _ in range(self.p.samples)]).bool() for k, g in zip(counts, gens)]
@@ -103,10 +105,8 @@ class Lime(Explainer):
                                         lambda i, jobs: keep[i][jobs], self.p.baseline, self.batch_size,
                                         self.p.score, similarity=True)
         assert sims is not None
-        maps = []
-        for z, y, sim, lab in zip(keep, scores, sims, labels):
-            weight = torch.exp(-((1 - sim.double()) ** 2) / (2 * self.p.kernel_width ** 2))
-            coef = fit_linear(z.numpy(), y.double().cpu().numpy(), weight.cpu().numpy(), self.p.alpha)
-            maps.append(torch.from_numpy(coef).to(lab.device)[lab])
+        width = 2 * self.p.kernel_width ** 2
+        values = [fit_linear(z, y, torch.exp(-((1 - sim.double()) ** 2) / width), self.p.alpha)
+                  for z, y, sim in zip(keep, scores, sims)]
         self.last_forward_passes = torch.full((len(inputs),), self.p.samples, dtype=torch.int64)
-        return torch.stack(maps).to(torch.float32)
+        return paint(values, labels)

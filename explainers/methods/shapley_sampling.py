@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from attriflow.explainers._scores import ScoreKind
-from attriflow.explainers._segments import SuperpixelParams, coalition_scores, segment
+from attriflow.explainers._segments import SuperpixelParams, coalition_scores, paint, superpixels
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
 from attriflow.explainers.registry import register
 
@@ -64,8 +64,7 @@ class ShapleySampling(Explainer):
         self, inputs: Tensor, targets: Tensor, generators: list[torch.Generator] | None
     ) -> Tensor:
         s = self.p.samples
-        labels = [lab.to(inputs.device) for lab in segment(inputs, self.p, self.normalization)]
-        counts = [int(lab.max()) + 1 for lab in labels]
+        labels, counts = superpixels(inputs, self.p, self.normalization)
         gens = generators or [torch.Generator().manual_seed(0) for _ in inputs]
         ranks = []
         for k, g in zip(counts, gens):
@@ -81,11 +80,10 @@ class ShapleySampling(Explainer):
 
         scores, _ = coalition_scores(self.model, inputs, targets, labels, [1 + s * k for k in counts],
                                      coalitions, self.p.baseline, self.batch_size, self.p.score)
-        maps = []
-        for y, k, rank, lab in zip(scores, counts, ranks, labels):
+        values = []
+        for y, k, rank in zip(scores, counts, ranks):
             curve = y[1:].view(s, k)
             gain = curve - torch.cat([y[0].expand(s, 1), curve[:, :-1]], 1)  # (permutation, step)
-            phi = gain.gather(1, rank.to(gain.device)).mean(0)  # per feature: its step's gain, averaged
-            maps.append(phi[lab])
+            values.append(gain.gather(1, rank.to(gain.device)).mean(0))  # per feature: its gain, averaged
         self.last_forward_passes = torch.tensor([1 + s * k for k in counts], dtype=torch.int64)
-        return torch.stack(maps).to(torch.float32)
+        return paint(values, labels)
