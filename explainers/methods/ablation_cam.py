@@ -63,7 +63,7 @@ class AblationCAM(CAMExplainer):
     uses_gradients = False
 
     @classmethod
-    def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
+    def pass_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
         return {"forward": "1 + channels(layer) passes of the layers after it", "backward": 0}
 
     def _suffix(self, name: str) -> LayerSuffix | None:
@@ -76,6 +76,16 @@ class AblationCAM(CAMExplainer):
         return cache[name]
 
     def layer_map(self, inputs: Tensor, targets: Tensor) -> Tensor:  # noqa: D102
+        cam = self.reduce(self.weighted(inputs, targets, None, None))
+        return cam.clamp_min(0) if self.p.relu else cam
+
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor | None = None,
+                 grads: Tensor | None = None) -> Tensor:
+        """``w_k A_k`` (N, C, h, w) with the ablation weights ``w_k``.
+
+        ``acts`` and ``grads`` are not used: the layer's activations are computed here, on
+        the cut network, whose prefix values the ablations reuse.
+        """
         name = self.layer_name(inputs)
         suffix = self._suffix(name)
         with torch.no_grad():
@@ -116,8 +126,7 @@ class AblationCAM(CAMExplainer):
                     "here) or pick a layer whose activations are non-negative (after a ReLU)")
             weights = (y[:, None] - ablated) / y[:, None]
             self.last_forward_passes = torch.full((n,), 1 + c, dtype=torch.int64)
-            cam = (weights[:, :, None, None].to(work) * as_working(acts)).sum(dim=1)
-        return cam.clamp_min(0) if self.p.relu else cam
+            return weights[:, :, None, None].to(work) * as_working(acts)
 
     def _replaced(self, name: str, inputs: Tensor, output: Tensor) -> Tensor:
         """Whole-network fallback: the layer's output replaced by ``output``."""

@@ -95,7 +95,8 @@ class CAM(CAMExplainer):
                 "sits between); CAM's map would not decompose the logit. Use grad_cam, or give "
                 "params.layer the tensor the average pool reads")
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``W[c, k] A_k`` (N, C, h, w), ``W`` the classifier's weights and ``c`` the target."""
         if acts.shape[1] != self.fc.in_features:
             raise UnsupportedModelError(
                 f"cam: layer has {acts.shape[1]} channels but the classifier takes "
@@ -103,4 +104,4 @@ class CAM(CAMExplainer):
             )
         acts = as_working(acts)  # float32 sums for 16-bit activations
         weights = self.fc.weight.detach()[targets].to(acts.dtype)
-        return (weights[:, :, None, None] * acts).sum(dim=1)
+        return weights[:, :, None, None] * acts

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from attriflow.explainers._cam import CAMExplainer
-from attriflow.explainers._numerics import as_working
+from attriflow.explainers._cam import CAMExplainer, first_component, orient
 from attriflow.explainers.base import ExplainerSpec, Family
 from attriflow.explainers.registry import register
+
+__all__ = ["EigenCAM", "first_component", "orient"]  # the projection moved to _cam, still importable here
 
 
 @register
@@ -38,36 +38,8 @@ class EigenCAM(CAMExplainer):
         references=("muhammad2020",),
     )
     uses_gradients = False
+    eigen_smooth_refusal = "its map already is the first principal component of the activations"
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         return first_component(acts)
 
-
-def first_component(maps: Tensor) -> Tensor:
-    """Per image, the projection of the (h*w, C) matrix of ``maps`` (N, C, h, w), centred
-    over positions, on its first principal component, shape (N, h, w): pytorch-grad-cam's
-    ``get_2d_projection``, oriented to correlate positively with the channel sum.
-
-    The projection on the first right singular vector is the first left singular vector
-    times its singular value: the top eigenpair of the smaller of the Gram (hw x hw) and
-    covariance (C x C) matrices, formed in float64 (float32 results for 16-bit maps).
-    """
-    n, c, h, w = maps.shape
-    maps = as_working(maps)  # float32 for 16-bit activations (sums of products overflow)
-    mats = maps.reshape(n, c, h * w).transpose(1, 2)  # (N, hw, C)
-    centred = mats - mats.mean(dim=1, keepdim=True)
-    d = centred.to(torch.float64)
-    if h * w <= c:
-        evals, evecs = torch.linalg.eigh(d @ d.transpose(1, 2))
-        proj = (evecs[..., -1] * evals[..., -1:].clamp_min(0).sqrt()).to(maps.dtype)
-    else:
-        _, evecs = torch.linalg.eigh(d.transpose(1, 2) @ d)
-        proj = (d @ evecs[..., -1:])[..., 0].to(maps.dtype)
-    return orient(proj, mats.sum(dim=2)).reshape(n, h, w)
-
-
-def orient(proj: Tensor, reference: Tensor) -> Tensor:
-    """``proj`` (N, P) with each row's sign flipped where it correlates negatively with the
-    same row of ``reference`` (N, P): the sign of a principal component is arbitrary."""
-    corr = ((proj - proj.mean(1, keepdim=True)) * (reference - reference.mean(1, keepdim=True))).sum(1)
-    return proj * torch.where(corr < 0, -1.0, 1.0).to(proj.dtype)[:, None]

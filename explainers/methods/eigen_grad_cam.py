@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attriflow.explainers._cam import CAMExplainer
+from attriflow.explainers._cam import CAMExplainer, first_component
 from attriflow.explainers._numerics import as_working
 from attriflow.explainers.base import ExplainerSpec, Family
-from attriflow.explainers.methods.eigen_cam import first_component
 from attriflow.explainers.registry import register
 
 
@@ -32,6 +31,8 @@ class EigenGradCAM(CAMExplainer):
         summary="first principal component of activations times gradients",
         references=("jacobgil2021", "muhammad2020"),
     )
+    eigen_smooth_refusal = ("its map already is the first principal component of gradients x activations "
+                            "(hires_cam with eigen_smooth=True is the same map)")
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         assert grads is not None

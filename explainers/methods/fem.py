@@ -68,9 +68,10 @@ class FEM(CAMExplainer):
                 f"reach mean + k * std (it needs more than {int(self.p.k ** 2) + 1} positions), so the "
                 "map would be all zero. Use a larger input or an earlier layer (params.layer)")
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``mu_k * 1[A_k >= mu_k + K sigma_k]`` (N, C, h, w): each channel's weighted mask."""
         acts = as_working(acts)  # float32 for 16-bit activations: squares overflow float16
         mean = acts.mean(dim=(2, 3), keepdim=True)
         std = acts.std(dim=(2, 3), keepdim=True, unbiased=False)
         masks = (acts >= mean + self.p.k * std).to(acts.dtype)
-        return (mean * masks).sum(dim=1)
+        return mean * masks

@@ -43,7 +43,8 @@ class GradCAM(CAMExplainer):
         references=("selvaraju2017",),
     )
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``w_k A_k`` (N, C, h, w), ``w_k`` the spatial mean of channel k's gradient."""
         assert grads is not None
         acts, grads = as_working(acts), as_working(grads)  # float32 sums for 16-bit tensors
-        return (grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1)
+        return grads.mean(dim=(2, 3), keepdim=True) * acts

@@ -30,6 +30,7 @@ class GradCAMElementWise(CAMExplainer):
         references=("jacobgil2021",),
     )
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``ReLU(dS/dA * A)`` (N, C, h, w), position by position."""
         assert grads is not None
-        return (as_working(grads) * as_working(acts)).clamp_min(0).sum(dim=1)
+        return (as_working(grads) * as_working(acts)).clamp_min(0)

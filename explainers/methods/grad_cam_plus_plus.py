@@ -36,7 +36,8 @@ class GradCAMPlusPlus(CAMExplainer):
         references=("chattopadhay2018",),
     )
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``w_k A_k`` (N, C, h, w) with the Grad-CAM++ weights ``w_k``."""
         assert grads is not None
         acts, grads = as_working(acts), as_working(grads)  # float32 for 16-bit: g^3 underflows
         g2 = grads * grads
@@ -45,4 +46,4 @@ class GradCAMPlusPlus(CAMExplainer):
         a = g2 / (2 * g2 + total * g3 + guard(1e-6, g2.dtype))
         a = torch.where(grads != 0, a, torch.zeros_like(a))
         weights = (grads.clamp_min(0) * a).sum(dim=(2, 3), keepdim=True)
-        return (weights * acts).sum(dim=1)
+        return weights * acts

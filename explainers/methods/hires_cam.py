@@ -38,6 +38,7 @@ class HiResCAM(CAMExplainer):
         references=("draelos2020",),
     )
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``dS/dA * A`` (N, C, h, w), position by position."""
         assert grads is not None
-        return (as_working(grads) * as_working(acts)).sum(dim=1)
+        return as_working(grads) * as_working(acts)

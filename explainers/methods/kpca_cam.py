@@ -9,10 +9,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from attriflow.explainers._cam import CAMExplainer, CAMParams
+from attriflow.explainers._cam import CAMExplainer, CAMParams, orient
 from attriflow.explainers._numerics import as_working
 from attriflow.explainers.base import ExplainerSpec, Family
-from attriflow.explainers.methods.eigen_cam import orient
 from attriflow.explainers.registry import register
 
 
@@ -48,6 +47,8 @@ class KPCACAM(CAMExplainer):
     )
     Params = KPCACAMParams
     uses_gradients = False
+    eigen_smooth_refusal = ("its map already is a (kernel) principal component of the activations, "
+                            "not a channel sum to project")
 
     def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         from sklearn.decomposition import KernelPCA

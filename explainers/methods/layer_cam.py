@@ -29,7 +29,8 @@ class LayerCAM(CAMExplainer):
         references=("jiang2021",),
     )
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``relu(g) * A`` (N, C, h, w), position by position."""
         assert grads is not None
         acts, grads = as_working(acts), as_working(grads)  # float32 sums for 16-bit tensors
-        return (grads.clamp_min(0) * acts).sum(dim=1)
+        return grads.clamp_min(0) * acts

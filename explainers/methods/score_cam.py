@@ -57,10 +57,11 @@ class ScoreCAM(CAMExplainer):
     uses_gradients = False
 
     @classmethod
-    def estimate_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
+    def pass_cost(cls, params: BaseModel) -> dict[str, int | str]:  # noqa: D102
         return {"forward": "1 + channels(layer)", "backward": 0}
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``w_k A_k`` (N, C, h, w), ``w_k`` the score of the input masked by channel k."""
         n, c = acts.shape[:2]
         work = working_dtype(acts.dtype)  # float32 for float16 / bfloat16 activations
         scores = torch.empty((n, c), dtype=work, device=acts.device)
@@ -73,4 +74,4 @@ class ScoreCAM(CAMExplainer):
                                                 self.p.score).to(work)
         self.last_forward_passes = torch.full((n,), 1 + c, dtype=torch.int64)
         weights = torch.softmax(scores, dim=1) if self.p.channel_softmax else scores
-        return (weights[:, :, None, None] * acts.to(work)).sum(dim=1)
+        return weights[:, :, None, None] * acts.to(work)

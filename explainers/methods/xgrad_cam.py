@@ -32,9 +32,10 @@ class XGradCAM(CAMExplainer):
         references=("fu2020",),
     )
 
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """``w_k A_k`` (N, C, h, w) with the XGrad-CAM weights ``w_k``."""
         assert grads is not None
         acts, grads = as_working(acts), as_working(grads)  # float32 sums for 16-bit tensors
         weights = (grads * acts).sum(dim=(2, 3), keepdim=True) / (acts.sum(dim=(2, 3), keepdim=True)
                                                                  + guard(1e-7, acts.dtype))
-        return (weights * acts).sum(dim=1)
+        return weights * acts
