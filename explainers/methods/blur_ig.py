@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from attriflow.explainers._batching import iter_jobs
+from attriflow.explainers._blur import separable_blur
 from attriflow.explainers._gradients import Reduce, input_gradient, reduce_channels
 from attriflow.explainers._scores import ScoreKind
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family
@@ -32,8 +32,10 @@ def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
     """Each image blurred over its two spatial axes with its own standard deviation.
 
     SciPy's ``ndimage.gaussian_filter(image, (sigma, sigma, 0), mode="constant")`` (zero
-    padding, kernel truncated at ``int(4 sigma + 0.5)`` taps each side, normalised), as
-    PAIR's ``gaussian_blur``; sigma 0 leaves the image unchanged.
+    padding, kernel ``exp(-d^2 / (2 sigma^2))`` truncated at ``int(4 sigma + 0.5)`` taps
+    each side and normalised over its taps, those beyond the edge included), as PAIR's
+    ``gaussian_blur``; sigma 0 leaves the image unchanged. Applied as products with band
+    matrices (:func:`explainers._blur.separable_blur`), the kernels built in float64.
 
     Parameters
     ----------
@@ -47,22 +49,13 @@ def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
     Tensor, shape (B, C, H, W)
         The blurred images, in the images' dtype.
     """
-    b, c, h, w = images.shape
-    radii = [int(4.0 * float(s) + 0.5) for s in sigmas]
-    r = max(radii)
-    taps = torch.arange(-r, r + 1, dtype=torch.float64)
-    kernels = torch.zeros((b, 2 * r + 1), dtype=torch.float64)
-    for i, (s, ri) in enumerate(zip(sigmas.tolist(), radii)):
-        if s == 0:
-            kernels[i, r] = 1.0
-            continue
-        phi = torch.exp(-0.5 / (s * s) * taps**2) * (taps.abs() <= ri)
-        kernels[i] = phi / phi.sum()
-    k = kernels.to(images).repeat_interleave(c, 0)  # (B*C, K): one kernel per image and channel
-    x = images.reshape(1, b * c, h, w)
-    x = F.conv2d(x, k.view(b * c, 1, -1, 1), padding=(r, 0), groups=b * c)
-    x = F.conv2d(x, k.view(b * c, 1, 1, -1), padding=(0, r), groups=b * c)
-    return x.view(b, c, h, w)
+    s = sigmas.to(torch.float64).cpu()[:, None]
+    radii = (4.0 * s + 0.5).floor()  # SciPy's truncate=4.0
+    r = int(radii.max())
+    d = torch.arange(-r, r + 1, dtype=torch.float64)[None]
+    phi = torch.exp(-0.5 * d**2 / s.clamp_min(1e-150) ** 2) * (d.abs() <= radii)
+    taps = torch.where(s == 0, (d == 0).to(torch.float64), phi / phi.sum(-1, keepdim=True))
+    return separable_blur(images, taps)
 
 
 @register
@@ -75,7 +68,7 @@ class BlurIG(Explainer):
     forward difference over ``grad_step``, summed over channels. The path needs no baseline
     image: it removes information by blurring, from fine to coarse scales. Equal to PAIR's
     ``BlurIG().GetMask(x, ...)`` summed over channels (the test; PAIR blurs with SciPy,
-    ours with the same kernels as grouped convolutions). PAIR's batched loop credits every
+    ours with the same kernels as matrix products). PAIR's batched loop credits every
     step of a batch with the last step's ``sigma`` difference, which matters only with
     ``sqrt``; ours uses each step's own. The blurred path and its slope are computed in
     float64 (the slope is a difference of two blurs ``grad_step`` apart), the model
