@@ -15,10 +15,13 @@ NAMES = sorted(REGISTRY)
 
 #: Smaller settings where a method's default budget is only slow, not different in kind.
 FAST = {"neuromask": {"iterations": 40}, "rise": {"masks": 500},
+        # TorchRay's step 7 / sigma 21 empty the mask of a 12-pixel image in one step
+        "extremal_perturbation": {"iterations": 10, "step": 1, "sigma": 3.0},
         # on these noise images SLIC finds one superpixel (and warns): a grid gives nine
         **{n: {"segmentation": "grid", "segments": 9} for n in ("feature_ablation", "shapley_sampling")},
         "kernel_shap": {"segmentation": "grid", "segments": 9, "samples": 200},
-        "lime": {"segmentation": "grid", "segments": 9, "samples": 200, "alpha": 1e-4}}
+        "lime": {"segmentation": "grid", "segments": 9, "samples": 200, "alpha": 1e-4},
+        "xrai": {"steps": 4}}
 
 
 def _make(name: str, model: torch.nn.Module) -> Explainer:

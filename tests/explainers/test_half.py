@@ -31,7 +31,8 @@ from tests.conftest import TinyCNN
 NAMES = sorted(REGISTRY)
 
 #: Smaller budgets where the default is only slow, not different in kind.
-FAST = {"neuromask": {"iterations": 20}, "rise": {"masks": 100}, "smooth_grad": {"samples": 8},
+FAST = {"neuromask": {"iterations": 20}, "extremal_perturbation": {"iterations": 10, "step": 1, "sigma": 3.0},
+        "rise": {"masks": 100}, "smooth_grad": {"samples": 8},
         "integrated_gradients": {"steps": 16}}
 
 #: Every explainer with its (fast) defaults, plus CAMs on the signed conv2 output (before the

@@ -17,7 +17,8 @@ from attriflow.explainers import REGISTRY, UnsupportedModelError, get_explainer
 #: Every CAM with a free ``layer`` (``cam`` needs its layer to feed a pooled linear head; SISE
 #: reads several blocks)
 CAMS = sorted(n for n, c in REGISTRY.items() if c.spec.family == "cam" and n not in {"cam", "sise"})
-FAST = {"neuromask": {"iterations": 5}, "rise": {"masks": 16}, "smooth_grad": {"samples": 2},
+FAST = {"neuromask": {"iterations": 5}, "extremal_perturbation": {"iterations": 3, "step": 1, "sigma": 3.0},
+        "rise": {"masks": 16}, "smooth_grad": {"samples": 2},
         "integrated_gradients": {"steps": 4}}
 
 

@@ -694,7 +694,7 @@ def check_gradient_shap(z: Zoo, exp: Explainer, out: Tensor) -> str:
 
 
 def check_pair(z: Zoo, exp: Explainer, out: Tensor) -> str:
-    """= PAIR's BlurIG / GuidedIG (``saliency`` 0.2.1) on the first image, summed over channels."""
+    """= PAIR's BlurIG / GuidedIG (summed over channels) / XRAI (``saliency`` 0.2.1) on the first image."""
     import saliency.core as saliency
 
     def call(batch, call_model_args=None, expected_keys=None):
@@ -706,6 +706,12 @@ def check_pair(z: Zoo, exp: Explainer, out: Tensor) -> str:
     img = z.x[0].permute(1, 2, 0).double().numpy()
     if exp.spec.name == "blur_ig":
         ref = saliency.BlurIG().GetMask(img, call, steps=exp.p.steps, max_sigma=exp.p.max_sigma, batch_size=1)
+    elif exp.spec.name == "xrai":  # our regions (= PAIR's, test_xrai.py; its own take 1.5 s an image)
+        from attriflow.explainers.methods.xrai import _masks_of
+
+        params = saliency.XRAIParameters(steps=exp.p.steps, algorithm=exp.p.algorithm)
+        ref = saliency.XRAI().GetMask(img, call, segments=list(_masks_of(img)), batch_size=16,
+                                      extra_parameters=params)[..., None]
     else:
         quantile = np.quantile  # PAIR passes NumPy 1's interpolation= keyword
         np.quantile = lambda a, q, interpolation="linear", **kw: quantile(a, q, method=interpolation, **kw)
@@ -715,6 +721,69 @@ def check_pair(z: Zoo, exp: Explainer, out: Tensor) -> str:
             np.quantile = quantile
     close(out[:1], torch.from_numpy(ref.sum(-1))[None], 1e-3)
     return "PAIR"
+
+
+class _TorchFloat64Ones:
+    """``torch`` for TorchRay's extremal-perturbation module, except that ``ones`` (its mask
+    parameters ``pmask`` and area reference) defaults to float64."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def ones(*size: Any, **kwargs: Any) -> Tensor:
+        kwargs.setdefault("dtype", torch.float64)
+        return torch.ones(*size, **kwargs)
+
+
+class _FunctionalTapsToInput:
+    """``torch.nn.functional`` for ``torchray.utils.imsmooth``, except that ``conv2d`` casts the
+    float32 Gaussian taps to the image's dtype (their values unchanged)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(F, name)
+
+    @staticmethod
+    def conv2d(x: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return F.conv2d(x, weight.to(x.dtype), *args, **kwargs)
+
+
+def torchray_extremal_perturbation(model: nn.Module, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+    """TorchRay's ``extremal_perturbation(model, x[i:i+1], int(t[i]), **kwargs)`` mask per image,
+    shape (N, H, W). For float64 inputs TorchRay runs in float64: as written it keeps its mask
+    parameters in float32 (``torch.ones``) and cannot convolve a float64 image with its float32
+    blur taps, so those two are made float64 (the taps' float32 values kept). The model's
+    ``requires_grad`` flags, which TorchRay switches off, are restored."""
+    import torchray.attribution.extremal_perturbation as ep
+    import torchray.utils
+
+    flags = [p.requires_grad for p in model.parameters()]
+    saved = ep.torch, torchray.utils.F
+    if x.dtype == torch.float64:
+        ep.torch, torchray.utils.F = _TorchFloat64Ones(), _FunctionalTapsToInput()
+    try:
+        masks = [ep.extremal_perturbation(model, x[i : i + 1], int(t[i]), **kwargs)[0] for i in range(len(x))]
+    finally:
+        ep.torch, torchray.utils.F = saved
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    return torch.cat(masks)[:, 0]
+
+
+def check_extremal_perturbation(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """= TorchRay's ``extremal_perturbation`` (float64) with the same settings."""
+    from torchray.attribution.extremal_perturbation import contrastive_reward, simple_reward
+
+    p = exp.p
+    fixed = (p.max_blur, p.learning_rate, p.momentum, p.regul_weight, p.regul_growth)
+    assert fixed == (20, 0.01, 0.9, 300, 1.0035), "TorchRay fixes max_blur, learning_rate, momentum, regul_*"
+    ref = torchray_extremal_perturbation(z.model, z.x[:1], z.t[:1], areas=[p.area], max_iter=p.iterations,
+                                         variant=p.variant, perturbation=p.perturbation, step=p.step,
+                                         sigma=p.sigma, num_levels=p.num_levels, jitter=p.jitter,
+                                         smooth=p.smooth, reward_func=contrastive_reward
+                                         if p.reward == "contrastive" else simple_reward)
+    close(out[:1], ref, 1e-6)
+    return "TorchRay"
 
 
 @dataclass(frozen=True)
@@ -800,6 +869,10 @@ CASES: dict[str, Case] = {
                  note="first image, 32 masks; no oracle: finite, non-zero, changes with the target"),
     "neuromask": Case(check_target_dependent, lambda z: {"iterations": 10}, one_image=True,
                       note="first image, 10 iterations; no oracle: finite, non-zero, changes with the target"),
+    "extremal_perturbation": Case(check_extremal_perturbation, lambda z: {"iterations": 3}, one_image=True,
+                                  double=True, note="first image, float64, 3 iterations (TorchRay's other "
+                                                    "defaults: area 0.1, step 7, sigma 21, blur 20); = "
+                                                    "TorchRay extremal_perturbation"),
     "feature_ablation": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 6}, one_image=True,
                              note="first image, 6 grid cells; = Captum FeatureAblation"),
     "shapley_sampling": Case(check_superpixels, lambda z: {"segmentation": "grid", "segments": 4, "samples": 2},
@@ -820,12 +893,182 @@ CASES: dict[str, Case] = {
     "guided_ig": Case(check_pair, lambda z: {"steps": 4}, one_image=True, double=True,
                       note="first image, float64 (the adaptive path follows the order of the gradients, "
                            "which float32 rounding changes), 4 steps; = PAIR GuidedIG"),
+    "xrai": Case(check_pair, lambda z: {"steps": 2}, one_image=True, double=True,
+                 note="first image, float64, 2 steps per baseline (its ends); = PAIR XRAI (its IG from "
+                      "the image's min and max, summed in float32, and its greedy regions) given our "
+                      "Felzenszwalb regions, which test_xrai.py proves equal to PAIR's"),
     "deeplift_shap": Case(check_deeplift_shap, lambda z: {"baselines": 2}, one_image=True,
                           note="first image, 2 references; sum = f(x) - mean f(reference) within 1e-3"),
     "random_map": Case(check_baseline, note="sanity baseline: the first image's seeded draws"),
     "centred_gaussian": Case(check_baseline, note="sanity baseline: = the closed form"),
     "sobel": Case(check_baseline, note="sanity baseline: = scikit-image's filters.sobel of the channel mean"),
 }
+
+
+def check_fullgrad(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """pytorch-grad-cam's FullGrad (all conv and batch-norm biases, no target layer); it
+    min-max scales the sum at the end, which ours is not."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with pytorch_grad_cam.FullGrad(model=z.model, target_layers=[]) as cam:
+        targets = [ClassifierOutputTarget(int(c)) for c in z.t]
+        ref = cam(input_tensor=z.x.clone().requires_grad_(), targets=targets)
+    np.testing.assert_allclose(minmax(out.double()).numpy(), ref, atol=2e-3, err_msg="differs from FullGrad")
+    return "grad-cam"
+
+
+def check_finer_cam(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """pytorch-grad-cam's FinerCAM (GradCAM base) with ``target_idx`` = each image's target,
+    on the same layer, after its min-max scaling (as :func:`gradcam_peer`)."""
+    import pytorch_grad_cam
+
+    layer = _layer(exp, z.x)
+    module = dict(z.model.named_modules())[layer.split("#")[0]]
+    refs, how = [], "FinerCAM"
+    for i in range(len(z.x)):
+        xi, c, ranks = z.x[i : i + 1].clone().requires_grad_(), int(z.t[i]), list(exp.p.comparison_categories)
+        with torch.no_grad():
+            logits = z.model(z.x[i : i + 1])[0].double()
+        order = np.argsort(np.abs(logits.numpy() - logits[c].item()))
+        classes = [int(order[r]) for r in ranks if r < len(logits)]
+        if float(torch.softmax(logits, 0)[classes].sum()) > 1e-6:
+            with OutOfPlace(), pytorch_grad_cam.FinerCAM(model=z.model, target_layers=[module]) as cam:
+                refs.append(cam(xi, alpha=exp.p.alpha, target_idx=c, comparison_categories=ranks))
+            continue
+        # a saturated softmax: FinerCAM's 1e-9 guard dominates (its map is 0); GradCAM of the
+        # weighted mean of differences, the definition ours keeps (finer_cam's docstring)
+        how = "GradCAM of the weighted mean (saturated softmax)"
+
+        def score(out: Tensor, c: int = c, classes: list[int] = classes) -> Tensor:
+            w = torch.softmax(out[classes], dim=0)
+            return (w * (out[c] - exp.p.alpha * out[classes])).sum()
+
+        with OutOfPlace(), pytorch_grad_cam.GradCAM(model=z.model, target_layers=[module]) as cam:
+            refs.append(cam(input_tensor=xi, targets=[score]))
+    low = exp.layer_map(z.x, z.t).double()
+    close(out, _up(low, z.x.shape[-2:]), 1e-5)
+    scaled = minmax(_up(minmax(low.clamp_min(0)), z.x.shape[-2:]).clamp_min(0))
+    np.testing.assert_allclose(scaled.numpy(), np.concatenate(refs), atol=2e-3,
+                               err_msg=f"differs from pytorch-grad-cam {how} at {layer}")
+    return f"grad-cam {how} @{layer}"
+
+
+def check_shapley_cam(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """pytorch-grad-cam's ShapleyCAM on the same layer; where the layer's gradient does not
+    depend on its activations (layer -> pool -> linear: the Hessian is 0) ShapleyCAM's
+    ``autograd.grad(grads, activations)`` raises, and its GradCAM (what it reduces to) is the
+    reference."""
+    try:
+        return gradcam_peer("ShapleyCAM")(z, exp, out)
+    except RuntimeError as err:
+        if "does not require grad" not in str(err):
+            raise
+    return gradcam_peer("GradCAM")(z, exp, out) + " (H = 0: = GradCAM)"
+
+
+CASES.update({
+    "fullgrad": Case(check_fullgrad, one_image=True,
+                     note="= pytorch-grad-cam FullGrad after its final min-max scaling; refuses where a bias "
+                          "it cannot count is applied (ConvNeXt's LayerNorm and channels-last Linear)"),
+    "shapley_cam": Case(check_shapley_cam, one_image=True,
+                        note="= pytorch-grad-cam ShapleyCAM (logit target: the Hessian term is zero on ReLU "
+                             "nets, not on SiLU / Hardswish / GELU ones), or its GradCAM where the layer "
+                             "feeds a linear head (ShapleyCAM raises there: its gradient has no graph)"),
+    "finer_cam": Case(check_finer_cam,
+                      note="= pytorch-grad-cam FinerCAM (target_idx = the prediction, its defaults alpha=1, "
+                           "comparison_categories=(1, 2, 3)); where the compared classes' softmax mass is "
+                           "below 1e-6 (FinerCAM's 1e-9 guard dominates), = its GradCAM of the weighted mean "
+                           "of differences"),
+})
+
+
+def _reduces(model: nn.Module, x: Tensor) -> bool:
+    """Whether the forward pass pools with ``mean`` / ``sum`` (ShuffleNetV2's ``x.mean([2, 3])``),
+    which EB treats as an average pool and TorchRay leaves unpatched."""
+    seen: list[Any] = []
+    reductions = {torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum}
+
+    class Seen(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, D105
+            if func in reductions:
+                seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen():
+        model(x[:1])
+    return bool(seen)
+
+
+def check_excitation(z: Zoo, exp: Explainer, out: Tensor) -> str:
+    """TorchRay's ``excitation_backprop`` / ``contrastive_excitation_backprop`` (contrast
+    subtracted at the map's layer) on the same float64 model: torchvision ResNets through
+    its ``update_resnet``, whose ``EltwiseSum`` is our rule for every residual addition.
+    Where TorchRay's answer is not EB or it cannot run (RegNet's plain ``+``, which it lets
+    copy the signal to both branches; ShuffleNetV2's ``x.mean`` pool, which it leaves
+    unpatched; a layer overwritten in place; Inception's keyword pools): EB's conservation
+    instead, the layer map sums to 1 (the contrastive one, unclamped, to 0: both signals
+    sum to 1)."""
+    from torchray.attribution.excitation_backprop import (
+        contrastive_excitation_backprop,
+        excitation_backprop,
+        update_resnet,
+    )
+    from torchvision.models.resnet import ResNet
+
+    from attriflow.explainers._functional import scan
+
+    layer = exp.layer_name(z.x)
+    contrastive = exp.spec.name == "contrastive_excitation_backprop"
+    resnet = isinstance(z.model, ResNet)
+
+    def conservation(why: str) -> str:
+        total = exp.layer_map(z.x, z.t).double().sum(dim=(1, 2))
+        want = 0.0 if contrastive else 1.0
+        err = float((total - want).abs().max())
+        assert err <= 1e-6, f"layer map sums to {total.tolist()}, not {want} (EB conservation)"
+        return f"sums to {want:g} ({err:.0e}; {why}) @{layer}"
+
+    # TorchRay's probe makes the layer's output a leaf, which an in-place op after it (DenseNet's
+    # F.relu(inplace=True) after ``features``) cannot modify: there too, the conservation
+    if overwritten_in_place(z.model, layer, z.x):
+        return conservation("in-place after the layer")
+    if not resnet and "sum" in scan(z.model, z.x).kinds():
+        return conservation("plain + in TorchRay")
+    if _reduces(z.model, z.x):
+        return conservation("x.mean() pool: plain gradient in TorchRay")
+    net = z.cached("torchray_eb", lambda: update_resnet(copy.deepcopy(z.model)) if resnet else z.model)
+    x = z.x.clone()
+    try:
+        if contrastive:
+            ref = contrastive_excitation_backprop(net, x, z.t, saliency_layer=layer, contrast_layer=layer,
+                                                  classifier_layer=exp.classifier_name(z.x), resize=True)
+        else:
+            ref = excitation_backprop(net, x, z.t, saliency_layer=layer, resize=True)
+    except TypeError:  # TorchRay's patched pools take no keywords: Inception's F.avg_pool2d(x, kernel_size=3)
+        return conservation("TorchRay fails on keyword pools")
+    if contrastive and float(ref.abs().max()) <= 1e-12:
+        # a 1x1-conv classifier read at its input (SqueezeNet): P and C both sum to the
+        # position's signal there, so every position's difference is 0 up to rounding
+        assert float(out.abs().max()) <= 1e-12, "TorchRay's map is 0 up to rounding, ours is not"
+        return f"torchray: 0 up to rounding (1x1-conv classifier) @{layer}"
+    close(out, ref[:, 0], 1e-5)
+    return f"torchray{' update_resnet' if resnet else ''} @{layer}"
+
+
+CASES.update({
+    "excitation_backprop": Case(check_excitation, one_image=True, double=True,
+                                note="first image, float64; = TorchRay (ResNets: on update_resnet); where "
+                                     "TorchRay is not EB or cannot run (RegNet's plain +, ShuffleNet's mean "
+                                     "pool, DenseNet's in-place ReLU, Inception's keyword pools) the layer "
+                                     "map sums to 1; refuses linear "
+                                     "bottlenecks (a Conv fed negative inputs) and activations without "
+                                     "a rule"),
+    "contrastive_excitation_backprop": Case(check_excitation, one_image=True, double=True,
+                                            note="first image, float64; = TorchRay (contrast at the layer; "
+                                                 "ResNets: on update_resnet); RegNet: the unclamped layer "
+                                                 "map sums to 0"),
+})
 
 
 # --------------------------------------------------------------------------- one pair
