@@ -53,7 +53,7 @@ def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
     radii = (4.0 * s + 0.5).floor()  # SciPy's truncate=4.0
     r = int(radii.max())
     d = torch.arange(-r, r + 1, dtype=torch.float64)[None]
-    phi = torch.exp(-0.5 * d**2 / s.clamp_min(1e-150) ** 2) * (d.abs() <= radii)
+    phi = torch.exp(-0.5 / s.clamp_min(1e-150) ** 2 * d**2) * (d.abs() <= radii)  # SciPy's order of operations
     taps = torch.where(s == 0, (d == 0).to(torch.float64), phi / phi.sum(-1, keepdim=True))
     return separable_blur(images, taps)
 

@@ -36,7 +36,15 @@ a sum of two input-dependent tensors (residual connections)
     input-dependent tensors takes the rule (ResNet, ResNeXt, RegNet alike). The summands
     of a ResNet block are BatchNorm outputs, signed, so a share can be negative or exceed
     1 (the sum is still conserved): the map can have negative values, as TorchRay's.
+products with a constant (a number, a parameter or buffer: ``FrozenBatchNorm2d``'s
+    ``x * scale + shift``, layer scales) and divisions by one
+    a diagonal linear layer: with every factor positive its ``w+`` share is 1 and the
+    signal passes unchanged (as through a BatchNorm); a factor <= 0 is refused (its
+    ``w+`` is 0: the signal would vanish there), as is a negation, except inside a
+    ``FrozenBatchNorm2d`` (torchvision's detection backbones), which takes BatchNorm's rule.
 refused (:class:`explainers.base.UnsupportedModelError`, naming the function and module)
+    a BatchNorm that normalises with batch statistics (``track_running_stats=False`` or
+    training mode): the shares of one image would depend on the others in its batch;
     every other non-linearity: SiLU, GELU, Hardswish, sigmoid / tanh and other
     activations, ReLU6 / hardtanh (clipping), layer / group / instance norm, softmax,
     products of two input-dependent tensors (squeeze-excitation gates, attention),
@@ -87,6 +95,11 @@ _AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.
 _BATCH_NORM = {F.batch_norm, torch.batch_norm}
 _ADD = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__iadd__, Tensor.__radd__, operator.add}
 _IN_PLACE_ADD = {Tensor.add_, Tensor.__iadd__}
+#: products and quotients with a constant operand: diagonal linear layers (see :meth:`ExcitationPass._scale`)
+_SCALE = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, operator.mul,
+          torch.div, Tensor.div, Tensor.__truediv__, operator.truediv}
+_IN_PLACE_SCALE = {Tensor.mul_, Tensor.__imul__, Tensor.div_, Tensor.__itruediv__}
+_NEGATE = {torch.neg, Tensor.neg, Tensor.__neg__, torch.negative, Tensor.negative, operator.neg}
 #: linear in the input, but weighted maps EB has no rule for (TorchRay passes the plain gradient)
 _NO_RULE = {torch.nansum, F.conv_transpose1d,
             F.conv_transpose2d, F.conv_transpose3d, F.interpolate, F.upsample, F.bilinear, torch.matmul,
@@ -280,7 +293,14 @@ class ExcitationPass(TorchFunctionMode):
         if func in _AVG_POOL:
             return self._pool(func, args, kwargs)
         if func in _BATCH_NORM:
-            if self.record_only or not args or not _depends(args[0]):
+            if not args or not _depends(args[0]):
+                return func(*args, **kwargs)
+            running = args[1] if len(args) > 1 else kwargs.get("running_mean")
+            training = args[5] if len(args) > 5 else kwargs.get("training", False)
+            if running is None or training:
+                self._refuse("batch_norm with batch statistics (track_running_stats=False or training "
+                             "mode: each image's shares would depend on the rest of its batch)")
+            if self.record_only:
                 return func(*args, **kwargs)
             rest = args[1:]
             return _PassThrough.apply(args[0], lambda t: func(t, *rest, **kwargs))
@@ -289,7 +309,11 @@ class ExcitationPass(TorchFunctionMode):
             if any(_depends(t) for t in tensors):
                 self._refuse(f"{_name(func)} (a weighted linear map EB defines no rule for)")
             return func(*args, **kwargs)
+        if func in _NEGATE and any(_depends(t) for t in tensors):
+            self._refuse(f"{_name(func)} (a negation: its w+ is 0)")
         kind = classify(func, args, kwargs)
+        if kind is None and (func in _SCALE or func in _IN_PLACE_SCALE):
+            return self._scale(func, args, kwargs)
         if kind is None or kind in ("relu", "max_pool"):
             return func(*args, **kwargs)
         if kind == "sum" and func in _ADD and kwargs.get("alpha", 1) == 1 and len(args) >= 1:
@@ -305,6 +329,33 @@ class ExcitationPass(TorchFunctionMode):
             return out
         self._refuse(f"{_name(func)} ({kind})")
         return func(*args, **kwargs)
+
+    def _scale(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``x * c`` or ``x / c`` with a constant ``c``: a diagonal linear layer whose EB share
+        ``c+ x / (c+ x)`` is 1 where ``c > 0``; the signal passes unchanged. Any factor <= 0
+        (``w+ = 0``: the signal would vanish) and an in-place scale are refused."""
+        operands = [*args, *kwargs.values()]
+        live = [i for i, t in enumerate(args) if _depends(t)]
+        if not live:
+            return func(*args, **kwargs)
+        if len(live) != 1 or len(operands) != 2:
+            self._refuse(f"{_name(func)} (a product EB defines no rule for)")
+            return func(*args, **kwargs)
+        at = live[0]
+        if func in (torch.div, Tensor.div, Tensor.__truediv__, operator.truediv) and at != 0:
+            self._refuse(f"{_name(func)} (a constant divided by an activation)")
+            return func(*args, **kwargs)
+        factor = operands[1 - at] if at == 0 else operands[0]
+        positive = bool((torch.as_tensor(factor).detach() > 0).all()) if not isinstance(factor, bool) else False
+        frozen_bn = "FrozenBatchNorm" in type(self.by_name.get(self.where)).__name__  # BatchNorm's rule
+        if not positive and not frozen_bn:
+            self._refuse(f"{_name(func)} by a factor <= 0 (its w+ is 0: the signal would vanish)")
+        if func in _IN_PLACE_SCALE:
+            self._refuse(f"{_name(func)} (an in-place scale)")
+        if self.record_only:
+            return func(*args, **kwargs)
+        rest = list(args)
+        return _PassThrough.apply(args[at], lambda t: func(*rest[:at], t, *rest[at + 1:], **kwargs))
 
     def _linear(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs.pop("input")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from attriflow.explainers._functional import Call, Findings, Intercept, record_calls
+from attriflow.explainers._functional import SUM, Call, Findings, Intercept, _func_name, record_calls
 from attriflow.explainers._numerics import as_working, minmax_scale
 from attriflow.explainers._scores import ScoreKind, target_scores
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
@@ -27,12 +27,6 @@ _BIAS_AT = {
 }
 #: Python functions with ``*bias*`` arguments (batch norm: also its running mean).
 _PARAMETRIC = {F.batch_norm, F.instance_norm, F.layer_norm, F.group_norm, F.multi_head_attention_forward}
-#: Additions / subtractions: with a constant tensor operand, a bias written by hand.
-_ADDS = {
-    torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__iadd__,
-    torch.Tensor.__radd__, torch.sub, torch.Tensor.sub, torch.Tensor.sub_, torch.Tensor.__sub__,
-    torch.Tensor.__isub__, torch.Tensor.__rsub__,
-}
 #: The modules whose bias FullGrad counts, and the function each applies it with.
 _COUNTED: dict[type[nn.Module], set[str]] = {nn.Conv2d: {"conv2d"}, nn.BatchNorm2d: {"batch_norm"}}
 
@@ -69,11 +63,12 @@ def _bias_kind(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str 
         if any(v is not None for k, v in bound.items() if "bias" in k):
             return "bias"
         return None
-    if func in _ADDS:
-        operands = [*args, *kwargs.values()]
+    if func in SUM:  # additions / subtractions: with a constant operand, a bias written by hand
+        operands = [*args, *(v for k, v in kwargs.items() if k != "alpha")]
         live = [t for t in operands if isinstance(t, Tensor) and t.requires_grad]
-        const = [t for t in operands if isinstance(t, Tensor) and not t.requires_grad]
-        if live and max(t.ndim for t in live) >= 3 and any(bool(c.ne(0).any()) for c in const):
+        const = [t for t in operands if not (isinstance(t, Tensor) and t.requires_grad) and t is not None
+                 and not isinstance(t, bool) and isinstance(t, (Tensor, int, float))]
+        if live and max(t.ndim for t in live) >= 3 and any(bool(torch.as_tensor(c).ne(0).any()) for c in const):
             return "constant"
     return None
 
@@ -88,11 +83,6 @@ class _BiasCalls(Intercept):
         if kind is not None:
             self.handler(Call(kind, func, args, kwargs))
         return func(*args, **kwargs)
-
-
-def _name(func: Any) -> str:
-    name = getattr(func, "__name__", None) or str(func)
-    return name.strip("_") if name.startswith("__") else name
 
 
 def uncounted_biases(model: nn.Module, example: Tensor) -> Findings:
@@ -115,7 +105,7 @@ def uncounted_biases(model: nn.Module, example: Tensor) -> Findings:
         ``batch statistics`` (a batch norm without running statistics) and ``constant``
         (a constant tensor added to a spatial activation), with the modules making them.
     """
-    found = record_calls(model, example, lambda call: _name(call.func), mode=_BiasCalls)
+    found = record_calls(model, example, lambda call: _func_name(call.func), mode=_BiasCalls)
     modules = dict(model.named_modules())
     kept = Findings()
     for kind, by_func in found.seen.items():

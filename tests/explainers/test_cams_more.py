@@ -108,9 +108,9 @@ class _Functional(nn.Module):
 
 
 class _Offset(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, number: bool = False) -> None:
         super().__init__()
-        self.offset = nn.Parameter(torch.randn(1, 4, 8, 8))
+        self.offset = 0.5 if number else nn.Parameter(torch.randn(1, 4, 8, 8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.offset
@@ -127,6 +127,7 @@ def _head(*body: nn.Module) -> nn.Module:
     (lambda: _head(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False)),
      ("batch statistics", "batch_norm", "1")),
     (lambda: _head(nn.Conv2d(3, 4, 3, padding=1), _Offset()), ("constant", "add", "1")),
+    (lambda: _head(nn.Conv2d(3, 4, 3, padding=1), _Offset(number=True)), ("constant", "add", "1")),
 ])
 def test_fullgrad_refuses_a_bias_it_cannot_count(make, words) -> None:
     torch.manual_seed(0)

@@ -128,3 +128,59 @@ def test_contrastive_classifier_layer_refusals() -> None:
     with pytest.raises(UnsupportedModelError, match=r"classifier_layer '0' is not between"):
         exp = get_explainer("contrastive_excitation_backprop")(model, layer="1", classifier_layer="0")
         exp.attribute(x, t)
+
+
+class _Scaled(nn.Module):
+    """A residual block whose branch is scaled by a constant (a layer scale)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.c0, self.c1, self.fc, self.scale = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
+            nn.Linear(8, 3), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c0(x))
+        h = torch.relu(h + self.scale * torch.relu(self.c1(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_constant_scale_is_a_diagonal_layer_and_a_negative_one_is_refused() -> None:
+    """``h + s * branch``: with s > 0 the scale's share is 1 and the map still sums to 1 (a
+    plain gradient would scale the signal by s); s < 0 has w+ = 0 and is refused."""
+    torch.manual_seed(0)
+    x, t = torch.rand(2, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
+    sums = get_explainer("excitation_backprop")(_Scaled(0.2).double().eval(), layer="c0").layer_map(x, t)
+    torch.testing.assert_close(sums.sum((1, 2)), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(UnsupportedModelError, match="factor <= 0"):
+        get_explainer("excitation_backprop")(_Scaled(-0.5).double().eval(), layer="c0").attribute(x, t)
+
+
+def test_frozen_batch_norm_takes_batch_norms_rule() -> None:
+    """torchvision's FrozenBatchNorm2d (``x * scale + shift``, signed scales) gives the map of
+    the equal nn.BatchNorm2d, which EB passes through."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    frozen = FrozenBatchNorm2d(4, eps=bn.eps)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(frozen, name).copy_(getattr(bn, name).detach())
+    plain = _net(nn.Conv2d(4, 4, 3, padding=1), bn, nn.ReLU())  # 0 conv, 1 relu, 2 conv, 3 bn, 4 relu
+    twin = copy.deepcopy(plain)
+    twin[3] = frozen.double()
+    x, t = torch.rand(2, 3, 12, 12, dtype=torch.float64), torch.tensor([0, 1])
+    torch.testing.assert_close(plain(x), twin(x))
+    exp = get_explainer("excitation_backprop")
+    torch.testing.assert_close(exp(twin, layer="1").attribute(x, t), exp(plain, layer="1").attribute(x, t))
+
+
+def test_batch_statistics_are_refused() -> None:
+    """A BatchNorm without running statistics makes each image's shares depend on its batch."""
+    model = _net(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    for name in ("excitation_backprop", "contrastive_excitation_backprop"):
+        with pytest.raises(UnsupportedModelError, match="batch statistics"):
+            get_explainer(name)(model, layer="1").attribute(x, torch.tensor([0, 1]))

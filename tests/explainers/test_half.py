@@ -33,7 +33,7 @@ NAMES = sorted(REGISTRY)
 #: Smaller budgets where the default is only slow, not different in kind.
 FAST = {"neuromask": {"iterations": 20}, "extremal_perturbation": {"iterations": 10, "step": 1, "sigma": 3.0},
         "rise": {"masks": 100}, "smooth_grad": {"samples": 8},
-        "integrated_gradients": {"steps": 16}}
+        "integrated_gradients": {"steps": 16}, "xrai": {"steps": 16}}
 
 #: Every explainer with its (fast) defaults, plus CAMs on the signed conv2 output (before the
 #: ReLU), where Ablation-CAM's ``min - 1e7`` does not fit in float16.

@@ -19,7 +19,7 @@ from attriflow.explainers import REGISTRY, UnsupportedModelError, get_explainer
 CAMS = sorted(n for n, c in REGISTRY.items() if c.spec.family == "cam" and n not in {"cam", "sise"})
 FAST = {"neuromask": {"iterations": 5}, "extremal_perturbation": {"iterations": 3, "step": 1, "sigma": 3.0},
         "rise": {"masks": 16}, "smooth_grad": {"samples": 2},
-        "integrated_gradients": {"steps": 4}}
+        "integrated_gradients": {"steps": 4}, "xrai": {"steps": 4}}
 
 
 def _seq(inplace: bool) -> nn.Sequential:
