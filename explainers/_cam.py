@@ -205,10 +205,15 @@ class CAMExplainer(Explainer):
                 for p in self.model.parameters():
                     p.requires_grad_(False)  # restored by attribute(); no weight gradients
                 x = inputs.detach().clone().requires_grad_(True)
-                scores = target_scores(self.model(x), targets, self.p.score)
+                scores = self.scores(self.model(x), targets)
                 act = acts[name]
                 (grad,) = torch.autograd.grad(scores.sum(), act)
         return act.detach(), grad.detach()
+
+    def scores(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The scores (N,) whose gradients a gradient CAM reads: the target's ``params.score``
+        (override for another objective, as Finer-CAM's contrast with similar classes)."""
+        return target_scores(logits, targets, self.p.score)
 
     def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
         """The per-channel weighted activations, shape (N, C, h, w), whose channel sum is the

@@ -77,7 +77,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from attriflow.explainers._functional import classify
+from attriflow.explainers._functional import _depends, _func_name, classify
 from attriflow.explainers._hooks import capture_outputs, default_cam_layer, get_layer, spatial_layers
 from attriflow.explainers._numerics import working_dtype
 from attriflow.explainers.base import Explainer, ExplainerSpec, Family, UnsupportedModelError
@@ -105,15 +105,6 @@ _NO_RULE = {torch.nansum, F.conv_transpose1d,
             F.conv_transpose2d, F.conv_transpose3d, F.interpolate, F.upsample, F.bilinear, torch.matmul,
             Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.mm, torch.bmm, torch.einsum,
             torch.addmm, torch.baddbmm, torch.tensordot, F.embedding, F.scaled_dot_product_attention}
-
-
-def _depends(t: Any) -> bool:
-    return isinstance(t, Tensor) and t.requires_grad
-
-
-def _name(func: Any) -> str:
-    name = getattr(func, "__name__", None) or str(func)
-    return name.strip("_") if name.startswith("__") else name
 
 
 class _Excite(torch.autograd.Function):
@@ -307,10 +298,10 @@ class ExcitationPass(TorchFunctionMode):
         tensors = [*args, *kwargs.values()]
         if func in _NO_RULE:
             if any(_depends(t) for t in tensors):
-                self._refuse(f"{_name(func)} (a weighted linear map EB defines no rule for)")
+                self._refuse(f"{_func_name(func)} (a weighted linear map EB defines no rule for)")
             return func(*args, **kwargs)
         if func in _NEGATE and any(_depends(t) for t in tensors):
-            self._refuse(f"{_name(func)} (a negation: its w+ is 0)")
+            self._refuse(f"{_func_name(func)} (a negation: its w+ is 0)")
         kind = classify(func, args, kwargs)
         if kind is None and (func in _SCALE or func in _IN_PLACE_SCALE):
             return self._scale(func, args, kwargs)
@@ -327,7 +318,7 @@ class ExcitationPass(TorchFunctionMode):
             if func in _IN_PLACE_ADD:
                 return args[0].copy_(out)
             return out
-        self._refuse(f"{_name(func)} ({kind})")
+        self._refuse(f"{_func_name(func)} ({kind})")
         return func(*args, **kwargs)
 
     def _scale(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -339,19 +330,19 @@ class ExcitationPass(TorchFunctionMode):
         if not live:
             return func(*args, **kwargs)
         if len(live) != 1 or len(operands) != 2:
-            self._refuse(f"{_name(func)} (a product EB defines no rule for)")
+            self._refuse(f"{_func_name(func)} (a product EB defines no rule for)")
             return func(*args, **kwargs)
         at = live[0]
         if func in (torch.div, Tensor.div, Tensor.__truediv__, operator.truediv) and at != 0:
-            self._refuse(f"{_name(func)} (a constant divided by an activation)")
+            self._refuse(f"{_func_name(func)} (a constant divided by an activation)")
             return func(*args, **kwargs)
         factor = operands[1 - at] if at == 0 else operands[0]
         positive = bool((torch.as_tensor(factor).detach() > 0).all()) if not isinstance(factor, bool) else False
         frozen_bn = "FrozenBatchNorm" in type(self.by_name.get(self.where)).__name__  # BatchNorm's rule
         if not positive and not frozen_bn:
-            self._refuse(f"{_name(func)} by a factor <= 0 (its w+ is 0: the signal would vanish)")
+            self._refuse(f"{_func_name(func)} by a factor <= 0 (its w+ is 0: the signal would vanish)")
         if func in _IN_PLACE_SCALE:
-            self._refuse(f"{_name(func)} (an in-place scale)")
+            self._refuse(f"{_func_name(func)} (an in-place scale)")
         if self.record_only:
             return func(*args, **kwargs)
         rest = list(args)
@@ -363,7 +354,7 @@ class ExcitationPass(TorchFunctionMode):
         bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
         rest = args[3:]
         if _depends(weight) or _depends(bias):
-            self._refuse(f"{_name(func)} with input-dependent weights")
+            self._refuse(f"{_func_name(func)} with input-dependent weights")
         if self.record_only or not _depends(x):
             return func(x, weight, bias, *rest, **kwargs)
         where = self.where

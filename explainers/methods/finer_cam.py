@@ -8,10 +8,10 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import Tensor
 
-from attriflow.explainers._cam import CAMExplainer, CAMParams
-from attriflow.explainers._hooks import capture_outputs
+from attriflow.explainers._cam import CAMParams
 from attriflow.explainers._numerics import as_working
 from attriflow.explainers.base import ExplainerSpec, Family, UnsupportedModelError
+from attriflow.explainers.methods.grad_cam import GradCAM
 from attriflow.explainers.registry import register
 
 
@@ -23,7 +23,7 @@ class FinerCAMParams(CAMParams):
 
 
 @register
-class FinerCAM(CAMExplainer):
+class FinerCAM(GradCAM):
     """Grad-CAM of the target's score minus the scores of its most similar classes.
 
     Classes are ranked by how close their logit is to the target's, ``|z_k - z_t|``
@@ -90,7 +90,7 @@ class FinerCAM(CAMExplainer):
                 f"{self.spec.name}: params.comparison_categories {list(self.p.comparison_categories)} are "
                 f"all ranks beyond the model's {classes} classes; use ranks below {classes}")
 
-    def finer_scores(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def scores(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The explained score ``S`` of each image, shape (N,), in working precision."""
         z = as_working(logits)
         k = z.shape[1]
@@ -115,23 +115,3 @@ class FinerCAM(CAMExplainer):
         weights = torch.softmax(z.gather(1, compared), dim=1)
         diff = y.gather(1, index) - self.p.alpha * y.gather(1, compared)
         return (weights * diff).sum(dim=1)
-
-    def activations(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Activations (N, C, h, w) of the layer and the gradients of :meth:`finer_scores`."""
-        name = self.layer_name(inputs)
-        with capture_outputs(self.model, [name]) as acts, torch.enable_grad():
-            for p in self.model.parameters():
-                p.requires_grad_(False)  # restored by attribute(); no weight gradients
-            x = inputs.detach().clone().requires_grad_(True)
-            scores = self.finer_scores(self.model(x), targets)
-            act = acts[name]
-            (grad,) = torch.autograd.grad(scores.sum(), act)
-        return act.detach(), grad.detach()
-
-    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
-        """``mean_{h,w}(dS/dA) * A``, shape (N, C, h, w): the map before the channel sum."""
-        assert grads is not None
-        return as_working(grads).mean(dim=(2, 3), keepdim=True) * as_working(acts)
-
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
-        return self.weighted(inputs, targets, acts, grads).sum(dim=1)

@@ -8,11 +8,12 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from attriflow.explainers._cam import CAMExplainer, CAMParams
+from attriflow.explainers._cam import CAMParams
 from attriflow.explainers._hooks import capture_outputs
 from attriflow.explainers._numerics import as_working
 from attriflow.explainers._scores import target_scores
 from attriflow.explainers.base import ExplainerSpec, Family, UnsupportedModelError
+from attriflow.explainers.methods.grad_cam import GradCAM
 from attriflow.explainers.registry import register
 
 
@@ -33,7 +34,7 @@ def shapley_scores(logits: Tensor, targets: Tensor, kind: str) -> Tensor:
 
 
 @register
-class ShapleyCAM(CAMExplainer):
+class ShapleyCAM(GradCAM):
     """Activations weighted by the gradient corrected with a Hessian-vector product.
 
     With ``A`` the activations of ``layer`` (N, C, h, w), ``g = dS/dA`` and ``H A`` the
@@ -141,11 +142,3 @@ class ShapleyCAM(CAMExplainer):
         if hvp is not None:
             corrected = corrected - 0.5 * as_working(hvp.detach())
         return act.detach(), corrected
-
-    def weighted(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
-        """``mean_{h,w}(g - H A / 2) * A``, shape (N, C, h, w): the map before the channel sum."""
-        assert grads is not None
-        return as_working(grads).mean(dim=(2, 3), keepdim=True) * as_working(acts)
-
-    def combine(self, inputs: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None) -> Tensor:
-        return self.weighted(inputs, targets, acts, grads).sum(dim=1)
