@@ -10,6 +10,8 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+# the slowest tests are listed at the end of every run (the suite must stay under 25 minutes)
+PYTEST_ARGS ?= --durations=30
 RUN_DIR ?= runs/default
 CONFIG ?=
 

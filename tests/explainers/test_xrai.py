@@ -14,6 +14,7 @@ from skimage.transform import resize
 from attriflow.explainers import UnsupportedModelError, get_explainer
 from attriflow.explainers.methods.xrai import felzenszwalb_masks, xrai_regions
 from tests.conftest import TinyCNN
+from tests.explainers.test_paths import _pair_gradients
 
 saliency = pytest.importorskip("saliency.core", reason="PAIR's saliency package is a test dependency")
 pair_xrai = saliency.xrai
@@ -42,17 +43,6 @@ def masks(photos) -> tuple[np.ndarray, list[np.ndarray]]:
     """Ours and PAIR's (``_get_segments_felzenszwalb``) regions of the second photograph."""
     raw = photos[1][1]
     return felzenszwalb_masks(raw), pair_xrai._get_segments_felzenszwalb(raw)
-
-
-def _pair_gradients(model: torch.nn.Module, target: int):
-    """PAIR's ``call_model_function``: input gradients of the target logit, channels last."""
-
-    def call(batch, call_model_args=None, expected_keys=None):
-        x = torch.from_numpy(np.asarray(batch)).permute(0, 3, 1, 2).requires_grad_(True)
-        (grad,) = torch.autograd.grad(model(x)[:, target].sum(), x)
-        return {saliency.INPUT_OUTPUT_GRADIENTS: grad.permute(0, 2, 3, 1).numpy()}
-
-    return call
 
 
 def _hwc(x: torch.Tensor) -> np.ndarray:
