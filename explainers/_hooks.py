@@ -15,7 +15,12 @@ from torch import Tensor, nn
 
 
 class LayerNotFoundError(KeyError):
-    """A layer name that is not a module of the model; the message lists the valid ones."""
+    """A layer name that is not a module of the model; the message lists the valid ones.
+    ``layer`` holds the name that was not found (None when unknown)."""
+
+    def __init__(self, message: str, layer: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
@@ -46,7 +51,7 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     if base and base in modules:
         return modules[base]
     valid = [n for n in modules if n]
-    raise LayerNotFoundError(f"unknown layer {name!r}; valid layers: {', '.join(valid)}")
+    raise LayerNotFoundError(f"unknown layer {name!r}; valid layers: {', '.join(valid)}", name)
 
 
 @contextmanager

@@ -134,8 +134,20 @@ def _make_explainer(method: str, params: dict, module: torch.nn.Module, loaded: 
             raise UnsupportedModelError(f"explain.explainers[{name or method}]: {err}") from None
         exp.resolve(example)  # automatic layers are fixed once and recorded with the params
     except LayerNotFoundError as err:  # a configured layer the model does not have
-        raise LayerNotFoundError(f"explain.explainers[{name or method}].params.layer: {err}") from None
+        field = _layer_field(params, err.layer)
+        raise LayerNotFoundError(f"explain.explainers[{name or method}].params.{field}: {err}",
+                                 err.layer) from None
     return exp
+
+
+def _layer_field(params: dict, layer: str | None) -> str:
+    """The parameter that names ``layer`` (``layer``, ``classifier_layer``, ``layers[1]``, ...)."""
+    for key, value in params.items():
+        if value == layer:
+            return key
+        if isinstance(value, (list, tuple)) and layer in value:
+            return f"{key}[{list(value).index(layer)}]"
+    return "layer"
 
 
 class ModelDataMismatchError(ValueError):

@@ -540,8 +540,13 @@ class ExcitationBackprop(Explainer):
         if self.p.layer not in (None, INPUT):
             get_layer(model, self.p.layer)  # fail early with the list of valid names
 
-    def refuse(self, example: Tensor) -> None:  # noqa: D102
+    def refuse(self, example: Tensor) -> None:
+        """Refuse the functions EB has no rule for (one scanning pass), then run the method on
+        one image: the refusals met only on the way back (a layer below the map's that
+        receives negative inputs, a map layer without (N, C, h, w) output) come before any
+        work too."""
         scan_refusals(self.model, example, self.spec.name)
+        self.layer_map(example[:1], torch.zeros(1, dtype=torch.int64, device=example.device))
 
     def resolve(self, example: Tensor) -> None:  # noqa: D102
         if self.p.layer is None:

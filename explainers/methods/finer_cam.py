@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import torch
@@ -89,6 +90,11 @@ class FinerCAM(GradCAM):
             raise UnsupportedModelError(
                 f"{self.spec.name}: params.comparison_categories {list(self.p.comparison_categories)} are "
                 f"all ranks beyond the model's {classes} classes; use ranks below {classes}")
+        dropped = [r for r in self.p.comparison_categories if classes is not None and r >= classes]
+        if dropped and "comparison_categories" in self.p.model_fields_set:  # the default (1, 2, 3) is not
+            warnings.warn(f"{self.spec.name}: params.comparison_categories {dropped} are beyond the model's "
+                          f"{classes} classes and are left out (as pytorch-grad-cam does)", UserWarning,
+                          stacklevel=2)
 
     def scores(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The explained score ``S`` of each image, shape (N,), in working precision."""

@@ -309,3 +309,10 @@ def test_finer_cam_refusals_and_params(tiny_cnn, tiny_inputs) -> None:
     a = get_explainer("finer_cam")(tiny_cnn).attribute(x, t)
     b = get_explainer("finer_cam")(tiny_cnn, comparison_categories=(1, 2)).attribute(x, t)
     torch.testing.assert_close(a, b)
+
+
+def test_finer_cam_warns_of_ranks_beyond_the_classes(tiny_cnn, tiny_inputs) -> None:
+    x, t = tiny_inputs
+    classes = int(tiny_cnn(x[:1]).shape[1])
+    with pytest.warns(UserWarning, match=rf"\[{classes + 5}\] are beyond"):
+        get_explainer("finer_cam")(tiny_cnn, comparison_categories=(1, classes + 5)).check(x[:1])

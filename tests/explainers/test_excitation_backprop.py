@@ -5,6 +5,7 @@ VGG-11, at an intermediate layer and at the input, and refuse what they have no 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_refusals_name_the_module(name) -> None:
     with pytest.raises(UnsupportedModelError, match=r"4 \(min input .*negative inputs"):
         get_explainer(name)(bottleneck, layer="1").attribute(x, t)
     # a layer without feature maps
-    with pytest.raises(UnsupportedModelError, match=r"params.layer '3' outputs shape \(2, 4\)"):
+    with pytest.raises(UnsupportedModelError, match=r"params.layer '3' outputs shape \(1, 4\)"):  # at check
         get_explainer(name)(_net(), layer="3").attribute(x, t)
 
 
@@ -184,3 +185,16 @@ def test_batch_statistics_are_refused() -> None:
     for name in ("excitation_backprop", "contrastive_excitation_backprop"):
         with pytest.raises(UnsupportedModelError, match="batch statistics"):
             get_explainer(name)(model, layer="1").attribute(x, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize(("params", "words"), [({"layer": "1"}, "negative inputs"),
+                                               ({"layer": "7"}, "no (N, C, h, w) feature maps")])
+def test_refusals_of_the_backward_pass_come_at_check(params, words) -> None:
+    """A linear bottleneck (1 x 1 conv without ReLU) and a map layer without feature maps are
+    found by the one-image trial of ``check``, which the run calls before any shard."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    with pytest.raises(UnsupportedModelError, match=re.escape(words)):
+        get_explainer("excitation_backprop")(model, **params).check(torch.randn(1, 3, 8, 8))

@@ -7,6 +7,8 @@ fooled the method) or asserts the method refuses with a message naming the cause
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,6 +249,22 @@ def test_the_pipeline_refuses_when_it_builds_the_explainer_naming_the_entry(x_t)
     loaded = SimpleNamespace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     with pytest.raises(UnsupportedModelError, match=r"explain\.explainers\[gbp\]: guided_backprop.*silu"):
         _make_explainer("guided_backprop", {}, ActNet("silu").double().eval(), loaded, x_t[0][:1], "gbp")
+
+
+@pytest.mark.parametrize(("method", "params", "field"), [
+    ("contrastive_excitation_backprop", {"classifier_layer": "nope"}, "params.classifier_layer"),
+    ("sise", {"layers": ["conv1", "nope"]}, "params.layers[1]"),
+    ("grad_cam", {"layer": "nope"}, "params.layer")])
+def test_an_unknown_layer_names_the_parameter_that_holds_it(method, params, field, x_t) -> None:
+    from types import SimpleNamespace
+
+    from attriflow.explainers import LayerNotFoundError
+    from attriflow.tasks.runtime import _make_explainer
+
+    loaded = SimpleNamespace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    expected = rf"explain\.explainers\[e\]\.{re.escape(field)}: unknown layer 'nope'"
+    with pytest.raises(LayerNotFoundError, match=expected):
+        _make_explainer(method, params, ActNet("relu").double().eval(), loaded, x_t[0][:1], "e")
 
 
 class ReluAfterLayer(nn.Module):
