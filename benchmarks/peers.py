@@ -309,6 +309,105 @@ def zennit_call(model, x, t, composite: str) -> Callable[[], object]:
     return run
 
 
+def superpixel_masks(x: torch.Tensor, segments: int) -> list[torch.Tensor]:
+    """Each image's SLIC superpixels as attriflow computes them, so that both sides explain
+    the same features (the peer gets them as Captum's ``feature_mask``)."""
+    from attriflow.explainers._segments import SuperpixelParams, segment
+
+    return segment(x.cpu(), SuperpixelParams(segments=segments), normalization=None)
+
+
+def captum_superpixel_call(cls_name: str, model, x, t, segments: int, **kwargs) -> Callable[[], object]:
+    """A Captum perturbation method over superpixels, one image per call (masks differ per
+    image), as Captum's tutorials run LIME and KernelSHAP on images; the SLIC segmentation is
+    timed with it, as ours is."""
+    import captum.attr
+
+    def run() -> object:
+        masks = [m.to(x.device) for m in superpixel_masks(x, segments)]
+        method = getattr(captum.attr, cls_name)(model)
+        with torch.no_grad():
+            return [method.attribute(x[i:i + 1], target=int(t[i]), feature_mask=masks[i][None, None],
+                                     **kwargs) for i in range(len(x))]
+
+    return run
+
+
+def pair_call(cls_name: str, model, x, t, **kwargs) -> Callable[[], object]:
+    """PAIR's ``saliency`` method on each image (HWC NumPy, as the library takes it), the
+    model's input gradients computed by torch in the call-back PAIR asks for."""
+    import saliency.core as saliency
+
+    def run() -> object:
+        out = []
+        for i in range(len(x)):
+            def call(batch, call_model_args=None, expected_keys=None, i=i):
+                xb = torch.from_numpy(np.asarray(batch, dtype=np.float32)).permute(0, 3, 1, 2).to(x.device)
+                xb.requires_grad_(True)
+                (grad,) = torch.autograd.grad(model(xb)[:, int(t[i])].sum(), xb)
+                return {saliency.INPUT_OUTPUT_GRADIENTS: grad.permute(0, 2, 3, 1).cpu().numpy()}
+
+            img = x[i].permute(1, 2, 0).cpu().numpy()
+            quantile = np.quantile  # PAIR's GuidedIG passes NumPy 1's interpolation= keyword
+            np.quantile = lambda a, q, interpolation="linear", **kw: quantile(  # noqa: E731
+                a, q, method=interpolation, **kw)
+            try:
+                out.append(getattr(saliency, cls_name)().GetMask(img, call, **kwargs))
+            finally:
+                np.quantile = quantile
+        return out
+
+    return run
+
+
+def _xrai_steps(steps: int):
+    import saliency.core as saliency
+
+    return saliency.XRAIParameters(steps=steps)
+
+
+def finer_call(model, layer, x, t) -> Callable[[], object]:
+    """pytorch-grad-cam's FinerCAM, one call per image (its target index is per call)."""
+    import pytorch_grad_cam
+
+    def run() -> object:
+        with pytorch_grad_cam.FinerCAM(model=model, target_layers=[layer]) as cam:
+            return [cam(input_tensor=x[i:i + 1], target_idx=int(t[i])) for i in range(len(x))]
+
+    return run
+
+
+def torchray_call(name: str, model, layer: str | None, x, t, **kwargs) -> Callable[[], object]:
+    """A TorchRay attribution function on the batch (``extremal_perturbation``: per image, as
+    its area constraint is per call); the parameters' ``requires_grad`` TorchRay switches off
+    are restored."""
+    import importlib
+
+    module = "extremal_perturbation" if name == "extremal_perturbation" else "excitation_backprop"
+    fn = getattr(importlib.import_module(f"torchray.attribution.{module}"), name)
+
+    def run() -> object:
+        flags = [p.requires_grad for p in model.parameters()]
+        try:
+            if name == "extremal_perturbation":
+                return [fn(model, x[i:i + 1], int(t[i]), areas=[0.1], **kwargs) for i in range(len(x))]
+            if name == "contrastive_excitation_backprop":
+                fc = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+                contrast = [n for n, m in model.named_children() if not isinstance(m, torch.nn.Flatten)][-2]
+                return fn(model, x, t, saliency_layer=layer, contrast_layer=contrast, classifier_layer=fc)
+            return fn(model, x, t, saliency_layer=layer)
+        finally:
+            for p, f in zip(model.parameters(), flags):
+                p.requires_grad_(f)
+
+    return run
+
+
+def gaussian_references(x: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` N(0, 1) reference images (our ``gradient_shap`` / ``deeplift_shap`` default)."""
+    return torch.randn((count, *x.shape[1:]), generator=torch.Generator().manual_seed(0)).to(x.device)
+
+
 def rise_reference(model, x, t, masks: int, batch: int, grid: int = 7, keep: float = 0.5) -> Callable[[], object]:
     """The plain batched RISE of the authors' code: all masks drawn up front per image, then
     ``batch`` masked inputs per forward, softmax score of the target."""
@@ -430,6 +529,77 @@ def cases(model_name: str, layers: dict[str, str], channels: int) -> list[Case]:
              lambda m, l, x, t: frozen(zennit_call(m, x, t, "EpsilonPlusBox"), m),
              images=few, models=("vgg16",),
              note="zennit's EpsilonGammaBox (Gamma for convolutions) is timed as `peer`"),
+        # issue #17: the methods added from the peers' catalogues
+        Case("HiResCAM", "hires_cam", {"layer": layers["cam"]}, "grad-cam HiResCAM", ("fwd+bwd", 1),
+             lambda m, l, x, t: gradcam_call("HiResCAM", m, l, x, t)),
+        Case("Grad-CAM element-wise", "grad_cam_elementwise", {"layer": layers["cam"]},
+             "grad-cam GradCAMElementWise", ("fwd+bwd", 1),
+             lambda m, l, x, t: gradcam_call("GradCAMElementWise", m, l, x, t)),
+        Case("Eigen-Grad-CAM", "eigen_grad_cam", {"layer": layers["cam"]}, "grad-cam EigenGradCAM",
+             ("fwd+bwd", 1),
+             lambda m, l, x, t: gradcam_call("EigenGradCAM", m, l, x, t)),
+        Case("KPCA-CAM", "kpca_cam", {"layer": layers["cam"]}, "grad-cam KPCA_CAM", ("fwd", 1),
+             lambda m, l, x, t: gradcam_call("KPCA_CAM", m, l, x, t)),
+        Case("Feature Ablation", "feature_ablation", {"segments": 50}, "captum FeatureAblation", ("fwd", 0),
+             lambda m, l, x, t: captum_superpixel_call("FeatureAblation", m, x, t, 50),
+             lambda m, l, x, t: captum_superpixel_call("FeatureAblation", m, x, t, 50,
+                                                       perturbations_per_eval=16),
+             images=few, sampling=True, note="SLIC, 50 superpixels (the same masks given to Captum)"),
+        Case("Shapley Value Sampling", "shapley_sampling", {"segments": 25, "samples": 25},
+             "captum ShapleyValueSampling", ("fwd", 0),
+             lambda m, l, x, t: captum_superpixel_call("ShapleyValueSampling", m, x, t, 25),
+             lambda m, l, x, t: captum_superpixel_call("ShapleyValueSampling", m, x, t, 25,
+                                                       perturbations_per_eval=16),
+             images=few, sampling=True, note="SLIC, 25 superpixels, 25 permutations (Captum's default)"),
+        Case("LIME", "lime", {"segments": 50, "samples": 50}, "captum Lime", ("fwd", 0),
+             lambda m, l, x, t: captum_superpixel_call("Lime", m, x, t, 50),
+             lambda m, l, x, t: captum_superpixel_call("Lime", m, x, t, 50, perturbations_per_eval=16),
+             images=few, sampling=True, note="SLIC, 50 superpixels, 50 coalitions (Captum's default)"),
+        Case("KernelSHAP", "kernel_shap", {"segments": 50, "samples": 25}, "captum KernelShap", ("fwd", 0),
+             lambda m, l, x, t: captum_superpixel_call("KernelShap", m, x, t, 50),
+             lambda m, l, x, t: captum_superpixel_call("KernelShap", m, x, t, 50, perturbations_per_eval=16),
+             images=few, sampling=True, note="SLIC, 50 superpixels, 25 coalitions (Captum's default)"),
+        Case("Gradient SHAP", "gradient_shap", {"samples": 5}, "captum GradientShap", ("fwd+bwd", 5),
+             lambda m, l, x, t: captum_call("GradientShap", m, x, t, baselines=gaussian_references(x, 10)),
+             lambda m, l, x, t: frozen(captum_call("GradientShap", m, x, t,
+                                                   baselines=gaussian_references(x, 10)), m),
+             sampling=True, note="5 draws (Captum's default) from 10 N(0, 1) references"),
+        Case("DeepLIFT SHAP", "deeplift_shap", {"baselines": 10}, "captum DeepLiftShap", ("fwd+bwd", 20),
+             lambda m, l, x, t: captum_call("DeepLiftShap", m, x, t, baselines=gaussian_references(x, 10)),
+             lambda m, l, x, t: frozen(captum_call("DeepLiftShap", captum_friendly(m), x, t,
+                                                   baselines=gaussian_references(x, 10)), m),
+             images=few, sampling=True,
+             note="10 N(0, 1) references; peer best: the copy with one ReLU module per use, as DeepLIFT"),
+        Case("Blur IG", "blur_ig", {}, "PAIR BlurIG", ("fwd+bwd", 100),
+             lambda m, l, x, t: pair_call("BlurIG", m, x, t),
+             lambda m, l, x, t: frozen(pair_call("BlurIG", m, x, t, batch_size=16), m),
+             images=few, sampling=True, note="PAIR's defaults: 100 steps to sigma 50"),
+        Case("XRAI", "xrai", {"steps": 25}, "PAIR XRAI", ("fwd+bwd", 50),
+             lambda m, l, x, t: pair_call("XRAI", m, x, t, extra_parameters=_xrai_steps(25)),
+             lambda m, l, x, t: frozen(pair_call("XRAI", m, x, t, extra_parameters=_xrai_steps(25),
+                                                 batch_size=16), m),
+             images=few, sampling=True, note="25 IG steps from each of PAIR's two baselines"),
+        Case("FullGrad", "fullgrad", {}, "grad-cam FullGrad", ("fwd+bwd", 1),
+             lambda m, l, x, t: gradcam_call("FullGrad", m, l, x, t)),
+        Case("Shapley-CAM", "shapley_cam", {"layer": layers["cam"]}, "grad-cam ShapleyCAM", ("fwd+bwd", 1),
+             lambda m, l, x, t: gradcam_call("ShapleyCAM", m, l, x, t)),
+        Case("Finer-CAM", "finer_cam", {"layer": layers["cam"]}, "grad-cam FinerCAM", ("fwd+bwd", 1),
+             lambda m, l, x, t: finer_call(m, l, x, t)),
+        Case("Excitation Backprop", "excitation_backprop", {"layer": layers["cam"]},
+             "TorchRay excitation_backprop",
+             ("fwd+bwd", 1), lambda m, l, x, t: torchray_call("excitation_backprop", m, layers["cam"], x, t)),
+        Case("Contrastive EB", "contrastive_excitation_backprop", {"layer": layers["cam"]},
+             "TorchRay contrastive_excitation_backprop", ("fwd+bwd", 2),
+             lambda m, l, x, t: torchray_call("contrastive_excitation_backprop", m, layers["cam"], x, t)),
+        Case("Extremal Perturbations", "extremal_perturbation", {"iterations": 100},
+             "TorchRay extremal_perturbation",
+             ("fwd+bwd", 99),
+             lambda m, l, x, t: torchray_call("extremal_perturbation", m, None, x, t, max_iter=100),
+             images=few, sampling=True, note="100 iterations (TorchRay's default is 800), area 0.1"),
+        Case("Guided IG", "guided_ig", {}, "PAIR GuidedIG", ("fwd+bwd", 200),
+             lambda m, l, x, t: pair_call("GuidedIG", m, x, t),
+             lambda m, l, x, t: frozen(pair_call("GuidedIG", m, x, t), m),
+             images=few, sampling=True, note="PAIR's defaults: 200 steps; the path is sequential per image"),
     ]
     return [c for c in C if model_name in c.models]
 
@@ -599,7 +769,8 @@ def _cpu_name() -> str:
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {p: version(p) for p in ("torch", "torchvision", "captum", "grad-cam", "zennit", "numpy")}
+    names = ("torch", "torchvision", "captum", "grad-cam", "zennit", "saliency", "torchray", "numpy")
+    return {p: version(p) for p in names}
 
 
 if __name__ == "__main__":

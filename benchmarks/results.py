@@ -82,7 +82,8 @@ def annotate(result: dict) -> None:
 
 
 def merge(runs: dict[str, dict]) -> None:
-    """Fold ``<model>-fp32-rerun*`` rows (measured again after a change) into ``<model>-fp32``
+    """Fold ``<model>-fp32-rerun*`` rows (measured again after a change, or cases added
+    since) into ``<model>-fp32``
     and the peers' defaults under glibc's default allocator (``-peer-defaults-glibc``) into
     each row as ``peer glibc``; the merged-in runs are dropped from ``runs``."""
     for key in sorted(k for k in runs if "-rerun" in k):  # later reruns override earlier ones
@@ -96,6 +97,11 @@ def merge(runs: dict[str, dict]) -> None:
                                f"{rerun['limit_seconds_per_image']['fwd'] * 1e3:.2f} ms, forward + input gradient "
                                f"{rerun['limit_seconds_per_image']['fwd+bwd'] * 1e3:.2f} ms per image)")
                         if r["case"] in fresh else r for r in base["rows"]]
+        known = {r["case"] for r in base["rows"]}  # cases added since the base run: appended
+        base["rows"] += [dict(r, limit=rerun["limit_seconds_per_image"],
+                              note=(r.get("note") + "; " if r.get("note") else "")
+                              + f"measured {rerun['date']}")
+                         for r in rerun["rows"] if r["case"] not in known]
     for key in [k for k in runs if k.endswith("-peer-defaults-glibc")]:
         glibc = runs.pop(key)
         base = runs.get(key[: -len("-peer-defaults-glibc")])
