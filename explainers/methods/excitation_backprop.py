@@ -100,6 +100,16 @@ _SCALE = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, operator.mul,
           torch.div, Tensor.div, Tensor.__truediv__, operator.truediv}
 _IN_PLACE_SCALE = {Tensor.mul_, Tensor.__imul__, Tensor.div_, Tensor.__itruediv__}
 _NEGATE = {torch.neg, Tensor.neg, Tensor.__neg__, torch.negative, Tensor.negative, operator.neg}
+_SUBTRACT = {torch.sub, Tensor.sub, Tensor.__sub__, operator.sub, torch.rsub, Tensor.__rsub__}
+
+
+def _subtracts_an_activation(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``c - x`` with a constant ``c`` and an input-dependent ``x`` (``rsub``: ``x`` first)."""
+    first = args[0] if args else kwargs.get("input")
+    second = args[1] if len(args) > 1 else kwargs.get("other")
+    if func in (torch.rsub, Tensor.__rsub__):
+        first, second = second, first
+    return _depends(second) and not _depends(first)
 #: linear in the input, but weighted maps EB has no rule for (TorchRay passes the plain gradient)
 _NO_RULE = {torch.nansum, F.conv_transpose1d,
             F.conv_transpose2d, F.conv_transpose3d, F.interpolate, F.upsample, F.bilinear, torch.matmul,
@@ -302,6 +312,9 @@ class ExcitationPass(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in _NEGATE and any(_depends(t) for t in tensors):
             self._refuse(f"{_func_name(func)} (a negation: its w+ is 0)")
+        if func in _SUBTRACT and _subtracts_an_activation(func, args, kwargs):
+            self._refuse(f"{_func_name(func)} (an activation subtracted from a constant: a negation, "
+                         "w+ is 0)")
         kind = classify(func, args, kwargs)
         if kind is None and (func in _SCALE or func in _IN_PLACE_SCALE):
             return self._scale(func, args, kwargs)

@@ -146,7 +146,7 @@ class SISEParams(BaseModel):
     """Parameters of :class:`SISE`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    layers: list[str] | None = None
+    layers: list[str] | None = Field(None, min_length=1, description="None: every block's output")
     layer_point: Literal["input", "output"] = "input"
     mu: float = Field(0.0, ge=0.0, le=1.0)
     gradient_score: ScoreKind = "logit"

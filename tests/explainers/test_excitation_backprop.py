@@ -154,6 +154,11 @@ def test_a_constant_scale_is_a_diagonal_layer_and_a_negative_one_is_refused() ->
     torch.testing.assert_close(sums.sum((1, 2)), torch.ones(2, dtype=torch.float64))
     with pytest.raises(UnsupportedModelError, match="factor <= 0"):
         get_explainer("excitation_backprop")(_Scaled(-0.5).double().eval(), layer="c0").attribute(x, t)
+    negated = _Scaled(1.0).double().eval()
+    negated.forward = lambda x: negated.fc(torch.relu(torch.relu(negated.c0(x)) + (0 - torch.relu(  # type: ignore
+        negated.c1(torch.relu(negated.c0(x)))))).mean((2, 3)))
+    with pytest.raises(UnsupportedModelError, match="rsub"):  # 0 - r: a negation
+        get_explainer("excitation_backprop")(negated, layer="c0").attribute(x, t)
 
 
 def test_frozen_batch_norm_takes_batch_norms_rule() -> None:
